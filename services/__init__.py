@@ -1,0 +1,1 @@
+"""pumpwatch: telemetry, alerts and dashboards for implanted intrathecal drug pumps."""

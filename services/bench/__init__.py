@@ -1,0 +1,1 @@
+"""Benchmarks: `pumpwatch bench <name>` prints figures; the README records them."""

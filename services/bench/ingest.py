@@ -1,0 +1,372 @@
+"""``pumpwatch bench ingest``: sustained stored messages/s end to end, against the raw rate.
+
+One run, one stream of N simulated QoS 1 messages, published twice:
+
+1. to a bare subscriber (``mosquitto_sub``, C, acks at once, writes nothing): the raw rate at
+   which the broker delivers this stream on this machine;
+2. to ``pumpwatch ingest`` (the real command, a child process) storing into a fresh database.
+
+Both rates are N / (last delivery or commit - first publish). Also printed: where the CPU time
+went (ingest, PostgreSQL, broker, publisher), commit latency and batch sizes from /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services import embedded
+from services.settings import CommonSettings, parse_mqtt_url
+from services.sim.fleet import Fleet, Outgoing
+from services.sim.publisher import publish_all
+from services.storage import migrate
+
+
+@dataclass
+class Phase:
+    name: str
+    delivered: int = 0
+    first_publish: float = 0.0
+    published_at: float = 0.0
+    last_delivery: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        span = self.last_delivery - self.first_publish
+        return self.delivered / span if span > 0 else 0.0
+
+    @property
+    def publish_rate(self) -> float:
+        span = self.published_at - self.first_publish
+        return self.delivered / span if span > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    messages: int
+    pumps: int
+    seed: int
+
+
+def run(options: BenchOptions, console: Console) -> None:
+    with contextlib.ExitStack() as stack:
+        scratch = Path(tempfile.mkdtemp(prefix="pumpwatch-bench-"))
+        stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+        broker = embedded.start_mosquitto(scratch / "mosquitto")
+        stack.callback(broker.stop)
+        admin_url = _postgres(scratch, stack)
+        database_url = asyncio.run(_fresh_database(admin_url))
+        stack.callback(lambda: asyncio.run(_drop_database(admin_url, database_url)))
+
+        started = time.perf_counter()
+        fleet = Fleet(
+            pumps=options.pumps,
+            seed=options.seed,
+            start=datetime.now(UTC) - timedelta(days=400),
+            interval=timedelta(minutes=15),
+        )
+        stream = fleet.take(options.messages)
+        generated_s = time.perf_counter() - started
+        size = sum(len(m.payload) for m in stream) / len(stream)
+        console.print(
+            f"{len(stream):,} messages from {options.pumps:,} pumps generated in "
+            f"{generated_s:.1f} s (mean payload {size:.0f} bytes); broker {broker.url}"
+        )
+        broker_proc = psutil.Process(broker.pid)
+        raw = _raw_phase(stream, broker.url, broker_proc, console)
+        stored = _ingest_phase(stream, broker.url, broker_proc, database_url, scratch, console)
+        console.print(_summary(options, size, raw, stored))
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+def _postgres(scratch: Path, stack: contextlib.ExitStack) -> str:
+    """An admin URL: the configured server, the local one, else an embedded one."""
+    configured = CommonSettings().database_url
+    if configured:
+        return configured
+    if embedded.port_open("127.0.0.1", 5432):
+        return "postgresql://postgres@127.0.0.1:5432/postgres"
+    server = embedded.start_postgres(scratch / "postgres", database="postgres")
+    stack.callback(server.stop)
+    return server.url
+
+
+async def _fresh_database(admin_url: str) -> str:
+    name = f"pumpwatch_bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+    finally:
+        await conn.close()
+    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate.apply(conn)
+    finally:
+        await conn.close()
+    return url
+
+
+async def _drop_database(admin_url: str, url: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {urlsplit(url).path[1:]} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+def _backend_cpu(database_url: str) -> float:
+    """CPU seconds of the PostgreSQL server processes serving this database."""
+    name = urlsplit(database_url).path[1:]
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("postgres:") and f" {name} " in f"{cmdline} ":
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+# -- phases --------------------------------------------------------------------------------
+
+
+def _raw_phase(
+    stream: list[Outgoing], broker_url: str, broker: psutil.Process, console: Console
+) -> Phase:
+    """The same stream to ``mosquitto_sub``: the broker's raw delivery rate here."""
+    phase = Phase("bare subscriber (mosquitto_sub)")
+    port = parse_mqtt_url(broker_url).port
+    binary = shutil.which("mosquitto_sub")
+    if binary is None:
+        raise FileNotFoundError("mosquitto_sub is not installed (Debian: mosquitto-clients)")
+    sub = subprocess.Popen(
+        [
+            binary,
+            "-p",
+            str(port),
+            "-V",
+            "5",
+            "-q",
+            "1",
+            "-t",
+            "pumps/+/+",
+            "-C",
+            str(len(stream)),
+            "-F",
+            "%U",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    time.sleep(0.5)  # let it subscribe before the first message
+    broker_cpu = _cpu(broker)
+    publisher_cpu = _cpu(psutil.Process())
+    phase.first_publish = time.time()
+    publish_all(parse_mqtt_url(broker_url), stream, client_id="bench-raw-publisher")
+    phase.published_at = time.time()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out, _ = sub.communicate(timeout=600)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stamps = out.split()
+    phase.delivered = len(stamps)
+    phase.last_delivery = float(stamps[-1])
+    phase.cpu_s = {
+        "publisher": _cpu(psutil.Process()) - publisher_cpu,
+        "broker": _cpu(broker) - broker_cpu,
+        "subscriber": (reaped.ru_utime + reaped.ru_stime) - (children.ru_utime + children.ru_stime),
+    }
+    console.print(f"raw: {phase.delivered:,} delivered at {phase.rate:,.0f} msg/s")
+    return phase
+
+
+def _ingest_phase(  # noqa: PLR0917 - one call site, each argument a different resource
+    stream: list[Outgoing],
+    broker_url: str,
+    broker: psutil.Process,
+    database_url: str,
+    scratch: Path,
+    console: Console,
+) -> Phase:
+    phase = Phase("pumpwatch ingest")
+    metrics_port = embedded.free_port()
+    env = dict(os.environ)
+    env.update(
+        PUMPWATCH_DATABASE_URL=database_url,
+        PUMPWATCH_MQTT_URL=broker_url,
+        PUMPWATCH_MQTT_CLIENT_ID="bench-ingest",
+        PUMPWATCH_METRICS_PORT=str(metrics_port),
+        PUMPWATCH_METRICS_HOST="127.0.0.1",
+        PUMPWATCH_LOG_FORMAT="json",
+    )
+    log_path = scratch / "ingest.log"
+    with log_path.open("wb") as log:
+        ingest = subprocess.Popen(
+            [sys.executable, "-m", "services", "ingest"], env=env, stdout=log, stderr=log
+        )
+    try:
+        _wait_ready(metrics_port, ingest, log_path)
+        ingest_proc = psutil.Process(ingest.pid)
+        cpu_before = {
+            "ingest": _cpu(ingest_proc),
+            "postgres": _backend_cpu(database_url),
+            "broker": _cpu(broker),
+            "publisher": _cpu(psutil.Process()),
+        }
+        with _progress(console, len(stream)) as advance, ThreadPoolExecutor(1) as pool:
+            phase.first_publish = time.time()
+            publisher = pool.submit(_publish_stamped, broker_url, stream, "bench-ingest-publisher")
+            while True:
+                stored = _metric(
+                    metrics_port, "pumpwatch_ingest_messages_stored_total", 'kind="telemetry"'
+                ) + _metric(metrics_port, "pumpwatch_ingest_messages_stored_total", 'kind="events"')
+                advance(int(stored))
+                if stored >= len(stream):
+                    phase.last_delivery = _metric(
+                        metrics_port, "pumpwatch_ingest_last_commit_timestamp_seconds", ""
+                    )
+                    break
+                if ingest.poll() is not None:
+                    raise RuntimeError(f"ingest exited: {log_path.read_text()[-2000:]}")
+                time.sleep(0.1)
+            phase.published_at = publisher.result()
+        phase.delivered = int(stored)
+        phase.cpu_s = {
+            "ingest": _cpu(ingest_proc) - cpu_before["ingest"],
+            "postgres": _backend_cpu(database_url) - cpu_before["postgres"],
+            "broker": _cpu(broker) - cpu_before["broker"],
+            "publisher": _cpu(psutil.Process()) - cpu_before["publisher"],
+        }
+        phase.cpu_s.update(_commit_figures(metrics_port))
+    finally:
+        ingest.terminate()
+        ingest.wait(60)
+    console.print(f"ingest: {phase.delivered:,} stored at {phase.rate:,.0f} msg/s")
+    return phase
+
+
+def _publish_stamped(broker_url: str, stream: list[Outgoing], client_id: str) -> float:
+    """Publish the stream; returns the time the last PUBACK arrived."""
+    publish_all(parse_mqtt_url(broker_url), stream, client_id=client_id)
+    return time.time()
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ingest exited: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("ingest did not become ready in 60 s")
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text: str = r.read().decode()
+        return text
+
+
+def _metric(port: int, name: str, labels: str) -> float:
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in _scrape(port).splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _commit_figures(port: int) -> dict[str, float]:
+    text = _scrape(port)
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        for key in (
+            "pumpwatch_ingest_commit_seconds_sum",
+            "pumpwatch_ingest_commit_seconds_count",
+            "pumpwatch_ingest_batch_size_messages_sum",
+            "pumpwatch_ingest_batch_size_messages_count",
+            "pumpwatch_ingest_read_pauses_total",
+        ):
+            if line.startswith(key + " "):
+                values[key] = float(line.rsplit(" ", 1)[1])
+    count = values.get("pumpwatch_ingest_commit_seconds_count", 0.0) or 1.0
+    return {
+        "commit_mean_ms": 1000 * values.get("pumpwatch_ingest_commit_seconds_sum", 0.0) / count,
+        "batch_mean": values.get("pumpwatch_ingest_batch_size_messages_sum", 0.0) / count,
+        "read_pauses": values.get("pumpwatch_ingest_read_pauses_total", 0.0),
+    }
+
+
+@contextlib.contextmanager
+def _progress(console: Console, total: int) -> Iterator[Callable[[int], None]]:
+    columns = (TextColumn("stored"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("stored", total=total)
+
+        def advance(done: int) -> None:
+            progress.update(task, completed=done)
+
+        yield advance
+
+
+def _summary(options: BenchOptions, size: float, raw: Phase, stored: Phase) -> Table:
+    table = Table(
+        title=f"pumpwatch bench ingest — {options.messages:,} QoS 1 messages, "
+        f"{options.pumps:,} pumps, seed {options.seed}"
+    )
+    table.add_column("")
+    table.add_column(raw.name, justify="right")
+    table.add_column(stored.name, justify="right")
+    table.add_row("delivered / stored", f"{raw.delivered:,}", f"{stored.delivered:,}")
+    table.add_row("msg/s end to end", f"{raw.rate:,.0f}", f"{stored.rate:,.0f}")
+    table.add_row("ratio", "1.00", f"{stored.rate / raw.rate:.2f}" if raw.rate else "-")
+    table.add_row(
+        "publisher msg/s (PUBACKed)", f"{raw.publish_rate:,.0f}", f"{stored.publish_rate:,.0f}"
+    )
+    for name in ("publisher", "broker", "subscriber", "ingest", "postgres"):
+        left = raw.cpu_s.get(name)
+        right = stored.cpu_s.get(name)
+        if left is None and right is None:
+            continue
+        table.add_row(
+            f"CPU µs/msg: {name}",
+            "-" if left is None else f"{1e6 * left / max(raw.delivered, 1):.0f}",
+            "-" if right is None else f"{1e6 * right / max(stored.delivered, 1):.0f}",
+        )
+    table.add_row(
+        "commit mean (ms) / batch mean",
+        "-",
+        f"{stored.cpu_s['commit_mean_ms']:.1f} / {stored.cpu_s['batch_mean']:.0f}",
+    )
+    table.add_row("mean payload (bytes)", f"{size:.0f}", f"{size:.0f}")
+    return table

@@ -1,0 +1,288 @@
+"""The ``pumpwatch`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from services import logs
+from services.settings import CommonSettings, ConfigError
+
+S = TypeVar("S", bound=CommonSettings)
+
+app = typer.Typer(
+    name="pumpwatch",
+    help="Telemetry, alerts and dashboards for implanted intrathecal drug pumps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench = typer.Typer(help="Benchmarks: print figures (README records them).", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+def _settings(kind: type[S]) -> S:
+    """Read the settings, or end with exit code 2 naming the bad variable."""
+    from pydantic import ValidationError
+
+    try:
+        return kind()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"PUMPWATCH_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        typer.echo(f"pumpwatch: error: bad settings: {problems}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _run(main: Coroutine[Any, Any, None], settings: CommonSettings) -> None:
+    """Run a command's coroutine; configuration errors end the process with exit code 2."""
+    from services.errors import FatalError
+    from services.ingest.mqtt import MqttRejected
+    from services.storage.database import DatabaseRejected
+    from services.storage.migrate import MigrationError
+
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(main)
+    except (
+        ConfigError,
+        FatalError,
+        MqttRejected,
+        DatabaseRejected,
+        MigrationError,
+    ) as exc:
+        typer.echo(f"pumpwatch: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations, then exit."""
+    from services.storage import migrate as migrations
+    from services.storage.database import connect_with_retry
+
+    settings = _settings(CommonSettings)
+
+    async def main() -> None:
+        conn = await connect_with_retry(
+            settings.require_database_url(), application_name="pumpwatch-migrate"
+        )
+        try:
+            applied = await migrations.apply(conn)
+        finally:
+            await conn.close()
+        if applied:
+            for m in applied:
+                typer.echo(f"applied {m.version:04d}_{m.name}")
+        else:
+            typer.echo("database is up to date")
+
+    _run(main(), settings)
+
+
+@app.command()
+def ingest(
+    retire: Annotated[
+        bool,
+        typer.Option(
+            "--retire",
+            help="Scale down: store what the broker still holds for this client id "
+            "(PUMPWATCH_MQTT_CLIENT_ID), then end its session and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Run the ingest service: MQTT telemetry and events into PostgreSQL (foreground)."""
+    from services.ingest.service import run
+    from services.ingest.settings import IngestSettings
+
+    settings = _settings(IngestSettings)
+    _run(run(settings, retire=retire), settings)
+
+
+@app.command()
+def alerts() -> None:
+    """Run the alert service: rules over each pump, the alert lifecycle, the outbox."""
+    from services.alerts.service import run
+    from services.alerts.settings import AlertsSettings
+
+    settings = _settings(AlertsSettings)
+    _run(run(settings), settings)
+
+
+@app.command()
+def simulate(
+    pumps: Annotated[int, typer.Option(min=1, help="Number of pumps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Same seed, same fleet and payloads.")] = 1,
+    interval_minutes: Annotated[
+        float, typer.Option(min=0.01, help="Minutes between a pump's readings.")
+    ] = 15.0,
+    accelerate: Annotated[
+        float, typer.Option(min=1, help="Simulated seconds per wall-clock second while behind.")
+    ] = 1440.0,
+    backfill_days: Annotated[
+        float, typer.Option(min=0, help="The fleet starts this many days before now.")
+    ] = 30.0,
+    rate: Annotated[float | None, typer.Option(min=0.001, help="Cap on messages/s.")] = None,
+    duration: Annotated[float | None, typer.Option(min=0, help="Stop after seconds.")] = None,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="Publish exactly N messages as fast as possible.")
+    ] = None,
+    fault: Annotated[
+        list[str] | None, typer.Option(help="SERIAL:KIND, e.g. NGP000001A:motor_stall.")
+    ] = None,
+    fault_rate: Annotated[
+        list[str] | None, typer.Option(help="KIND=FRACTION of the fleet, e.g. gap=0.1.")
+    ] = None,
+    topic_prefix: Annotated[str, typer.Option(help="Prefix before pumps/...")] = "",
+    protocol: Annotated[str, typer.Option(help="MQTT protocol: 5 or 3.1.1.")] = "5",
+) -> None:
+    """Publish simulated fleet traffic (contract messages) to the configured broker.
+
+    Fault kinds: motor_stall, occlusion, over_infusion, missed_refill, battery, silence,
+    malformed, gap."""
+    from services.sim.command import OptionError
+    from services.sim.command import simulate as run_simulation
+    from services.sim.publisher import PublishError
+
+    settings = _settings(CommonSettings)
+    logs.configure(settings.log_level, settings.log_format)
+    if protocol not in ("5", "3.1.1"):
+        typer.echo("pumpwatch: error: --protocol must be 5 or 3.1.1", err=True)
+        raise typer.Exit(2)
+    try:
+        run_simulation(
+            settings.require_mqtt(),
+            pumps=pumps,
+            seed=seed,
+            interval_minutes=interval_minutes,
+            accelerate=accelerate,
+            backfill_days=backfill_days,
+            rate=rate,
+            duration=duration,
+            count=count,
+            fault=fault or (),
+            fault_rate=fault_rate or (),
+            topic_prefix=topic_prefix,
+            protocol="5" if protocol == "5" else "3.1.1",
+        )
+    except (ConfigError, OptionError, PublishError) as exc:
+        typer.echo(f"pumpwatch: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def demo(
+    pumps: Annotated[int, typer.Option(min=1, help="Simulated pumps.")] = 60,
+    seed: Annotated[
+        int | None, typer.Option(help="Simulator seed (default: a new one each run).")
+    ] = None,
+    accelerate: Annotated[
+        float, typer.Option(min=1, help="Backfill speed: simulated seconds per second.")
+    ] = 86400.0,
+    backfill_days: Annotated[
+        float, typer.Option(min=0, help="Days of history the fleet uploads first.")
+    ] = 60.0,
+    data_dir: Annotated[
+        str, typer.Option(help="Where the embedded servers keep their data.")
+    ] = ".pumpwatch/demo",
+    metrics_port: Annotated[int, typer.Option(help="Ingest /metrics and /healthz port.")] = 9101,
+    alerts_metrics_port: Annotated[int, typer.Option(help="Alert engine /metrics port.")] = 9102,
+) -> None:
+    """Run everything in one process, on embedded servers unless PUMPWATCH_DATABASE_URL and
+    PUMPWATCH_MQTT_URL are set, with the fleet simulator. Ctrl-C stops it."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from services.demo import DemoOptions
+    from services.demo import run as run_demo
+
+    settings = _settings(CommonSettings)
+    options = DemoOptions(
+        pumps,
+        seed,
+        accelerate,
+        backfill_days,
+        Path(data_dir).resolve(),
+        metrics_port,
+        alerts_metrics_port,
+    )
+    _run(run_demo(options, Console()), settings)
+
+
+@bench.command("ingest")
+def bench_ingest(
+    messages: Annotated[int, typer.Option(min=100, help="Messages in the stream.")] = 200_000,
+    pumps: Annotated[int, typer.Option(min=1, help="Pumps publishing them.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+) -> None:
+    """Stored messages/s end to end vs. the broker's raw delivery rate, same stream.
+
+    Starts its own mosquitto (project limits) and a scratch database on the configured (or
+    local, or embedded) PostgreSQL, runs the real `pumpwatch ingest` process."""
+    from rich.console import Console
+
+    from services.bench.ingest import BenchOptions
+    from services.bench.ingest import run as run_bench
+
+    settings = _settings(CommonSettings)
+    # The figures are the output: only warnings and errors besides them.
+    level = "warning" if settings.log_level == "info" else settings.log_level
+    logs.configure(level, settings.log_format)
+    run_bench(BenchOptions(messages, pumps, seed), Console())
+
+
+@bench.command("alerts")
+def bench_alerts(
+    pumps: Annotated[int, typer.Option(min=1, help="Pumps in the simulated fleet.")] = 1000,
+    days: Annotated[float, typer.Option(min=1, help="Simulated days replayed.")] = 365.0,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+    interval_minutes: Annotated[
+        float, typer.Option(min=1, help="Minutes between a pump's readings.")
+    ] = 120.0,
+    chunk_hours: Annotated[
+        float, typer.Option(min=0.1, help="Simulated hours per chunk (a sweep after each).")
+    ] = 12.0,
+    fault_share: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of the fleet given each fault type.")
+    ] = 0.02,
+    book: Annotated[
+        bool, typer.Option(help="Book the refill visits the simulated clinic plans.")
+    ] = True,
+    latency_messages: Annotated[
+        int, typer.Option(min=0, help="Messages of the latency phase (0 skips it).")
+    ] = 100_000,
+) -> None:
+    """Detection of injected faults (ground truth) and commit-to-alert latency under load.
+
+    Replays a simulated fleet through the real `pumpwatch ingest` and `pumpwatch alerts`
+    processes on its own mosquitto and a scratch database (configured, local or embedded
+    PostgreSQL), then measures the latency histogram while ingest runs at full speed."""
+    from datetime import timedelta
+
+    from rich.console import Console
+
+    from services.bench.alerts import AlertBenchOptions
+    from services.bench.alerts import run as run_bench
+
+    settings = _settings(CommonSettings)
+    level = "warning" if settings.log_level == "info" else settings.log_level
+    logs.configure(level, settings.log_format)
+    options = AlertBenchOptions(
+        pumps=pumps,
+        days=days,
+        seed=seed,
+        interval=timedelta(minutes=interval_minutes),
+        chunk=timedelta(hours=chunk_hours),
+        fault_share=fault_share,
+        book=book,
+        latency_messages=latency_messages,
+    )
+    run_bench(options, Console())

@@ -1,0 +1,273 @@
+"""``pumpwatch demo``: everything in one process, on embedded servers unless configured.
+
+Starts PostgreSQL (pgserver) and an MQTT broker (mosquitto, else amqtt) when
+``PUMPWATCH_DATABASE_URL`` / ``PUMPWATCH_MQTT_URL`` are not set, migrates, runs ingest, the
+alert service and the fleet simulator, prints where to look and a status line now and then.
+Ctrl-C or SIGTERM stops it all and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+from rich.console import Console
+
+from services import embedded
+from services.alerts.service import AlertsService
+from services.alerts.settings import AlertsSettings
+from services.ingest.service import IngestService
+from services.ingest.settings import IngestSettings
+from services.logs import get
+from services.settings import parse_mqtt_url
+from services.sim.command import simulate
+from services.sim.fleet import Fault
+from services.storage import migrate
+from services.storage.database import connect_with_retry
+
+log = get(__name__)
+
+# Enough of every fault that the demo shows what pumpwatch catches, and mostly healthy pumps.
+DEMO_FAULT_RATES = {
+    Fault.MOTOR_STALL: 0.04,
+    Fault.OCCLUSION: 0.04,
+    Fault.OVER_INFUSION: 0.04,
+    Fault.MISSED_REFILL: 0.06,
+    Fault.BATTERY: 0.04,
+    Fault.SILENCE: 0.04,
+    Fault.MALFORMED: 0.04,
+    Fault.GAP: 0.08,
+}
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    pumps: int
+    seed: int | None
+    accelerate: float
+    backfill_days: float
+    data_dir: Path
+    metrics_port: int
+    alerts_metrics_port: int
+    status_every_s: float = 10.0
+
+
+async def run(options: DemoOptions, console: Console) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    settings = IngestSettings()
+    with contextlib.ExitStack() as servers:
+        database_url, mqtt_url, mqtt5 = await _servers(settings, options, servers, console)
+        conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
+        try:
+            applied = await migrate.apply(conn)
+        finally:
+            await conn.close()
+        console.print(f"database migrated ({len(applied)} migrations applied)")
+
+        ingest_settings = settings.model_copy(
+            update={
+                "database_url": database_url,
+                "mqtt_url": mqtt_url,
+                "mqtt_client_id": "pumpwatch-demo-ingest",
+                "metrics_port": options.metrics_port,
+                "metrics_host": "127.0.0.1",
+                **({} if mqtt5 else {"mqtt_protocol": "3.1.1", "mqtt_share_group": ""}),
+            }
+        )
+        service = IngestService(ingest_settings, stop)
+        ingest = asyncio.create_task(service.run(), name="ingest")
+        alerting = asyncio.create_task(
+            AlertsService(_alerts_settings(database_url, options), stop).run(), name="alerts"
+        )
+        seed = options.seed if options.seed is not None else secrets.randbelow(1_000_000)
+        sim_stop = threading.Event()
+        sim = _simulator(options, mqtt_url, mqtt5, seed, sim_stop)
+        sim.start()
+        _print_links(console, database_url, mqtt_url, options, seed)
+        try:
+            await _report_until_stopped(
+                service,
+                database_url,
+                workers=(ingest, alerting),
+                stop=stop,
+                sim=sim,
+                options=options,
+                console=console,
+            )
+        finally:
+            console.print("stopping: simulator, ingest (draining), alerts, servers…")
+            sim_stop.set()
+            stop.set()
+            sim.join(10)
+            await ingest  # re-raises a fatal error
+            await alerting
+    console.print("demo stopped")
+
+
+async def _servers(
+    settings: IngestSettings,
+    options: DemoOptions,
+    servers: contextlib.ExitStack,
+    console: Console,
+) -> tuple[str, str, bool]:
+    """The configured servers, or embedded ones: (database URL, broker URL, MQTT 5?)."""
+    database_url = settings.database_url
+    if database_url is None:
+        console.print("starting embedded PostgreSQL (pgserver)…")
+        postgres = embedded.start_postgres(options.data_dir / "postgres")
+        servers.callback(postgres.stop)
+        database_url = postgres.url
+    if settings.mqtt_url is not None:
+        return database_url, settings.mqtt_url, True
+    broker = await _start_broker(options.data_dir / "mosquitto")
+    servers.callback(broker.stop)
+    console.print(f"started embedded MQTT broker ({broker.kind}) at {broker.url}")
+    return database_url, broker.url, broker.supports_mqtt5
+
+
+def _simulator(
+    options: DemoOptions, mqtt_url: str, mqtt5: bool, seed: int, stop: threading.Event
+) -> threading.Thread:
+    return threading.Thread(
+        target=simulate,
+        name="simulator",
+        kwargs={
+            "target": parse_mqtt_url(mqtt_url),
+            "pumps": options.pumps,
+            "seed": seed,
+            "accelerate": options.accelerate,
+            "backfill_days": options.backfill_days,
+            "fault_rate": [f"{fault}={share}" for fault, share in DEMO_FAULT_RATES.items()],
+            "client_id": "pumpwatch-demo-simulator",
+            "protocol": "5" if mqtt5 else "3.1.1",
+            "progress": False,
+            "stop": stop,
+        },
+        daemon=True,
+    )
+
+
+def _alerts_settings(database_url: str, options: DemoOptions) -> AlertsSettings:
+    # The simulator replays weeks of history in seconds: judge by the data's clock, so a pump
+    # is not "silent" just because its history is still being uploaded.
+    return AlertsSettings(
+        database_url=database_url,
+        metrics_port=options.alerts_metrics_port,
+        metrics_host="127.0.0.1",
+        alerts_clock="data",
+        alerts_sweep_interval_s=10.0,
+    )
+
+
+async def _report_until_stopped(
+    service: IngestService,
+    database_url: str,
+    *,
+    workers: tuple[asyncio.Task[None], ...],
+    stop: asyncio.Event,
+    sim: threading.Thread,
+    options: DemoOptions,
+    console: Console,
+) -> None:
+    stopper = asyncio.create_task(stop.wait())
+    started = time.monotonic()
+    try:
+        while not stop.is_set():
+            done, _ = await asyncio.wait(
+                {*workers, stopper},
+                timeout=options.status_every_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if done - {stopper}:
+                return
+            console.print(_status(service, time.monotonic() - started, sim.is_alive()))
+            console.print(await _alert_status(database_url))
+    finally:
+        stopper.cancel()
+
+
+async def _start_broker(data_dir: Path) -> embedded.EmbeddedBroker:
+    try:
+        return embedded.start_mosquitto(data_dir)
+    except FileNotFoundError:
+        log.info("mosquitto_not_found", using="amqtt (MQTT 3.1.1, in process)")
+        return await embedded.start_amqtt()
+
+
+def _print_links(
+    console: Console, database_url: str, mqtt_url: str, options: DemoOptions, seed: int
+) -> None:
+    port = options.metrics_port
+    broker_port = parse_mqtt_url(mqtt_url).port
+    console.rule("pumpwatch demo is running — Ctrl-C stops it")
+    console.print(f"ingest metrics   http://127.0.0.1:{port}/metrics", soft_wrap=True)
+    console.print(f"ingest health    http://127.0.0.1:{port}/healthz and /readyz", soft_wrap=True)
+    console.print(
+        f"alerts metrics   http://127.0.0.1:{options.alerts_metrics_port}/metrics", soft_wrap=True
+    )
+    console.print(f"database         psql '{database_url}'", soft_wrap=True)
+    console.print(
+        f"broker           {mqtt_url}   e.g. mosquitto_sub -p {broker_port} -t 'pumps/#' -v",
+        soft_wrap=True,
+    )
+    console.print(
+        f"simulator        {options.pumps} pumps, seed {seed}: "
+        f"{options.backfill_days:g} days of history at x{options.accelerate:g}, "
+        "then live",
+        soft_wrap=True,
+    )
+    console.rule()
+
+
+async def _alert_status(database_url: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(_OPEN_ALERTS)
+    finally:
+        await conn.close()
+    if not rows:
+        return "           no open alerts"
+    return "           open alerts: " + " · ".join(
+        f"{r['rule']} {r['priority']} x{r['count']}" for r in rows
+    )
+
+
+_OPEN_ALERTS = """
+SELECT rule, priority, count(*) FROM alerts WHERE status <> 'resolved'
+GROUP BY rule, priority ORDER BY max(CASE priority WHEN 'high' THEN 3 WHEN 'medium' THEN 2
+ELSE 1 END) DESC, rule
+"""
+
+
+def _status(service: IngestService, elapsed_s: float, simulating: bool) -> str:
+    registry = service.metrics.registry
+
+    def value(name: str, **labels: str) -> int:
+        return int(registry.get_sample_value(name, labels) or 0)
+
+    stored = value("pumpwatch_ingest_messages_stored_total", kind="telemetry")
+    events = value("pumpwatch_ingest_messages_stored_total", kind="events")
+    quarantined = sum(
+        int(sample.value)
+        for metric in registry.collect()
+        if metric.name == "pumpwatch_ingest_messages_quarantined"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    gaps = value("pumpwatch_ingest_sequence_gaps_total")
+    return (
+        f"[{elapsed_s:6.0f} s] readings {stored:,} · events {events:,} · quarantined "
+        f"{quarantined:,} · sequence gaps {gaps:,} · duplicates "
+        f"{value('pumpwatch_ingest_messages_duplicate_total'):,}"
+        + ("" if simulating else " · simulator stopped")
+    )

@@ -1,0 +1,1 @@
+"""Pure domain code: the wire contract, sequence bookkeeping, therapy arithmetic. No I/O."""

@@ -1,0 +1,1061 @@
+"""The alert rules: which conditions hold for one pump at ``snapshot.now``.
+
+:func:`evaluate` returns at most one :class:`Finding` per rule, sorted by rule code;
+:func:`resolution` says why a rule no longer holds, for alerts resolved automatically. Pure: no
+I/O, the clock is ``snapshot.now``. Thresholds come from ``snapshot.settings`` (the domain
+table's defaults, with the clinic's overrides applied by the caller); the clinical background is
+../shared/domain.md. The decisions where the table leaves room:
+
+- The reservoir is projected from the latest reading at the programmed rate (flex steps
+  integrated in the pump's zone). A refill recorded after the latest reading restarts the
+  projection from its ``added_ml`` at the refill's time (the reading's reservoir alarms are then
+  stale). The low alarm is the larger of the pump's (else ``default_low_alarm_ml``) and the
+  patient's personal margin. An unassigned pump counts as standard risk.
+- refill_due: the low-alarm date is at most ``refill_due_low_days`` ahead and no visit is booked
+  at or before it (a visit in the past counts as none). Low; medium at ``refill_due_medium_days``;
+  high at ``refill_due_high_days``; one higher for high withdrawal risk. Only while the low-alarm
+  date is ahead: at or past it reservoir_low holds instead.
+- refill_due_worst_case: a future visit is booked in time for the low-alarm date at the
+  programmed rate, but the date at rate x ``worst_case_delivery_factor`` is before it. Medium.
+  Not when the visit is late even at the programmed rate (refill_due says so), nor once the low
+  alarm has been reached (reservoir_low or reservoir_empty, both high, say more).
+- reservoir_low: projected volume at or below the low alarm, or a ``low_reservoir`` alarm; not
+  when empty. reservoir_empty: projected volume 0 or an ``empty_reservoir`` alarm. Both high.
+- drug_age: days since the last refill >= ``drug_age_low_days`` (low) / ``drug_age_medium_days``
+  (medium). Nothing without a known refill.
+- flow_stopped: one of the stopping alarms in any of the last ``flow_stopped_clear_readings``
+  readings, so it clears only after that many clean readings in a row. High.
+- under_infusion / over_infusion: :func:`therapy.delivery_ratio` over the last
+  ``*_min_hours`` ending at the latest reading; only when the data covers that whole window
+  (measured pumps: calculated ones without a flow sensor give no ratio). Strictly below
+  ``under_infusion_ratio`` (high, raised for high risk: it stays high) / strictly above
+  ``over_infusion_ratio`` (medium). Nothing when the program delivers nothing.
+- refill_discrepancy: the latest refill's expected residual (the refill's own, else computed
+  from the refill before and the programmed delivery plus boluses, else the last reading
+  before the refill advanced to it) against its residual. Medium; high when the refill before
+  also had a discrepancy of the same sign. Holds until a later refill shows none.
+- battery_eri: status or alarm ``eri`` without EOS (medium); battery_eos: status or alarm
+  ``eos`` (high).
+- pump_silent: no reading for longer than min(``silent_max_days``, half the time from the last
+  reading to its low-alarm date), never less than ``silent_min_hours`` (a pump at its low alarm
+  would otherwise be silent between two readings). Low; medium once the low-alarm date has
+  passed; one higher for high withdrawal risk. Nothing without any reading.
+- programming_check (medium): the programmed daily dose disagrees with rate x concentration by
+  more than 1 %; the concentration is not 50, 500, 1000 or 2000 mcg/mL; the pump is programmed
+  for another concentration than the drug of its last refill (a 500 mcg/mL program on a
+  2000 mcg/mL refill delivers four times the dose); or the programmed doses in force during the
+  last 24 h differ by more than ``dose_step_max_fraction`` (of the earlier).
+- dose_escalation (low): the current dose is >= (1 + ``dose_escalation_fraction``) x the lowest
+  in force during the last ``dose_escalation_window_days``, or the last
+  ``dose_escalation_increases`` changes were all increases, within the window.
+- telemetry_gap (low): an open sequence gap at least ``telemetry_gap_min_minutes`` old.
+- A rule in ``disabled_rules`` yields nothing unless its finding is high.
+
+Thresholds are compared with a margin of 1e-9 so that floating-point rounding never decides.
+Every detail says what happened, why it matters and, after "Action:", what to do; titles are
+short and name no one (a snapshot holds no patient identity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, tzinfo
+from functools import cached_property
+from itertools import pairwise
+from typing import Any
+
+from services.domain import therapy
+from services.domain.alerting import (
+    DoseChange,
+    Finding,
+    Patient,
+    Priority,
+    Reading,
+    Refill,
+    Rule,
+    RuleSettings,
+    Snapshot,
+)
+from services.domain.contract import DOSE_TOLERANCE
+
+_EPS = 1e-9
+STOPPING_ALARMS: dict[str, str] = {
+    "motor_stall": "motor stall",
+    "empty_reservoir": "empty reservoir",
+    "eos": "battery end of service",
+    "valve_closed": "valve closed",
+    "critical_pump_fault": "critical pump fault",
+    "catheter_occlusion": "catheter occlusion",
+}
+"""Alarm codes that mean no drug is flowing, with their words for clinicians."""
+STANDARD_CONCENTRATIONS_MCG_PER_ML = (50.0, 500.0, 1000.0, 2000.0)
+DOSE_STEP_WINDOW = timedelta(hours=24)
+_STANDARD = Patient()
+_WITHDRAWAL = (
+    "Without baclofen, withdrawal usually begins within 1-3 days: high fever, confusion, "
+    "rebound spasticity and rigidity, which can progress to organ failure and death."
+)
+_OVERDOSE = (
+    "Too much intrathecal baclofen causes drowsiness, respiratory depression, seizures and coma."
+)
+
+
+def evaluate(snapshot: Snapshot) -> list[Finding]:
+    """Every condition that holds at ``snapshot.now``: at most one finding per rule."""
+    view = _View(snapshot)
+    findings = [found for check in _CHECKS.values() if (found := check(view)) is not None]
+    kept = [f for f in findings if _kept(f, snapshot.settings)]
+    return sorted(kept, key=lambda f: f.rule.value)
+
+
+def resolution(rule: Rule, snapshot: Snapshot) -> str:
+    """Why ``rule`` no longer holds (said when its alert is resolved automatically)."""
+    view = _View(snapshot)
+    found = _CHECKS[rule](view)
+    if found is not None and not _kept(found, snapshot.settings):
+        return "the clinic switched this rule off"
+    return _RESOLUTIONS[rule](view)
+
+
+def _kept(finding: Finding, settings: RuleSettings) -> bool:
+    return finding.rule not in settings.disabled_rules or finding.priority is Priority.HIGH
+
+
+# --- what the rules share ------------------------------------------------------------------------
+
+
+class _View:
+    """The snapshot with the derived values several rules use, each computed once."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.settings = snapshot.settings
+        self.now = snapshot.now
+        self.tz: tzinfo = snapshot.timezone
+        self.patient = snapshot.patient or _STANDARD
+        self.high_risk = self.patient.withdrawal_risk == "high"
+
+    @cached_property
+    def readings(self) -> list[Reading]:
+        """Recent readings and the latest, oldest first, one per instant."""
+        every = [*self.snapshot.recent]
+        if self.snapshot.latest is not None:
+            every.append(self.snapshot.latest)
+        by_time = {r.recorded_at.astimezone(UTC): r for r in every}
+        return [by_time[at] for at in sorted(by_time)]
+
+    @property
+    def latest(self) -> Reading | None:
+        return self.readings[-1] if self.readings else None
+
+    @cached_property
+    def refills(self) -> list[Refill]:
+        return sorted(self.snapshot.refills, key=lambda r: r.recorded_at)
+
+    @property
+    def last_refill(self) -> Refill | None:
+        return self.refills[-1] if self.refills else None
+
+    @cached_property
+    def state(self) -> Reading | None:
+        """What the reservoir projection starts from: the latest reading, or a refill recorded
+        after it (a full reservoir, its alarms gone)."""
+        latest, refill = self.latest, self.last_refill
+        if latest is None or refill is None or refill.recorded_at <= latest.recorded_at:
+            return latest
+        return replace(latest, recorded_at=refill.recorded_at, volume_ml=refill.added_ml, alarms=())
+
+    @cached_property
+    def low_alarm_ml(self) -> float:
+        state = self.state
+        if state is None:
+            return self.settings.default_low_alarm_ml
+        return therapy.effective_low_alarm_ml(state, self.patient, self.settings)
+
+    def forecast(self, factor: float = 1.0) -> therapy.Forecast | None:
+        if self.state is None:
+            return None
+        return therapy.forecast(
+            self.state, low_alarm_ml=self.low_alarm_ml, tz=self.tz, factor=factor
+        )
+
+    @cached_property
+    def nominal(self) -> therapy.Forecast | None:
+        return self.forecast()
+
+    @cached_property
+    def volume_now_ml(self) -> float | None:
+        return None if self.state is None else therapy.volume_now(self.state, self.now, self.tz)
+
+    @cached_property
+    def empty(self) -> bool:
+        state, volume = self.state, self.volume_now_ml
+        if state is None or volume is None:
+            return False
+        return volume <= _EPS or "empty_reservoir" in state.alarms
+
+    @cached_property
+    def at_low_alarm(self) -> bool:
+        """At or past the low alarm (empty included)."""
+        state, volume, nominal = self.state, self.volume_now_ml, self.nominal
+        if state is None or volume is None or nominal is None:
+            return False
+        reached = nominal.low_alarm_at is not None and nominal.low_alarm_at <= self.now
+        return (
+            self.empty
+            or reached
+            or volume <= self.low_alarm_ml + _EPS
+            or "low_reservoir" in state.alarms
+        )
+
+    def raised(self, priority: Priority) -> Priority:
+        return priority.raised() if self.high_risk else priority
+
+    def day(self, at: datetime) -> str:
+        return f"{at.astimezone(self.tz):%Y-%m-%d}"
+
+    def minute(self, at: datetime) -> str:
+        return f"{at.astimezone(self.tz):%Y-%m-%d %H:%M}"
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.astimezone(UTC).isoformat()
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _span(duration: timedelta) -> str:
+    """A duration in words, whole units: "6 days", "30 hours", "45 minutes" (days from two
+    days on, hours from two hours on)."""
+    seconds = duration.total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600)):
+        if seconds >= 2 * size:
+            return f"{round(seconds / size)} {unit}s"
+    count = max(round(seconds / 60), 0)
+    return f"{count} minute" + ("" if count == 1 else "s")
+
+
+def _finding(
+    rule: Rule,
+    priority: Priority,
+    title: str,
+    detail: Iterable[str],
+    facts: dict[str, Any],
+    *,
+    occurrence: str | None = None,
+) -> Finding:
+    return Finding(
+        rule, priority, title, " ".join(part for part in detail if part), facts, occurrence
+    )
+
+
+# --- reservoir -----------------------------------------------------------------------------------
+
+
+def _reservoir_facts(view: _View) -> dict[str, Any]:
+    state, nominal = view.state, view.nominal
+    assert state is not None
+    assert nominal is not None
+    return {
+        "volume_ml": _round(state.volume_ml),
+        "volume_at": _iso(state.recorded_at),
+        "volume_now_ml": _round(view.volume_now_ml),
+        "low_alarm_ml": _round(view.low_alarm_ml),
+        "rate_ml_per_day": _round(nominal.rate_ml_per_day, 4),
+        "low_alarm_at": _iso(nominal.low_alarm_at),
+        "empty_at": _iso(nominal.empty_at),
+        "refill_appointment_at": _iso(view.snapshot.refill_appointment_at),
+        "withdrawal_risk": view.patient.withdrawal_risk,
+    }
+
+
+def _booked_in_time(view: _View, deadline: datetime) -> bool:
+    visit = view.snapshot.refill_appointment_at
+    return visit is not None and view.now <= visit <= deadline
+
+
+def _refill_due(view: _View) -> Finding | None:
+    nominal, settings = view.nominal, view.settings
+    if nominal is None or nominal.low_alarm_at is None or view.at_low_alarm:
+        return None
+    low_at = nominal.low_alarm_at
+    left = low_at - view.now  # positive: at or past the low alarm, reservoir_low holds instead
+    if _booked_in_time(view, low_at):
+        return None
+    if left <= timedelta(days=settings.refill_due_high_days):
+        priority = Priority.HIGH
+    elif left <= timedelta(days=settings.refill_due_medium_days):
+        priority = Priority.MEDIUM
+    elif left <= timedelta(days=settings.refill_due_low_days):
+        priority = Priority.LOW
+    else:
+        return None
+    visit = view.snapshot.refill_appointment_at
+    booked = (
+        f"The visit booked for {view.day(visit)} comes after that date."
+        if visit is not None and visit > view.now
+        else "No refill visit is booked."
+    )
+    facts = _reservoir_facts(view) | {
+        "days_to_low_alarm": _round(therapy.days_until(low_at, view.now), 2)
+    }
+    return _finding(
+        Rule.REFILL_DUE,
+        view.raised(priority),
+        f"Refill due in {_span(left)}",
+        (
+            f"At the programmed {nominal.rate_ml_per_day:.3g} mL/day the reservoir reaches its "
+            f"low-alarm volume of {view.low_alarm_ml:g} mL on {view.day(low_at)} and is empty "
+            f"on {view.day(nominal.empty_at or low_at)}.",
+            booked,
+            _WITHDRAWAL,
+            "Patient at high withdrawal risk: raised one priority." if view.high_risk else "",
+            f"Action: book a refill visit before {view.day(low_at)}.",
+        ),
+        facts,
+    )
+
+
+def _refill_due_worst_case(view: _View) -> Finding | None:
+    visit, nominal = view.snapshot.refill_appointment_at, view.nominal
+    if visit is None or visit <= view.now or nominal is None or view.at_low_alarm:
+        return None
+    if nominal.low_alarm_at is not None and visit > nominal.low_alarm_at:
+        return None  # late even at the programmed rate: refill_due says so
+    factor = view.settings.worst_case_delivery_factor
+    worst = view.forecast(factor)
+    if worst is None or worst.low_alarm_at is None or worst.low_alarm_at >= visit:
+        return None
+    facts = _reservoir_facts(view) | {
+        "worst_case_factor": factor,
+        "worst_case_low_alarm_at": _iso(worst.low_alarm_at),
+        "worst_case_empty_at": _iso(worst.empty_at),
+    }
+    return _finding(
+        Rule.REFILL_DUE_WORST_CASE,
+        Priority.MEDIUM,
+        "Refill visit may come too late",
+        (
+            f"A refill visit is booked for {view.day(visit)}. If the pump delivers "
+            f"{factor - 1:.1%} more than programmed (within its labelled accuracy), the "
+            f"reservoir reaches its low-alarm volume of {view.low_alarm_ml:g} mL on "
+            f"{view.day(worst.low_alarm_at)}, before the visit.",
+            "A calculated reservoir volume cannot show this: the pump's own alarm would not "
+            "sound in time.",
+            _WITHDRAWAL,
+            f"Action: bring the refill visit forward to before {view.day(worst.low_alarm_at)}.",
+        ),
+        facts,
+    )
+
+
+def _reservoir_low(view: _View) -> Finding | None:
+    if not view.at_low_alarm or view.empty:
+        return None
+    nominal, volume = view.nominal, view.volume_now_ml
+    assert nominal is not None
+    assert volume is not None
+    empty_on = (
+        f"It runs empty on {view.minute(nominal.empty_at)}." if nominal.empty_at is not None else ""
+    )
+    return _finding(
+        Rule.RESERVOIR_LOW,
+        Priority.HIGH,
+        "Reservoir at its low-alarm volume",
+        (
+            f"About {volume:.1f} mL is left now (low alarm at {view.low_alarm_ml:g} mL).",
+            empty_on,
+            "A pump that over-infuses holds less than its calculated volume shows.",
+            _WITHDRAWAL,
+            "Action: refill as soon as possible, before the reservoir is empty; make sure the "
+            "patient and carers know the signs of withdrawal.",
+        ),
+        _reservoir_facts(view),
+    )
+
+
+def _reservoir_empty(view: _View) -> Finding | None:
+    if not view.empty:
+        return None
+    state = view.state
+    assert state is not None
+    reported = "The pump reports an empty reservoir." if "empty_reservoir" in state.alarms else ""
+    return _finding(
+        Rule.RESERVOIR_EMPTY,
+        Priority.HIGH,
+        "Reservoir empty: no drug is delivered",
+        (
+            reported,
+            "At the programmed rate the reservoir holds no drug now, so none reaches the spine.",
+            _WITHDRAWAL,
+            "Action: contact the patient now, assess for withdrawal and treat it as an "
+            "emergency; refill the pump today.",
+        ),
+        _reservoir_facts(view),
+    )
+
+
+def _drug_age(view: _View) -> Finding | None:
+    refill, settings = view.last_refill, view.settings
+    if refill is None:
+        return None
+    age = view.now - refill.recorded_at
+    if age >= timedelta(days=settings.drug_age_medium_days):
+        priority = Priority.MEDIUM
+    elif age >= timedelta(days=settings.drug_age_low_days):
+        priority = Priority.LOW
+    else:
+        return None
+    replace_by = refill.recorded_at + timedelta(days=settings.drug_age_medium_days)
+    return _finding(
+        Rule.DRUG_AGE,
+        priority,
+        f"Drug in the pump is {age.days} days old",
+        (
+            f"The last refill was on {view.day(refill.recorded_at)}.",
+            f"Baclofen in the reservoir must be replaced at least every "
+            f"{settings.drug_age_medium_days:g} days, even if the reservoir is not empty.",
+            f"Action: book a refill to replace the drug by {view.day(replace_by)}.",
+        ),
+        {
+            "last_refill_at": _iso(refill.recorded_at),
+            "days_since_refill": _round(age / timedelta(days=1), 2),
+            "replace_by": _iso(replace_by),
+        },
+    )
+
+
+# --- delivery ------------------------------------------------------------------------------------
+
+
+def _stopping(reading: Reading) -> list[str]:
+    return [alarm for alarm in reading.alarms if alarm in STOPPING_ALARMS]
+
+
+def _flow_stopped(view: _View) -> Finding | None:
+    window = view.readings[-view.settings.flow_stopped_clear_readings :]
+    offending = [r for r in window if _stopping(r)]
+    if not offending:
+        return None
+    last = offending[-1]
+    alarms = _stopping(last)
+    words = ", ".join(STOPPING_ALARMS[a] for a in alarms)
+    cleared = last is not window[-1]
+    return _finding(
+        Rule.FLOW_STOPPED,
+        Priority.HIGH,
+        f"Drug delivery stopped: {words}",
+        (
+            f"The pump reported {words} at {view.minute(last.recorded_at)}.",
+            "Later readings no longer show it, but a stall can be intermittent: it clears "
+            f"after {view.settings.flow_stopped_clear_readings} clean readings in a row."
+            if cleared
+            else "",
+            _WITHDRAWAL,
+            "Action: contact the patient today and check for signs of withdrawal; interrogate "
+            "the pump (a motor stall needs an X-ray rotor study, a closed valve a reset); be "
+            "ready to give baclofen by another route.",
+        ),
+        {"alarms": alarms, "reported_at": _iso(last.recorded_at), "still_reported": not cleared},
+    )
+
+
+def _measured(view: _View, hours: float) -> therapy.Ratio | None:
+    """The delivery ratio over the last ``hours`` up to the latest reading, if data covers all
+    of it and the program delivers something."""
+    latest = view.latest
+    if latest is None or therapy.daily_ml(latest.therapy) <= 0:
+        return None
+    end = latest.recorded_at
+    found = therapy.delivery_ratio(
+        view.readings, window_start=end - timedelta(hours=hours), window_end=end, tz=view.tz
+    )
+    if found is None or found.hours < hours - _EPS:
+        return None
+    return found
+
+
+def _ratio_facts(found: therapy.Ratio) -> dict[str, Any]:
+    return {
+        "ratio": _round(found.ratio, 4),
+        "hours": _round(found.hours, 2),
+        "method": found.method,
+        "delivered_ml": _round(found.delivered_ml, 4),
+        "programmed_ml": _round(found.programmed_ml, 4),
+    }
+
+
+def _source(found: therapy.Ratio) -> str:
+    return "flow sensor" if found.method == "flow" else "reservoir level sensor"
+
+
+def _under_infusion(view: _View) -> Finding | None:
+    hours = view.settings.under_infusion_min_hours
+    found = _measured(view, hours)
+    if found is None or found.ratio >= view.settings.under_infusion_ratio - _EPS:
+        return None
+    return _finding(
+        Rule.UNDER_INFUSION,
+        view.raised(Priority.HIGH),
+        f"Measured delivery {found.ratio:.0%} of programmed",
+        (
+            f"Over the last {hours:g} hours the pump's {_source(found)} shows "
+            f"{found.delivered_ml:.2f} mL delivered where {found.programmed_ml:.2f} mL was "
+            "programmed: a blocked, kinked or leaking catheter, or a failing pump.",
+            _WITHDRAWAL,
+            "Action: contact the patient today and check for signs of withdrawal; check the "
+            "catheter and interrogate the pump.",
+        ),
+        _ratio_facts(found),
+    )
+
+
+def _over_infusion(view: _View) -> Finding | None:
+    hours = view.settings.over_infusion_min_hours
+    found = _measured(view, hours)
+    if found is None or found.ratio <= view.settings.over_infusion_ratio + _EPS:
+        return None
+    return _finding(
+        Rule.OVER_INFUSION,
+        Priority.MEDIUM,
+        f"Measured delivery {found.ratio:.0%} of programmed",
+        (
+            f"Over the last {hours:g} hours the pump's {_source(found)} shows "
+            f"{found.delivered_ml:.2f} mL delivered where {found.programmed_ml:.2f} mL was "
+            "programmed.",
+            _OVERDOSE,
+            "The reservoir will also run empty before its forecast date, and then withdrawal "
+            "follows.",
+            "Action: check the patient for signs of overdose, verify the programmed rate and "
+            "concentration, and bring the refill forward.",
+        ),
+        _ratio_facts(found),
+    )
+
+
+# --- refills -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Reconciled:
+    refill: Refill
+    found: therapy.Discrepancy
+    source: str
+    """Where the expected residual came from: "pump", "computed" or "last_reading"."""
+    should_have_delivered_ml: float | None
+
+
+def _reading_before(view: _View, at: datetime) -> Reading | None:
+    before = [r for r in view.readings if r.recorded_at < at]
+    return before[-1] if before else None
+
+
+def _reconcile(view: _View, index: int) -> _Reconciled | None:
+    """The discrepancy of ``view.refills[index]``, if anything says what was expected."""
+    refill = view.refills[index]
+    previous = view.refills[index - 1] if index > 0 else None
+    reading = _reading_before(view, refill.recorded_at)
+    program = reading.therapy if reading is not None else None
+    if program is None and view.latest is not None:
+        program = view.latest.therapy
+    boluses = view.snapshot.boluses
+    should_have = None
+    if previous is not None and program is not None:
+        should_have = therapy.should_have_delivered_ml(
+            program, previous.recorded_at, refill.recorded_at, view.tz, boluses
+        )
+    if refill.expected_residual_ml is not None:
+        expected, source = refill.expected_residual_ml, "pump"
+    elif previous is not None and should_have is not None:
+        expected, source = max(0.0, previous.added_ml - should_have), "computed"
+    elif reading is not None:
+        expected = therapy.expected_residual_from_reading(
+            reading, refill.recorded_at, view.tz, boluses
+        )
+        source = "last_reading"
+    else:
+        return None
+    found = therapy.discrepancy(expected, refill.residual_ml, should_have)
+    return _Reconciled(refill, found, source, should_have)
+
+
+def _refill_discrepancy(view: _View) -> Finding | None:
+    if not view.refills:
+        return None
+    latest = _reconcile(view, len(view.refills) - 1)
+    if latest is None:
+        return None
+    kind = latest.found.classify(view.settings)
+    if kind == "none":
+        return None
+    before = _reconcile(view, len(view.refills) - 2) if len(view.refills) > 1 else None
+    repeated = before is not None and before.found.classify(view.settings) == kind
+    delta = abs(latest.found.delta_ml)
+    over = kind == "over_delivery"
+    title = f"Refill: {delta:.1f} mL {'less' if over else 'more'} left than expected"
+    return _finding(
+        Rule.REFILL_DISCREPANCY,
+        Priority.HIGH if repeated else Priority.MEDIUM,
+        title + (" again" if repeated else ""),
+        (
+            f"At the refill on {view.day(latest.refill.recorded_at)}, "
+            f"{latest.refill.residual_ml:.1f} mL was withdrawn where "
+            f"{latest.found.expected_residual_ml:.1f} mL was expected.",
+            "The refill before showed the same." if repeated else "",
+            "Less drug left than expected means the pump delivered more than programmed "
+            "(over-infusion), an earlier refill went partly into the pocket, or boluses were "
+            "not logged: overdose now, and an early empty reservoir."
+            if over
+            else "More drug left than expected means less reached the patient: a motor stall "
+            "or a blocked catheter, with withdrawal to follow.",
+            "Action: check the patient for signs of overdose, interrogate the pump and review "
+            "the bolus log; bring the next refill forward."
+            if over
+            else "Action: check the patient for signs of withdrawal, interrogate the pump for "
+            "stalls and have the catheter checked.",
+        ),
+        {
+            "refill_at": _iso(latest.refill.recorded_at),
+            "expected_residual_ml": _round(latest.found.expected_residual_ml),
+            "actual_residual_ml": _round(latest.found.actual_residual_ml),
+            "delta_ml": _round(latest.found.delta_ml),
+            "relative": _round(latest.found.relative, 4),
+            "should_have_delivered_ml": _round(latest.should_have_delivered_ml),
+            "expected_from": latest.source,
+            "kind": kind,
+            "previous_delta_ml": None if before is None else _round(before.found.delta_ml),
+        },
+        occurrence=f"refill {_iso(latest.refill.recorded_at)}",
+    )
+
+
+# --- battery -------------------------------------------------------------------------------------
+
+
+def _battery_flag(view: _View, code: str) -> bool:
+    latest = view.latest
+    return latest is not None and (latest.battery_status == code or code in latest.alarms)
+
+
+def _battery_eri(view: _View) -> Finding | None:
+    if not _battery_flag(view, "eri") or _battery_flag(view, "eos"):
+        return None
+    latest = view.latest
+    assert latest is not None
+    return _finding(
+        Rule.BATTERY_ERI,
+        Priority.MEDIUM,
+        "Battery low: replace the pump within 90 days",
+        (
+            "The pump reports its elective replacement indicator: its battery runs out and the "
+            "pump stops within 90 days.",
+            _WITHDRAWAL,
+            "Action: schedule the pump replacement within 90 days.",
+        ),
+        {"battery_pct": latest.battery_pct, "reported_at": _iso(latest.recorded_at)},
+    )
+
+
+def _battery_eos(view: _View) -> Finding | None:
+    if not _battery_flag(view, "eos"):
+        return None
+    latest = view.latest
+    assert latest is not None
+    return _finding(
+        Rule.BATTERY_EOS,
+        Priority.HIGH,
+        "Battery at end of service: the pump has stopped",
+        (
+            "The pump reports end of service: it no longer delivers the drug.",
+            _WITHDRAWAL,
+            "Action: contact the patient now, assess for withdrawal, give baclofen by another "
+            "route and replace the pump urgently.",
+        ),
+        {"battery_pct": latest.battery_pct, "reported_at": _iso(latest.recorded_at)},
+    )
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def _silent_limit(view: _View, last_at: datetime) -> timedelta:
+    settings = view.settings
+    limit = timedelta(days=settings.silent_max_days)
+    nominal = view.nominal
+    if nominal is not None and nominal.low_alarm_at is not None:
+        limit = min(limit, (nominal.low_alarm_at - last_at) / 2)
+    return max(limit, timedelta(hours=settings.silent_min_hours))
+
+
+def _pump_silent(view: _View) -> Finding | None:
+    latest = view.latest
+    if latest is None:
+        return None
+    silence = view.now - latest.recorded_at
+    limit = _silent_limit(view, latest.recorded_at)
+    if silence <= limit:
+        return None
+    nominal = view.nominal
+    low_at = None if nominal is None else nominal.low_alarm_at
+    passed = low_at is not None and low_at <= view.now
+    low_words = (
+        ""
+        if low_at is None
+        else f"At the programmed rate the reservoir {'reached' if passed else 'reaches'} its "
+        f"low-alarm volume on {view.day(low_at)}."
+    )
+    return _finding(
+        Rule.PUMP_SILENT,
+        view.raised(Priority.MEDIUM if passed else Priority.LOW),
+        f"No reading for {_span(silence)}",
+        (
+            f"The last reading came at {view.minute(latest.recorded_at)}.",
+            low_words,
+            "Until readings arrive, alarms such as a motor stall or an empty reservoir go unseen.",
+            "Action: contact the patient to check the home hub or bring the pump in for an "
+            "interrogation.",
+        ),
+        {
+            "last_reading_at": _iso(latest.recorded_at),
+            "silent_hours": _round(silence / timedelta(hours=1), 2),
+            "limit_hours": _round(limit / timedelta(hours=1), 2),
+            "low_alarm_at": _iso(low_at),
+        },
+    )
+
+
+def _telemetry_gap(view: _View) -> Finding | None:
+    age = view.snapshot.open_gap_minutes
+    if age is None or age < view.settings.telemetry_gap_min_minutes - _EPS:
+        return None
+    missing = view.snapshot.missing_messages
+    return _finding(
+        Rule.TELEMETRY_GAP,
+        Priority.LOW,
+        f"Telemetry gap: {missing} messages missing",
+        (
+            f"{missing} messages from this pump's sources have not arrived for "
+            f"{_span(timedelta(minutes=age))}.",
+            "An alarm may have been among them.",
+            "Action: check the pump's home hub connection; review the pump at its next "
+            "interrogation if the gap does not close.",
+        ),
+        {"missing_messages": missing, "open_gap_minutes": _round(age, 1)},
+    )
+
+
+# --- programming ---------------------------------------------------------------------------------
+
+
+def _dose_mismatch(view: _View) -> str | None:
+    latest = view.latest
+    if latest is None or latest.therapy.daily_dose_mcg is None:
+        return None
+    program = latest.therapy
+    expected = therapy.mcg_per_day(program.rate_ml_per_day, program.concentration_mcg_per_ml)
+    assert program.daily_dose_mcg is not None
+    if abs(program.daily_dose_mcg - expected) <= DOSE_TOLERANCE * expected + _EPS:
+        return None
+    return (
+        f"The programmed dose of {program.daily_dose_mcg:g} mcg/day is not rate x "
+        f"concentration ({program.rate_ml_per_day:g} mL/day x "
+        f"{program.concentration_mcg_per_ml:g} mcg/mL = {expected:g} mcg/day)."
+    )
+
+
+def _odd_concentration(view: _View) -> str | None:
+    latest = view.latest
+    if latest is None:
+        return None
+    concentration = latest.therapy.concentration_mcg_per_ml
+    if any(abs(concentration - c) <= _EPS * c for c in STANDARD_CONCENTRATIONS_MCG_PER_ML):
+        return None
+    return (
+        f"The concentration of {concentration:g} mcg/mL is not one of 50, 500, 1000 or 2000 mcg/mL."
+    )
+
+
+def _refill_concentration(view: _View) -> str | None:
+    refill, latest = view.last_refill, view.latest
+    if refill is None or latest is None or latest.recorded_at < refill.recorded_at:
+        return None
+    programmed = latest.therapy.concentration_mcg_per_ml
+    filled = refill.concentration_mcg_per_ml
+    if abs(programmed - filled) <= _EPS * filled:
+        return None
+    return (
+        f"The pump is programmed for {programmed:g} mcg/mL but was refilled on "
+        f"{view.day(refill.recorded_at)} with {filled:g} mcg/mL: it delivers "
+        f"{filled / programmed:.2g} times the intended dose."
+    )
+
+
+def _in_force(changes: list[DoseChange], since: datetime, until: datetime) -> list[DoseChange]:
+    """The doses in force at some moment of [since, until]: the one in force at ``since`` (or
+    the first known) and every change after it."""
+    before = [c for c in changes if c.at <= since]
+    during = [c for c in changes if since < c.at <= until]
+    return before[-1:] + during
+
+
+def _largest_step(view: _View) -> tuple[float, DoseChange, DoseChange] | None:
+    changes = sorted(view.snapshot.dose_changes, key=lambda c: c.at)
+    doses = _in_force(changes, view.now - DOSE_STEP_WINDOW, view.now)
+    steps = [
+        (
+            abs(later.daily_dose_mcg - earlier.daily_dose_mcg) / earlier.daily_dose_mcg,
+            earlier,
+            later,
+        )
+        for i, earlier in enumerate(doses)
+        for later in doses[i + 1 :]
+        if earlier.daily_dose_mcg > 0
+    ]
+    return max(steps, key=lambda s: s[0], default=None)
+
+
+def _dose_step(view: _View) -> str | None:
+    step = _largest_step(view)
+    if step is None or step[0] <= view.settings.dose_step_max_fraction + _EPS:
+        return None
+    fraction, earlier, later = step
+    return (
+        f"The programmed dose went from {earlier.daily_dose_mcg:g} to "
+        f"{later.daily_dose_mcg:g} mcg/day ({fraction:.0%}) within 24 hours, above the "
+        f"{view.settings.dose_step_max_fraction:.0%} usually stepped at once."
+    )
+
+
+def _programming_check(view: _View) -> Finding | None:
+    issues = [
+        found
+        for check in (_dose_mismatch, _odd_concentration, _refill_concentration, _dose_step)
+        if (found := check(view)) is not None
+    ]
+    if not issues:
+        return None
+    return _finding(
+        Rule.PROGRAMMING_CHECK,
+        Priority.MEDIUM,
+        "Check the pump programming",
+        (
+            *issues,
+            "A programming or concentration error delivers the wrong dose from the start: "
+            "overdose if too much, withdrawal if too little.",
+            "Action: compare the pump's program with the prescription and the drug label of "
+            "the last refill, and correct it if they differ.",
+        ),
+        {"issues": issues},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Escalation:
+    title: str
+    current: DoseChange
+    lowest: DoseChange
+    facts: dict[str, Any]
+
+
+def _escalation(view: _View) -> _Escalation | None:
+    settings = view.settings
+    changes = sorted(view.snapshot.dose_changes, key=lambda c: c.at)
+    window_days = settings.dose_escalation_window_days
+    doses = _in_force(changes, view.now - timedelta(days=window_days), view.now)
+    if len(doses) < 2:
+        return None
+    current, lowest = doses[-1], min(doses, key=lambda c: c.daily_dose_mcg)
+    rise = current.daily_dose_mcg / lowest.daily_dose_mcg - 1 if lowest.daily_dose_mcg > 0 else 0
+    run = _increases_in_a_row(doses)
+    facts: dict[str, Any] = {
+        "daily_dose_mcg": current.daily_dose_mcg,
+        "lowest_daily_dose_mcg": lowest.daily_dose_mcg,
+        "lowest_at": _iso(lowest.at),
+        "rise": _round(rise, 4),
+        "increases_in_a_row": run,
+        "window_days": window_days,
+    }
+    if rise >= settings.dose_escalation_fraction - _EPS:
+        return _Escalation(f"Dose up {rise:.0%} in {window_days:g} days", current, lowest, facts)
+    if run >= settings.dose_escalation_increases:
+        return _Escalation(f"Dose raised {run} times in a row", current, lowest, facts)
+    return None
+
+
+def _increases_in_a_row(doses: list[DoseChange]) -> int:
+    """How many of the last changes were increases, counting back from the current dose
+    (a repeated equal dose is no change)."""
+    levels = [doses[0]]
+    levels += [b for a, b in pairwise(doses) if b.daily_dose_mcg != a.daily_dose_mcg]
+    run = 0
+    for earlier, later in reversed(list(pairwise(levels))):
+        if later.daily_dose_mcg <= earlier.daily_dose_mcg:
+            break
+        run += 1
+    return run
+
+
+def _dose_escalation(view: _View) -> Finding | None:
+    found = _escalation(view)
+    if found is None:
+        return None
+    return _finding(
+        Rule.DOSE_ESCALATION,
+        Priority.LOW,
+        found.title,
+        (
+            f"The programmed dose is now {found.current.daily_dose_mcg:g} mcg/day; it was "
+            f"{found.lowest.daily_dose_mcg:g} mcg/day on {view.day(found.lowest.at)}.",
+            "Needing more drug may be tolerance, but it may also hide a catheter problem "
+            "(leak, break, migration, occlusion) or a mass at the catheter tip, which can "
+            "compress the spinal cord.",
+            "Action: review the dose history and the symptoms; consider imaging the catheter "
+            "before raising the dose again.",
+        ),
+        found.facts,
+    )
+
+
+# --- resolutions ---------------------------------------------------------------------------------
+
+
+_RECENT_REFILL = timedelta(days=7)
+"""A refill this recent is named as the reason a reservoir rule stopped holding."""
+
+
+def _refilled(view: _View) -> str | None:
+    refill = view.last_refill
+    if refill is None or not timedelta(0) <= view.now - refill.recorded_at <= _RECENT_REFILL:
+        return None
+    return f"a refill was recorded on {view.day(refill.recorded_at)}"
+
+
+def _resolve_refill_due(view: _View) -> str:
+    nominal = view.nominal
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    if nominal is None:
+        return "no reading to forecast from"
+    low_at = nominal.low_alarm_at
+    if low_at is None:
+        return "the program delivers nothing, so the reservoir does not run low"
+    if view.at_low_alarm:
+        return "the reservoir reached its low-alarm volume (the reservoir-low alert takes over)"
+    visit = view.snapshot.refill_appointment_at
+    if visit is not None and _booked_in_time(view, low_at):
+        return f"a refill visit is booked for {view.day(visit)}, before the low-alarm date"
+    return f"the reservoir now reaches its low-alarm volume on {view.day(low_at)}"
+
+
+def _resolve_worst_case(view: _View) -> str:
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    visit = view.snapshot.refill_appointment_at
+    if visit is None or visit <= view.now:
+        return "no future refill visit is booked any more (refill-due watches the date)"
+    if view.at_low_alarm:
+        return "the reservoir reached its low-alarm volume (the reservoir-low alert takes over)"
+    return f"the visit on {view.day(visit)} now comes before the worst-case low-alarm date"
+
+
+def _resolve_reservoir(view: _View) -> str:
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    if view.empty:
+        return "the reservoir is empty (the reservoir-empty alert takes over)"
+    volume = view.volume_now_ml
+    if volume is None:
+        return "no reading to project the reservoir from"
+    return f"the reservoir holds {volume:.1f} mL, above its low-alarm volume"
+
+
+def _resolve_empty(view: _View) -> str:
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    volume = view.volume_now_ml
+    if volume is None:
+        return "no reading to project the reservoir from"
+    return f"the reservoir holds {volume:.1f} mL and the pump reports no empty reservoir"
+
+
+def _resolve_drug_age(view: _View) -> str:
+    refill = view.last_refill
+    if refill is None:
+        return "no refill is on record any more"
+    return f"a refill was recorded on {view.day(refill.recorded_at)}"
+
+
+def _resolve_flow_stopped(view: _View) -> str:
+    count = view.settings.flow_stopped_clear_readings
+    earlier = [r for r in view.readings if _stopping(r)]
+    alarms = ", ".join(STOPPING_ALARMS[a] for a in _stopping(earlier[-1])) if earlier else None
+    what = alarms or "flow-stopping alarm"
+    return f"the pump reported no {what} in {count} reading" + ("" if count == 1 else "s")
+
+
+def _resolve_ratio(view: _View, hours: float) -> str:
+    found = _measured(view, hours)
+    if found is None:
+        return f"no measured data covers the last {hours:g} hours any more"
+    return f"measured delivery is {found.ratio:.0%} of programmed over the last {hours:g} hours"
+
+
+def _resolve_discrepancy(view: _View) -> str:
+    refill = view.last_refill
+    if refill is None:
+        return "no refill is on record any more"
+    return f"the refill on {view.day(refill.recorded_at)} matched the expected residual"
+
+
+def _resolve_silent(view: _View) -> str:
+    latest = view.latest
+    if latest is None:
+        return "no reading is on record any more"
+    return f"readings arrive again (the last at {view.minute(latest.recorded_at)})"
+
+
+_CHECKS: dict[Rule, Callable[[_View], Finding | None]] = {
+    Rule.REFILL_DUE: _refill_due,
+    Rule.REFILL_DUE_WORST_CASE: _refill_due_worst_case,
+    Rule.RESERVOIR_LOW: _reservoir_low,
+    Rule.RESERVOIR_EMPTY: _reservoir_empty,
+    Rule.DRUG_AGE: _drug_age,
+    Rule.FLOW_STOPPED: _flow_stopped,
+    Rule.UNDER_INFUSION: _under_infusion,
+    Rule.OVER_INFUSION: _over_infusion,
+    Rule.REFILL_DISCREPANCY: _refill_discrepancy,
+    Rule.BATTERY_ERI: _battery_eri,
+    Rule.BATTERY_EOS: _battery_eos,
+    Rule.PUMP_SILENT: _pump_silent,
+    Rule.PROGRAMMING_CHECK: _programming_check,
+    Rule.DOSE_ESCALATION: _dose_escalation,
+    Rule.TELEMETRY_GAP: _telemetry_gap,
+}
+
+_RESOLUTIONS: dict[Rule, Callable[[_View], str]] = {
+    Rule.REFILL_DUE: _resolve_refill_due,
+    Rule.REFILL_DUE_WORST_CASE: _resolve_worst_case,
+    Rule.RESERVOIR_LOW: _resolve_reservoir,
+    Rule.RESERVOIR_EMPTY: _resolve_empty,
+    Rule.DRUG_AGE: _resolve_drug_age,
+    Rule.FLOW_STOPPED: _resolve_flow_stopped,
+    Rule.UNDER_INFUSION: lambda v: _resolve_ratio(v, v.settings.under_infusion_min_hours),
+    Rule.OVER_INFUSION: lambda v: _resolve_ratio(v, v.settings.over_infusion_min_hours),
+    Rule.REFILL_DISCREPANCY: _resolve_discrepancy,
+    Rule.BATTERY_ERI: lambda v: "the pump no longer reports its elective replacement indicator",
+    Rule.BATTERY_EOS: lambda v: "the pump no longer reports end of service",
+    Rule.PUMP_SILENT: _resolve_silent,
+    Rule.PROGRAMMING_CHECK: lambda v: (
+        "the programming checks pass: dose matches rate x concentration, a standard "
+        "concentration, no large dose step in 24 hours"
+    ),
+    Rule.DOSE_ESCALATION: lambda v: "the programmed dose no longer shows an escalation",
+    Rule.TELEMETRY_GAP: lambda v: "the missing messages arrived or the gap was closed",
+}

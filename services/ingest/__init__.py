@@ -1,0 +1,1 @@
+"""The ingest service: MQTT telemetry and events into PostgreSQL, exactly once."""

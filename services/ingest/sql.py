@@ -1,0 +1,193 @@
+"""Every SQL statement of the ingest service. Parameters only; nothing is built from input."""
+
+READING_COLUMNS = (
+    "msg_id",
+    "serial",
+    "recorded_at",
+    "utc_offset_minutes",
+    "received_at",
+    "seq",
+    "source_kind",
+    "source_id",
+    "model",
+    "volume_ml",
+    "capacity_ml",
+    "low_alarm_ml",
+    "basis",
+    "drug_name",
+    "concentration_mcg_per_ml",
+    "infusion_mode",
+    "rate_ml_per_day",
+    "daily_dose_mcg",
+    "schedule",
+    "measured_flow_ml_per_day",
+    "battery_pct",
+    "battery_status",
+    "alarms",
+    "payload",
+)
+EVENT_COLUMNS = (
+    "msg_id",
+    "serial",
+    "type",
+    "recorded_at",
+    "received_at",
+    "seq",
+    "source_kind",
+    "source_id",
+    "body",
+    "payload",
+)
+STATE_COLUMNS = (
+    "serial",
+    "msg_id",
+    "recorded_at",
+    "utc_offset_minutes",
+    "received_at",
+    "model",
+    "volume_ml",
+    "capacity_ml",
+    "low_alarm_ml",
+    "basis",
+    "drug_name",
+    "concentration_mcg_per_ml",
+    "infusion_mode",
+    "rate_ml_per_day",
+    "daily_dose_mcg",
+    "schedule",
+    "measured_flow_ml_per_day",
+    "battery_pct",
+    "battery_status",
+    "alarms",
+)
+
+# Created once per connection; rows vanish at each commit.
+CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS stage_readings
+    (LIKE readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_events
+    (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+"""
+
+# The set of serials and (pump, source) streams only grows; ingest remembers which exist and
+# runs these only for ones it has not seen.
+INSERT_PUMPS = """
+INSERT INTO pumps (serial, model)
+SELECT * FROM unnest($1::text[], $2::text[]) AS p(serial, model)
+ORDER BY serial
+ON CONFLICT (serial) DO NOTHING
+"""
+ENSURE_SEQUENCE_STREAMS = """
+INSERT INTO sequence_state (serial, source_id)
+SELECT * FROM unnest($1::text[], $2::text[]) AS s(serial, source_id)
+ORDER BY serial, source_id
+ON CONFLICT DO NOTHING
+"""
+
+_READING_LIST = ", ".join(READING_COLUMNS)
+_STATE_LIST = ", ".join(STATE_COLUMNS)
+_STATE_UPDATES = ", ".join(f"{c} = EXCLUDED.{c}" for c in STATE_COLUMNS if c != "serial")
+# One statement per batch of readings: the ledger decides which staged messages are new
+# (ON CONFLICT (msg_id) DO NOTHING), only those become readings, and the newest of them per pump
+# moves pump_state forward — never back: an older reading does not replace newer state. Rows are
+# taken in key order so that concurrent writers lock them in the same order. Returns the new ids.
+STORE_READINGS = f"""
+WITH new AS (
+    INSERT INTO ingested_messages (msg_id)
+    SELECT msg_id FROM stage_readings ORDER BY msg_id
+    ON CONFLICT DO NOTHING
+    RETURNING msg_id
+), kept AS (
+    INSERT INTO readings ({_READING_LIST})
+    SELECT {_READING_LIST} FROM stage_readings JOIN new USING (msg_id)
+), state AS (
+    INSERT INTO pump_state ({_STATE_LIST}, updated_at)
+    SELECT DISTINCT ON (serial) {_STATE_LIST}, now()
+    FROM stage_readings JOIN new USING (msg_id)
+    ORDER BY serial, recorded_at DESC, msg_id
+    ON CONFLICT (serial) DO UPDATE SET {_STATE_UPDATES}, updated_at = now()
+    WHERE pump_state.recorded_at < EXCLUDED.recorded_at
+)
+SELECT msg_id FROM new
+"""
+
+_EVENT_LIST = ", ".join(EVENT_COLUMNS)
+STORE_EVENTS = f"""
+WITH new AS (
+    INSERT INTO ingested_messages (msg_id)
+    SELECT msg_id FROM stage_events ORDER BY msg_id
+    ON CONFLICT DO NOTHING
+    RETURNING msg_id
+), kept AS (
+    INSERT INTO events ({_EVENT_LIST})
+    SELECT {_EVENT_LIST} FROM stage_events JOIN new USING (msg_id)
+    ORDER BY serial
+)
+SELECT msg_id FROM new
+"""
+
+# Lock the batch's streams in key order, read each one's maximum so far, move it forward; the
+# caller works out the gaps from the previous maximum returned.
+ADVANCE_SEQUENCE_STREAMS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) AS b(serial, source_id, top)
+), locked AS (
+    SELECT st.serial, st.source_id, st.max_seq
+    FROM sequence_state st JOIN batch b USING (serial, source_id)
+    ORDER BY st.serial, st.source_id
+    FOR UPDATE OF st
+)
+UPDATE sequence_state st
+SET max_seq = GREATEST(l.max_seq, b.top), updated_at = now()
+FROM locked l JOIN batch b USING (serial, source_id)
+WHERE st.serial = l.serial AND st.source_id = l.source_id
+RETURNING st.serial, st.source_id, l.max_seq AS previous_max
+"""
+LOCK_GAPS_HIT = """
+SELECT g.id, g.serial, g.source_id, g.first_missing, g.last_missing
+FROM sequence_gaps g
+WHERE EXISTS (
+    SELECT 1 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS l(serial, source_id, seq)
+    WHERE g.serial = l.serial AND g.source_id = l.source_id
+      AND l.seq BETWEEN g.first_missing AND g.last_missing
+)
+ORDER BY g.id
+FOR UPDATE OF g
+"""
+DELETE_GAPS = "DELETE FROM sequence_gaps WHERE id = ANY($1::bigint[])"
+INSERT_GAPS = """
+INSERT INTO sequence_gaps (serial, source_id, first_missing, last_missing)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+"""
+
+UPSERT_QUARANTINE = """
+INSERT INTO quarantine (digest, topic, payload, payload_bytes, reason, detail,
+                        first_received_at, last_received_at, occurrences)
+SELECT q.digest, q.topic, q.payload, q.payload_bytes, q.reason, q.detail,
+       q.received_at, q.received_at, q.occurrences
+FROM unnest($1::bytea[], $2::text[], $3::bytea[], $4::integer[], $5::text[], $6::text[],
+            $7::timestamptz[], $8::integer[])
+     AS q(digest, topic, payload, payload_bytes, reason, detail, received_at, occurrences)
+ORDER BY q.digest
+ON CONFLICT (digest) DO UPDATE SET
+    occurrences = quarantine.occurrences + EXCLUDED.occurrences,
+    last_received_at = GREATEST(quarantine.last_received_at, EXCLUDED.last_received_at)
+"""
+
+COUNT_OPEN_GAPS = """
+SELECT count(*) AS gaps, coalesce(sum(last_missing - first_missing + 1), 0) AS missing
+FROM sequence_gaps
+"""
+
+NOTIFY = "SELECT pg_notify('pumpwatch_ingest', $1)"
+"""Channel the alert service listens on; the payload lists the pumps that changed."""
+NOTIFY_CHANNEL = "pumpwatch_ingest"
+
+ENSURE_PARTITION = "SELECT ensure_readings_partition($1)"
+ENSURE_PARTITIONS_AHEAD = "SELECT ensure_readings_partitions_ahead(now(), $1)"
+DROP_PARTITIONS_BEFORE = "SELECT drop_readings_partitions_before($1)"
+PRUNE_LEDGER = """
+DELETE FROM ingested_messages m
+WHERE m.received_at < $1
+  AND NOT EXISTS (SELECT 1 FROM events e WHERE e.msg_id = m.msg_id)
+"""

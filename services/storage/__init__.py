@@ -1,0 +1,1 @@
+"""PostgreSQL: connections and migrations shared by every service."""

@@ -1,0 +1,89 @@
+"""Connections to PostgreSQL: identifiable, time-limited, retried while the server starts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import asyncpg
+
+from services.logs import get
+
+log = get(__name__)
+
+COMMAND_TIMEOUT_S = 60.0
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+"""A connection of its own or one lent by a pool."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached (yet); callers retry with backoff."""
+
+
+class DatabaseRejected(Exception):
+    """The server refused us for good (bad credentials, unknown database): a fatal error."""
+
+
+FATAL_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+async def create_pool(
+    url: str,
+    *,
+    application_name: str,
+    min_size: int = 1,
+    max_size: int = 4,
+    init: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = None,
+) -> asyncpg.Pool:
+    """A pool whose connections name the service in ``pg_stat_activity``."""
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            init=init,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings={"application_name": application_name, "timezone": "UTC"},
+        )
+    except FATAL_ERRORS as exc:
+        raise DatabaseRejected(f"{type(exc).__name__}: {exc}") from exc
+    except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as exc:
+        raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+async def connect(url: str, *, application_name: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(
+            url,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings={"application_name": application_name, "timezone": "UTC"},
+        )
+    except FATAL_ERRORS as exc:
+        raise DatabaseRejected(f"{type(exc).__name__}: {exc}") from exc
+    except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as exc:
+        raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def connect_with_retry(
+    url: str, *, application_name: str, attempts: int = 30, first_delay_s: float = 0.2
+) -> asyncpg.Connection:
+    """Connect, waiting with exponential backoff while the server is unavailable."""
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return await connect(url, application_name=application_name)
+        except DatabaseUnavailable as exc:
+            if attempt == attempts:
+                raise
+            log.warning("database_unavailable", attempt=attempt, error=str(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")

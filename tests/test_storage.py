@@ -1,0 +1,150 @@
+"""Migrations and the partitioned readings table, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from services.storage import migrate
+from tests.support import fetch, fetchval
+
+
+async def test_migrate_applies_everything_once_and_is_idempotent(empty_database_url: str) -> None:
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        assert [m.version for m in await migrate.pending(conn)] == [
+            m.version for m in migrate.available()
+        ]
+        first = await migrate.apply(conn)
+        assert [m.version for m in first] == [m.version for m in migrate.available()]
+        assert await migrate.apply(conn) == []
+        assert await migrate.pending(conn) == []
+        recorded = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        assert {r["version"]: r["checksum"] for r in recorded} == {
+            m.version: m.checksum for m in migrate.available()
+        }
+    finally:
+        await conn.close()
+
+
+def test_two_processes_migrating_at_once_both_succeed(empty_database_url: str) -> None:
+    env = {"PUMPWATCH_DATABASE_URL": empty_database_url, "PATH": "/usr/bin:/bin"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "services", "migrate"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    said = sorted(out.decode().strip().splitlines()[0] for out, _ in outputs)
+    assert said == ["applied 0001_ingest", "database is up to date"]
+    count = asyncio.run(fetchval(empty_database_url, "SELECT count(*) FROM schema_migrations"))
+    assert count == len(migrate.available())
+
+
+async def test_a_migration_edited_after_it_was_applied_is_refused(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+        with pytest.raises(migrate.MigrationError, match="changed after it was applied"):
+            await migrate.pending(conn)
+    finally:
+        await conn.close()
+
+
+def test_migrate_without_a_database_url_says_what_to_set() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "migrate"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"PUMPWATCH_DATABASE_URL is not set" in result.stderr
+
+
+async def test_readings_partitions_exist_ahead_and_are_created_on_demand(
+    database_url: str,
+) -> None:
+    now = datetime.now(UTC)
+    names = {
+        r["relname"]
+        for r in await fetch(
+            database_url,
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'readings'::regclass",
+        )
+    }
+    months = [
+        (now.year + (now.month - 1 + k) // 12, (now.month - 1 + k) % 12 + 1) for k in range(4)
+    ]
+    assert {f"readings_{y:04d}_{m:02d}" for y, m in months} <= names
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT ensure_readings_partition('2021-03-15T12:00:00Z')")
+        assert not await conn.fetchval("SELECT ensure_readings_partition('2021-03-02T00:00:00Z')")
+        bounds = await conn.fetchval(
+            "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = 'readings_2021_03'"
+        )
+        assert bounds == (
+            "FOR VALUES FROM ('2021-03-01 00:00:00+00') TO ('2021-04-01 00:00:00+00')"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_window_query_touches_only_its_partitions(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SELECT ensure_readings_partition('2021-03-15T12:00:00Z')")
+        await conn.execute("SELECT ensure_readings_partition('2021-04-15T12:00:00Z')")
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN SELECT * FROM readings WHERE serial = 'X' "
+                "AND recorded_at >= '2021-03-05' AND recorded_at < '2021-03-09'"
+            )
+        )
+        assert "readings_2021_03" in plan
+        assert "readings_2021_04" not in plan
+    finally:
+        await conn.close()
+
+
+async def test_retention_drops_whole_partitions_only(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        for month in ("2021-01-10", "2021-02-10", "2021-03-10"):
+            await conn.execute(
+                "SELECT ensure_readings_partition($1::timestamptz)",
+                datetime.fromisoformat(month + "T00:00:00+00:00"),
+            )
+        dropped = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT drop_readings_partitions_before('2021-03-01T00:00:00Z')"
+            )
+        ]
+        assert dropped == ["readings_2021_01", "readings_2021_02"]
+        # March straddles the cutoff's month and is kept whole.
+        dropped = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT drop_readings_partitions_before('2021-03-20T00:00:00Z')"
+            )
+        ]
+        assert dropped == []
+        assert await conn.fetchval("SELECT to_regclass('readings_2021_03') IS NOT NULL")
+    finally:
+        await conn.close()
