@@ -15,13 +15,6 @@ age (low) before refills that come for the drug's age (150 days and more); with 
 time, no refill due, but the worst case (medium) while the low-alarm date at 114.5 % of the
 programmed rate falls before the visit; dose escalation (low) after three titration steps up.
 Nothing of high priority, and nothing else.
-
-Two tests are expected to fail until the engine is fixed (``xfail(strict=True)``: they turn into
-failures the day the bug is fixed, so the mark is removed then):
-
-- over_infusion counts a logged clinician bolus as over-delivery on a flow-sensor pump;
-- in data-clock mode (replays) the flapping window compares the data clock with the wall-clock
-  time an alert resolved, so every recurrence reopens the old alert.
 """
 
 from __future__ import annotations
@@ -362,11 +355,6 @@ def test_no_alert_without_a_cause(scenario: Scenario) -> None:
     assert scenario.judgement.openings
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rule bug: over_infusion's delivery ratio leaves logged boluses out of the "
-    "programmed delivery, so a flow-sensor pump's clinician bolus reads as over-infusion",
-)
 def test_a_logged_bolus_is_not_over_infusion(scenario: Scenario) -> None:
     explained = {
         o.change.alert_id
@@ -381,11 +369,6 @@ def test_a_logged_bolus_is_not_over_infusion(scenario: Scenario) -> None:
     assert not after_bolus, "\n".join(str(o) for o in after_bolus)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: with PUMPWATCH_ALERTS_CLOCK=data the flapping window compares the data "
-    "clock with the wall-clock resolved_at, so every recurrence 'reopens' the old alert",
-)
 def test_an_alert_reopens_only_within_the_flapping_window(scenario: Scenario) -> None:
     resolved: dict[str, datetime] = {}
     reopened_late = []

@@ -495,6 +495,18 @@ def test_over_infusion_names_overdose() -> None:
     assert found.facts["ratio"] == 1.5
 
 
+def test_a_logged_bolus_is_not_over_infusion() -> None:
+    # A flow-sensor pump at its programmed rate that gave a 0.2 mL bolus (400 mcg) an hour ago.
+    readings = list(flow_history(RATE, span=timedelta(hours=25)))
+    readings[-1] = reading(at=NOW, basis="measured", flow_ml_per_day=RATE + 0.2 * 24)
+    recent = tuple(readings)
+    bolus = Bolus(NOW - timedelta(minutes=30), 400.0)
+    assert Rule.OVER_INFUSION in fired(snapshot(latest=recent[-1], recent=recent))
+    logged = fired(snapshot(latest=recent[-1], recent=recent, boluses=(bolus,)))
+    assert Rule.OVER_INFUSION not in logged
+    assert Rule.UNDER_INFUSION not in logged
+
+
 # --- refill discrepancy --------------------------------------------------------------------------
 
 

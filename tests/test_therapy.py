@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from services.domain.alerting import Bolus, Patient, Reading, RuleSettings, Step, Therapy
 from services.domain.therapy import (
+    Ratio,
     days_until,
     delivered_ml,
     delivery_ratio,
@@ -369,6 +370,55 @@ def test_flow_that_covers_part_of_the_window_says_how_much() -> None:
     assert found is not None
     assert found.hours == 6.0
     assert found.ratio == pytest.approx(1.0)
+
+
+def test_a_logged_bolus_counts_as_programmed_flow() -> None:
+    # 0.2 mL/day as programmed, plus a 200 mcg bolus (0.1 mL at 2 mg/mL) in the hour before
+    # T0 - 3 h: the flow sensor sees it, and the log says it was asked for.
+    readings = flow_readings(0.2, hours=12)
+    bolus_hour = T0 - timedelta(hours=3)
+    readings = [
+        reading(at=r.recorded_at, flow_ml_per_day=0.2 + 0.1 * 24)
+        if r.recorded_at == bolus_hour
+        else r
+        for r in readings
+    ]
+
+    def window(boluses: list[Bolus]) -> Ratio | None:
+        return delivery_ratio(
+            readings, window_start=T0 - timedelta(hours=12), window_end=T0, tz=UTC, boluses=boluses
+        )
+
+    unlogged = window([])
+    assert unlogged is not None
+    assert unlogged.ratio == pytest.approx(2.0)  # 0.2 mL delivered, 0.1 mL programmed
+    logged = window([Bolus(bolus_hour - timedelta(minutes=30), 200.0)])
+    assert logged is not None
+    assert logged.ratio == pytest.approx(1.0)
+    assert logged.programmed_ml == pytest.approx(0.2)
+    # a bolus outside the window is not part of it
+    earlier = window([Bolus(T0 - timedelta(hours=13), 200.0)])
+    assert earlier is not None
+    assert earlier.ratio == pytest.approx(2.0)
+
+
+def test_a_logged_bolus_counts_as_programmed_level() -> None:
+    readings = level_readings(delivered_ml_per_day=0.2, hours=24)
+    bolus_at = T0 - timedelta(hours=10, minutes=30)
+    dropped = [
+        reading(at=r.recorded_at, volume_ml=r.volume_ml - 0.5, basis="measured")
+        if r.recorded_at > bolus_at
+        else r
+        for r in readings
+    ]
+    start = T0 - timedelta(hours=24)
+    unlogged = delivery_ratio(dropped, window_start=start, window_end=T0, tz=UTC)
+    assert unlogged is not None
+    assert unlogged.ratio > 2.0  # the 0.5 mL step reads as fast delivery
+    half_ml = Bolus(bolus_at, 1000.0)
+    logged = delivery_ratio(dropped, window_start=start, window_end=T0, tz=UTC, boluses=[half_ml])
+    assert logged is not None
+    assert logged.ratio == pytest.approx(1.0)
 
 
 def level_readings(

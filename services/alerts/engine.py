@@ -118,7 +118,10 @@ class Engine:
                     row["status"],
                     row["title"],
                     row["detail"],
-                    row["resolved_at"],
+                    # The flapping window is measured on the engine's clock.
+                    row["condition_at"]
+                    if self.data_clock and row["resolved_at"] is not None
+                    else row["resolved_at"],
                     row["occurrence"],
                 )
             )

@@ -60,10 +60,10 @@ async def load(
     for row in await conn.fetch(sql.LAST_READINGS, serials, last_count, now):
         readings[row["serial"]][row["recorded_at"]] = _reading(row)
     measured = [s for s, r in pumps.items() if r["measured"]]
+    # A day more than the longest delivery window, so that readings far apart still cover it.
+    hours = max(settings.under_infusion_min_hours, settings.over_infusion_min_hours) + 24
+    window_start = now - timedelta(hours=hours)
     if measured:
-        # A day more than the longest window, so that readings far apart still cover it.
-        hours = max(settings.under_infusion_min_hours, settings.over_infusion_min_hours) + 24
-        window_start = now - timedelta(hours=hours)
         for row in await conn.fetch(sql.WINDOW_READINGS, measured, window_start, now):
             readings[row["serial"]][row["recorded_at"]] = _reading(row)
 
@@ -79,8 +79,12 @@ async def load(
         )
         for row in rows:
             readings[row["serial"]][row["recorded_at"]] = _reading(row)
+    # Boluses since the oldest refill kept (reconciliation) and over the delivery window.
     since = [
-        refills[s][0].recorded_at if refills.get(s) else now - _NO_REFILL_LOOKBACK for s in serials
+        min(refills[s][0].recorded_at, window_start)
+        if refills.get(s)
+        else now - _NO_REFILL_LOOKBACK
+        for s in serials
     ]
     boluses: dict[str, list[Bolus]] = defaultdict(list)
     for row in await conn.fetch(sql.BOLUSES_SINCE, serials, since, now):

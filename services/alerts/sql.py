@@ -106,9 +106,10 @@ GROUP BY serial
 """
 
 # Per (pump, rule): the unresolved alert if there is one, else the last resolved.
+# condition_at is when it resolved on the engine's clock (the data's, in replays).
 ALERTS = """
 SELECT DISTINCT ON (serial, rule)
-       id, serial, rule, priority, status, title, detail, resolved_at, occurrence
+       id, serial, rule, priority, status, title, detail, resolved_at, condition_at, occurrence
 FROM alerts WHERE serial = ANY($1::text[])
 ORDER BY serial, rule, (status = 'resolved'), resolved_at DESC NULLS LAST
 """

@@ -26,8 +26,9 @@ table's defaults, with the clinic's overrides applied by the caller); the clinic
 - flow_stopped: one of the stopping alarms in any of the last ``flow_stopped_clear_readings``
   readings, so it clears only after that many clean readings in a row. High.
 - under_infusion / over_infusion: :func:`therapy.delivery_ratio` over the last
-  ``*_min_hours`` ending at the latest reading; only when the data covers that whole window
-  (measured pumps: calculated ones without a flow sensor give no ratio). Strictly below
+  ``*_min_hours`` ending at the latest reading, logged boluses counted as programmed; only
+  when the data covers that whole window (measured pumps: calculated ones without a flow
+  sensor give no ratio). Strictly below
   ``under_infusion_ratio`` (high, raised for high risk: it stays high) / strictly above
   ``over_infusion_ratio`` (medium). Nothing when the program delivers nothing.
 - refill_discrepancy: the latest refill's expected residual (the refill's own, else computed
@@ -471,7 +472,11 @@ def _measured(view: _View, hours: float) -> therapy.Ratio | None:
         return None
     end = latest.recorded_at
     found = therapy.delivery_ratio(
-        view.readings, window_start=end - timedelta(hours=hours), window_end=end, tz=view.tz
+        view.readings,
+        window_start=end - timedelta(hours=hours),
+        window_end=end,
+        tz=view.tz,
+        boluses=view.snapshot.boluses,
     )
     if found is None or found.hours < hours - _EPS:
         return None

@@ -511,10 +511,17 @@ class Ratio:
 
 
 def delivery_ratio(
-    readings: Sequence[Reading], *, window_start: datetime, window_end: datetime, tz: tzinfo
+    readings: Sequence[Reading],
+    *,
+    window_start: datetime,
+    window_end: datetime,
+    tz: tzinfo,
+    boluses: Sequence[Bolus] = (),
 ) -> Ratio | None:
     """Delivered / programmed over [window_start, window_end], from a flow sensor when the
     readings carry its flow, else from a level sensor's volumes (``basis == "measured"``).
+    The logged ``boluses`` count as programmed: a pump that gave one delivered what it was
+    told to.
 
     - Flow: a reading's flow is its average since the reading before, so each pair of
       consecutive readings says what flowed between them; time-weighted over the window.
@@ -530,8 +537,8 @@ def delivery_ratio(
     if end <= start:
         raise ValueError("window_end must be after window_start")
     ordered = _ordered(readings)
-    found = _flow_ratio(ordered, start, end, tz)
-    return found if found is not None else _level_ratio(ordered, start, end, tz)
+    found = _flow_ratio(ordered, start, end, tz, boluses)
+    return found if found is not None else _level_ratio(ordered, start, end, tz, boluses)
 
 
 def _ordered(readings: Iterable[Reading]) -> list[Reading]:
@@ -551,8 +558,22 @@ def _overlap_hours(low: datetime, high: datetime, start: datetime, end: datetime
     return max(timedelta(0), min(high, end) - max(low, start)) / timedelta(hours=1)
 
 
+def _told_ml(
+    before: Reading, low: datetime, high: datetime, tz: tzinfo, boluses: Sequence[Bolus]
+) -> float:
+    """What the pump was told to deliver in [low, high): its program (as of ``before``) and
+    the boluses logged in that time."""
+    return delivered_ml(before.therapy, low, high, tz) + boluses_ml(
+        boluses, before.therapy.concentration_mcg_per_ml, low, high
+    )
+
+
 def _flow_ratio(
-    readings: list[Reading], start: datetime, end: datetime, tz: tzinfo
+    readings: list[Reading],
+    start: datetime,
+    end: datetime,
+    tz: tzinfo,
+    boluses: Sequence[Bolus],
 ) -> Ratio | None:
     delivered = programmed = hours = 0.0
     span = _bracket(readings, start, end)
@@ -563,7 +584,7 @@ def _flow_ratio(
         if flow is None or high <= low:
             continue
         delivered += flow * ((high - low) / _DAY)
-        programmed += delivered_ml(before.therapy, low, high, tz)
+        programmed += _told_ml(before, low, high, tz, boluses)
         hours += (high - low) / timedelta(hours=1)
     if programmed <= 0:
         return None
@@ -571,7 +592,11 @@ def _flow_ratio(
 
 
 def _level_ratio(
-    readings: list[Reading], start: datetime, end: datetime, tz: tzinfo
+    readings: list[Reading],
+    start: datetime,
+    end: datetime,
+    tz: tzinfo,
+    boluses: Sequence[Bolus],
 ) -> Ratio | None:
     span = _bracket([r for r in readings if r.basis == "measured"], start, end)
     points = span[_after_last_refill(span) :]
@@ -580,7 +605,7 @@ def _level_ratio(
     programmed = [0.0]
     for before, after in pairwise(points):
         programmed.append(
-            programmed[-1] + delivered_ml(before.therapy, before.recorded_at, after.recorded_at, tz)
+            programmed[-1] + _told_ml(before, before.recorded_at, after.recorded_at, tz, boluses)
         )
     slope = _slope(programmed, [p.volume_ml for p in points])
     if slope is None:
