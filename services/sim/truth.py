@@ -13,7 +13,8 @@ within 1-3 days of an interruption, so the earliest harm is 24 h after delivery 
   reaches its low alarm, and 0 (interpolated within the step, one reading interval at most).
   Over-infusion: on a measured pump its start (the simulation's start: it over-infuses from
   before); on a calculated pump the refill that reveals it. Battery: ERI and EOS. Silence: the
-  last reading the pump sent. Gap: the first message lost. Malformed: the first one sent.
+  last reading the pump sent. Gap: each burst of lost messages from one source (consecutive
+  sequence numbers), from its first to its last (``ends``). Malformed: the first one sent.
 - ``expected_rules``: the rule codes that should fire for it; empty where none can (a calculated
   pump running dry, malformed messages, and ``telemetry_gap``: that rule ages gaps by the wall
   clock, so a replay that runs days in seconds cannot set it off).
@@ -30,7 +31,8 @@ within 1-3 days of an interruption, so the earliest harm is 24 h after delivery 
   and EOS: EOS + 24 h. None where the data can only show it after the fact (a refill's
   discrepancy, over-infusion) or nothing harms (silence, gaps, malformed messages).
 - ``explains``: alerts this condition accounts for (the expected ones and their consequences:
-  a stopped measured pump also under-infuses, a silent pump's projected reservoir runs low; a
+  a stopped measured pump also under-infuses, a silent pump's projected reservoir runs low, a
+  burst of lost readings is a silence, short past the low-alarm date; a
   bolus whose event was lost or malformed looks like over-infusion to a flow sensor, a lost
   refill leaves the drug looking older than it is).
 
@@ -119,15 +121,34 @@ def collect(
 ) -> list[Injected]:
     """Every manifestation up to ``until`` (Unix seconds) of the pumps ``probes`` simulate
     (copies run to ``until``), in onset order. ``lost``: messages lost so far (gap)."""
-    first_lost: dict[str, datetime] = {}
-    for message in lost:
-        at = message.at.astimezone(UTC)
-        if message.serial not in first_lost or at < first_lost[message.serial]:
-            first_lost[message.serial] = at
+    bursts = _bursts(lost)
     out: list[Injected] = []
     for probe in probes:
-        out.extend(_Pump(probe, until, settings, first_lost.get(probe.profile.serial)).records())
+        out.extend(_Pump(probe, until, settings, bursts.get(probe.profile.serial, [])).records())
     return sorted(out, key=lambda r: (r.onset, r.serial, r.signature))
+
+
+def _bursts(lost: Iterable[Lost]) -> dict[str, list[tuple[datetime, datetime]]]:
+    """Per pump, the (first, last) times of each run of lost messages with consecutive sequence
+    numbers from one source."""
+    by_source: dict[tuple[str, str], list[Lost]] = {}
+    for message in lost:
+        by_source.setdefault((message.serial, message.source_id), []).append(message)
+    out: dict[str, list[tuple[datetime, datetime]]] = {}
+    for (serial, _), messages in by_source.items():
+        messages.sort(key=lambda m: m.seq)
+        runs = [[messages[0]]]
+        for message in messages[1:]:
+            if message.seq == runs[-1][-1].seq + 1:
+                runs[-1].append(message)
+            else:
+                runs.append([message])
+        out.setdefault(serial, []).extend(
+            (run[0].at.astimezone(UTC), run[-1].at.astimezone(UTC)) for run in runs
+        )
+    for found in out.values():
+        found.sort()
+    return out
 
 
 def _at(seconds: int) -> datetime:
@@ -140,7 +161,11 @@ def _hours(span: timedelta) -> str:
 
 class _Pump:
     def __init__(
-        self, sim: PumpSim, until: int, settings: RuleSettings, first_lost: datetime | None
+        self,
+        sim: PumpSim,
+        until: int,
+        settings: RuleSettings,
+        bursts: list[tuple[datetime, datetime]],
     ) -> None:
         self.sim = sim
         self.serial = sim.profile.serial
@@ -150,7 +175,7 @@ class _Pump:
         # Nothing shows after the pump fell silent.
         self.data_end = min(until, sim.silent_at - 1)
         self.until = until
-        self.first_lost = first_lost
+        self.bursts = bursts
 
     def records(self) -> list[Injected]:
         out: list[Injected] = []
@@ -163,20 +188,23 @@ class _Pump:
             out.append(self._over_infusion_live())
         if Fault.SILENCE in self.faults:
             out.extend(self._silence())
-        if Fault.GAP in self.faults and self.first_lost is not None:
-            out.append(
+        if Fault.GAP in self.faults:
+            out.extend(
                 Injected(
                     self.serial,
                     Fault.GAP,
-                    self.first_lost,
+                    first,
                     frozenset(),
                     None,
                     "messages lost before the broker open a sequence gap; telemetry_gap ages "
                     "gaps by the wall clock (60 min), so a replay running days in seconds cannot "
-                    "set it off: not expected here",
+                    "set it off: not expected here; lost readings are a silence, which past the "
+                    "low-alarm date soon exceeds the silent limit",
                     "gap",
-                    explains=frozenset({Rule.TELEMETRY_GAP}),
+                    explains=frozenset({Rule.TELEMETRY_GAP, Rule.PUMP_SILENT}),
+                    ends=last + self.reading,
                 )
+                for first, last in self.bursts
             )
         out.extend(self._dropped_events())
         malformed_at = self.sim.first_malformed_at
