@@ -117,6 +117,123 @@ def alerts() -> None:
 
 
 @app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface (PUMPWATCH_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (PUMPWATCH_API_PORT, 8000).")] = None,
+) -> None:
+    """The HTTP API (foreground); SIGTERM or Ctrl-C stops it."""
+    from services.api.server import run as run_api
+    from services.api.settings import ApiSettings
+
+    settings = _settings(ApiSettings)
+    try:
+        _run(run_api(settings, host or settings.api_host, port or settings.api_port), settings)
+    except OSError as exc:
+        typer.echo(f"pumpwatch: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+keys = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+
+
+def _keys_command(work: Any) -> None:
+    from services.storage.database import connect_with_retry
+
+    settings = _settings(CommonSettings)
+
+    async def main() -> None:
+        conn = await connect_with_retry(
+            settings.require_database_url(), application_name="pumpwatch-keys"
+        )
+        try:
+            await work(conn)
+        finally:
+            await conn.close()
+
+    _run(main(), settings)
+
+
+@keys.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin, clinician, integrator or fleet.")],
+    clinic: Annotated[
+        str | None, typer.Option(help="Clinic id (clinician and integrator keys).")
+    ] = None,
+    label: Annotated[str, typer.Option(help="What the key is for.")] = "",
+) -> None:
+    """Print a new API key (shown this once; only its hash is stored)."""
+    from uuid import UUID
+
+    from services.api import keys as api_keys
+
+    try:
+        clinic_id = None if clinic is None else UUID(clinic)
+    except ValueError:
+        typer.echo(f"pumpwatch: error: --clinic {clinic!r} is not a clinic id", err=True)
+        raise typer.Exit(2) from None
+    if role not in api_keys.ROLES:
+        typer.echo(f"pumpwatch: error: --role must be one of {', '.join(api_keys.ROLES)}", err=True)
+        raise typer.Exit(2)
+
+    async def work(conn: Any) -> None:
+        try:
+            key_id, key = await api_keys.create(
+                conn,
+                role=role,
+                clinic_id=clinic_id,
+                label=label,
+                created_by="cli",
+            )
+        except api_keys.KeyError_ as exc:
+            typer.echo(f"pumpwatch: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(key)
+        typer.echo(f"key id {key_id} ({role}); store the key now: it is not shown again", err=True)
+
+    _keys_command(work)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (never the keys themselves)."""
+    from services.api import keys as api_keys
+
+    async def work(conn: Any) -> None:
+        for k in await api_keys.listed(conn):
+            state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+            used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
+            clinic_text = str(k.clinic_id or "-")
+            typer.echo(
+                f"{k.id}  {k.role:<10} {clinic_text:<36}  {state:<18} used {used}  {k.label}"
+            )
+
+    _keys_command(work)
+
+
+@keys.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) -> None:
+    """Revoke a key: it stops working at once."""
+    from uuid import UUID
+
+    from services.api import keys as api_keys
+
+    try:
+        parsed = UUID(key_id)
+    except ValueError:
+        typer.echo(f"pumpwatch: error: {key_id!r} is not a key id", err=True)
+        raise typer.Exit(2) from None
+
+    async def work(conn: Any) -> None:
+        if not await api_keys.revoke(conn, parsed):
+            typer.echo(f"pumpwatch: error: no active key {parsed}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"revoked {parsed}")
+
+    _keys_command(work)
+
+
+@app.command()
 def simulate(
     pumps: Annotated[int, typer.Option(min=1, help="Number of pumps.")] = 50,
     seed: Annotated[int, typer.Option(help="Same seed, same fleet and payloads.")] = 1,

@@ -51,6 +51,7 @@ async def load(
     now: datetime,
     wall_now: datetime,
     settings: RuleSettings,
+    refills_kept: int = _REFILLS_KEPT,
 ) -> dict[str, tuple[Snapshot, PumpContext]]:
     pumps = {r["serial"]: r for r in await conn.fetch(sql.PUMPS, serials)}
     if not pumps:
@@ -68,7 +69,7 @@ async def load(
             readings[row["serial"]][row["recorded_at"]] = _reading(row)
 
     refills: dict[str, list[Refill]] = defaultdict(list)
-    for row in await conn.fetch(sql.LAST_REFILLS, serials, _REFILLS_KEPT, now):
+    for row in await conn.fetch(sql.LAST_REFILLS, serials, refills_kept, now):
         refills[row["serial"]].append(_refill(row["recorded_at"], row["body"]))
     for found in refills.values():
         found.sort(key=lambda r: r.recorded_at)

@@ -110,6 +110,33 @@ def evaluate(snapshot: Snapshot) -> list[Finding]:
     return sorted(kept, key=lambda f: f.rule.value)
 
 
+def pump_forecast(snapshot: Snapshot) -> therapy.Forecast | None:
+    """The reservoir forecast the rules use (latest reading, or a later refill; the patient's
+    margin applied): the API's forecast object."""
+    return _View(snapshot).nominal
+
+
+def projection_state(snapshot: Snapshot) -> Reading | None:
+    """What projections start from: the latest reading, or a refill recorded after it."""
+    return _View(snapshot).state
+
+
+def volume_now_ml(snapshot: Snapshot) -> float | None:
+    """The reservoir projected to ``snapshot.now`` at the programmed rate."""
+    return _View(snapshot).volume_now_ml
+
+
+def effective_low_alarm_ml(snapshot: Snapshot) -> float:
+    return _View(snapshot).low_alarm_ml
+
+
+def reconciliations(snapshot: Snapshot) -> list[tuple[Refill, Reconciliation | None]]:
+    """Each refill of the snapshot, oldest first, with its discrepancy when anything says what
+    was expected (the refill_discrepancy rule's arithmetic)."""
+    view = _View(snapshot)
+    return [(refill, _reconcile(view, i)) for i, refill in enumerate(view.refills)]
+
+
 def resolution(rule: Rule, snapshot: Snapshot) -> str:
     """Why ``rule`` no longer holds (said when its alert is resolved automatically)."""
     view = _View(snapshot)
@@ -545,7 +572,7 @@ def _over_infusion(view: _View) -> Finding | None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Reconciled:
+class Reconciliation:
     refill: Refill
     found: therapy.Discrepancy
     source: str
@@ -558,7 +585,7 @@ def _reading_before(view: _View, at: datetime) -> Reading | None:
     return before[-1] if before else None
 
 
-def _reconcile(view: _View, index: int) -> _Reconciled | None:
+def _reconcile(view: _View, index: int) -> Reconciliation | None:
     """The discrepancy of ``view.refills[index]``, if anything says what was expected."""
     refill = view.refills[index]
     previous = view.refills[index - 1] if index > 0 else None
@@ -584,7 +611,7 @@ def _reconcile(view: _View, index: int) -> _Reconciled | None:
     else:
         return None
     found = therapy.discrepancy(expected, refill.residual_ml, should_have)
-    return _Reconciled(refill, found, source, should_have)
+    return Reconciliation(refill, found, source, should_have)
 
 
 def _refill_discrepancy(view: _View) -> Finding | None:

@@ -90,7 +90,8 @@ _STATE_UPDATES = ", ".join(f"{c} = EXCLUDED.{c}" for c in STATE_COLUMNS if c != 
 # One statement per batch of readings: the ledger decides which staged messages are new
 # (ON CONFLICT (msg_id) DO NOTHING), only those become readings, and the newest of them per pump
 # moves pump_state forward — never back: an older reading does not replace newer state. Rows are
-# taken in key order so that concurrent writers lock them in the same order. Returns the new ids.
+# taken in key order so that concurrent writers lock them in the same order. Each new reading is
+# added to its hour's rollup (readings_hourly) in the same statement. Returns the new ids.
 STORE_READINGS = f"""
 WITH new AS (
     INSERT INTO ingested_messages (msg_id)
@@ -107,6 +108,27 @@ WITH new AS (
     ORDER BY serial, recorded_at DESC, msg_id
     ON CONFLICT (serial) DO UPDATE SET {_STATE_UPDATES}, updated_at = now()
     WHERE pump_state.recorded_at < EXCLUDED.recorded_at
+), hourly AS (
+    INSERT INTO readings_hourly AS h
+    SELECT serial, date_trunc('hour', recorded_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+           count(*), sum(volume_ml), min(volume_ml), max(volume_ml), max(recorded_at),
+           (array_agg(volume_ml ORDER BY recorded_at DESC))[1],
+           count(measured_flow_ml_per_day), coalesce(sum(measured_flow_ml_per_day), 0),
+           sum(rate_ml_per_day)
+    FROM stage_readings JOIN new USING (msg_id)
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (serial, hour) DO UPDATE SET
+        readings = h.readings + EXCLUDED.readings,
+        volume_ml_sum = h.volume_ml_sum + EXCLUDED.volume_ml_sum,
+        volume_ml_min = least(h.volume_ml_min, EXCLUDED.volume_ml_min),
+        volume_ml_max = greatest(h.volume_ml_max, EXCLUDED.volume_ml_max),
+        last_volume_ml = CASE WHEN EXCLUDED.last_at > h.last_at
+                              THEN EXCLUDED.last_volume_ml ELSE h.last_volume_ml END,
+        last_at = greatest(h.last_at, EXCLUDED.last_at),
+        flow_readings = h.flow_readings + EXCLUDED.flow_readings,
+        flow_ml_per_day_sum = h.flow_ml_per_day_sum + EXCLUDED.flow_ml_per_day_sum,
+        rate_ml_per_day_sum = h.rate_ml_per_day_sum + EXCLUDED.rate_ml_per_day_sum
 )
 SELECT msg_id FROM new
 """

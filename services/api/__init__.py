@@ -1,0 +1,1 @@
+"""``pumpwatch api``: the HTTP API for clinics, integrators and device teams (FastAPI)."""

@@ -1,0 +1,226 @@
+"""The FastAPI application: factory, lifespan (the connection pool), and the ASGI middleware that
+limits request bodies, counts requests per route template and writes the audit log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from services.alerts.engine import prepare_connection
+from services.api import problems, sql
+from services.api.auth import FailureLimiter, Principal
+from services.api.routes import (
+    alerts,
+    clinics,
+    fhir,
+    meta,
+    patients,
+    pumps,
+    refills,
+    webhooks,
+)
+from services.api.settings import ApiSettings
+from services.logs import get
+from services.storage.database import create_pool
+
+log = get(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Routes whose tags say they touch patient data: every request to them is audited.
+AUDITED_TAGS = frozenset(
+    {"patients", "pumps", "telemetry", "refills", "alerts", "dashboard", "worklist", "fhir"}
+)
+
+DESCRIPTION = """
+Telemetry, alerts and refill planning for implanted intrathecal drug pumps.
+
+**Auth**: `Authorization: Bearer <api key>`. Roles: `admin` (every clinic), `clinician` (one
+clinic: read, acknowledge and resolve alerts, record refills, webhooks), `integrator` (one clinic,
+read-only, webhooks), `fleet` (every pump, de-identified: no names, MRNs or birth dates). A
+resource of another clinic answers 404, as one that does not exist.
+
+**Errors** are RFC 9457 problem documents (`application/problem+json`) with field-level `errors`
+for validation failures. **Lists** are cursor-paginated: `?limit=` (1-500, default 50) and the
+`next_cursor` of the previous page as `?cursor=`. Quantities carry their unit in the field name;
+timestamps are RFC 3339 UTC.
+"""
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pumpwatch_api_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pumpwatch_api_request_seconds",
+            "HTTP request latency by route template and method",
+            ["route", "method"],
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=self.registry,
+        )
+        self.audit_rows = Counter(
+            "pumpwatch_api_audit_rows", "Audit log rows written", registry=self.registry
+        )
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.pool = await create_pool(
+            settings.require_database_url(),
+            application_name="pumpwatch-api",
+            min_size=1,
+            max_size=settings.api_pool_max_size,
+            init=prepare_connection,
+        )
+        try:
+            yield
+        finally:
+            await app.state.pool.close()
+
+    app = FastAPI(
+        title="pumpwatch",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=problems.PROBLEM_RESPONSES,
+    )
+    app.state.settings = settings
+    app.state.limiter = FailureLimiter(settings.api_auth_failures_per_minute)
+    app.state.metrics = Metrics()
+    app.add_exception_handler(problems.Problem, problems.on_problem)
+    app.add_exception_handler(RequestValidationError, problems.on_validation)
+    app.add_exception_handler(StarletteHTTPException, problems.on_http)
+    app.add_exception_handler(Exception, problems.on_error)
+    for module in (meta, clinics, patients, pumps, refills, alerts, webhooks, fhir):
+        app.include_router(module.router)
+    app.add_middleware(_Middleware)
+    return app
+
+
+class _Middleware:
+    """Body size limit, per-route metrics and the audit log, in one pure ASGI layer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        fastapi_app: FastAPI = scope["app"]
+        settings: ApiSettings = fastapi_app.state.settings
+        metrics: Metrics = fastapi_app.state.metrics
+        started = time.perf_counter()
+        limit = settings.api_max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _send_problem(send, problems.Problem(413, f"request body over {limit} bytes"))
+            _observe(metrics, scope, fastapi_app, 413, started)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise problems.Problem(413, f"request body over {limit} bytes")
+            return message
+
+        status = 500
+
+        async def watching_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                await _audit(scope, fastapi_app, status)
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watching_send)
+        finally:
+            _observe(metrics, scope, fastapi_app, status, started)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_problem(send: Send, problem: problems.Problem) -> None:
+    response = problems.response(problem)
+    await send(
+        {"type": "http.response.start", "status": problem.status, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def _route(scope: Scope, app: FastAPI) -> Any:
+    route = scope.get("route")
+    if route is None:
+        for candidate in app.router.routes:
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                return candidate
+    return route
+
+
+def _observe(metrics: Metrics, scope: Scope, app: FastAPI, status: int, started: float) -> None:
+    route = _route(scope, app)
+    template = getattr(route, "path", None) or "unmatched"
+    method = scope.get("method", "")
+    metrics.requests.labels(template, method, str(status)).inc()
+    metrics.latency.labels(template, method).observe(time.perf_counter() - started)
+
+
+async def _audit(scope: Scope, app: FastAPI, status: int) -> None:
+    route = scope.get("route")
+    tags = set(getattr(route, "tags", ()) or ())
+    if not tags & AUDITED_TAGS:
+        return
+    principal: Principal | None = scope.get("state", {}).get("principal")
+    if principal is None:
+        return  # not authenticated: nothing was read (the 401 is logged and rate-limited)
+    params: dict[str, Any] = scope.get("path_params", {})
+    resource_id = next((str(v) for v in params.values()), None)
+    outcome = "ok" if status < 400 else "denied" if status in (401, 403, 404) else "error"
+    action = f"{scope.get('method', '').lower()} {getattr(route, 'name', '')}"
+    client = scope.get("client")
+    async with app.state.pool.acquire() as conn:
+        await conn.execute(
+            sql.INSERT_AUDIT,
+            principal.key_id,
+            principal.role,
+            action,
+            sorted(tags & AUDITED_TAGS)[0],
+            resource_id,
+            principal.clinic_id,
+            outcome,
+            status,
+            client[0] if client else None,
+        )
+    app.state.metrics.audit_rows.inc()

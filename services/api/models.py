@@ -1,0 +1,370 @@
+"""Request and response bodies of the HTTP API (the OpenAPI document is generated from these)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any, Generic, Literal, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.domain.alerting import Rule
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(
+        description="Pass as `?cursor=` for the next page; null on the last page."
+    )
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- clinics and keys ----------------------------------------------------------------------------
+
+
+class ClinicAlertSettings(_In):
+    """The alert thresholds a clinic may set for itself (the rest are fleet-wide)."""
+
+    refill_due_low_days: float | None = Field(default=None, gt=0, examples=[21.0])
+    refill_due_medium_days: float | None = Field(default=None, gt=0, examples=[10.0])
+    refill_due_high_days: float | None = Field(default=None, gt=0, examples=[3.0])
+    silent_max_days: float | None = Field(default=None, gt=0, examples=[7.0])
+    disabled_rules: list[Rule] | None = Field(
+        default=None,
+        description="Rules switched off for the clinic (high-priority findings still alert).",
+        examples=[["dose_escalation"]],
+    )
+
+
+class ClinicIn(_In):
+    name: str = Field(min_length=1, max_length=200, examples=["Spinal Unit North"])
+    timezone: str = Field(
+        default="UTC", max_length=64, description="IANA zone", examples=["Europe/Berlin"]
+    )
+    alert_settings: ClinicAlertSettings | None = None
+
+
+class Clinic(BaseModel):
+    id: UUID
+    name: str
+    timezone: str
+    alert_settings: dict[str, Any]
+    created_at: datetime
+
+
+class KeyIn(_In):
+    role: Literal["clinician", "integrator", "admin", "fleet"] = Field(examples=["clinician"])
+    label: str = Field(default="", max_length=200, examples=["Dr. Weber's tablet"])
+
+
+class KeyCreated(BaseModel):
+    id: UUID
+    key: str = Field(description="The key itself: shown this once, stored only as a hash.")
+    role: str
+    clinic_id: UUID | None
+
+
+# --- patients and pumps --------------------------------------------------------------------------
+
+
+class PatientIn(_In):
+    clinic_id: UUID | None = Field(
+        default=None, description="Implied for clinic keys; required for admin keys."
+    )
+    mrn: str = Field(min_length=1, max_length=64, examples=["MRN-0042"])
+    display_name: str = Field(min_length=1, max_length=200, examples=["A. Example"])
+    birth_date: date | None = Field(default=None, examples=["1971-04-02"])
+    withdrawal_risk: Literal["standard", "high"] = "standard"
+    low_alarm_margin_ml: float | None = Field(default=None, ge=0, le=100, examples=[4.0])
+
+
+class Patient(BaseModel):
+    id: UUID
+    clinic_id: UUID
+    mrn: str
+    display_name: str
+    birth_date: date | None
+    withdrawal_risk: str
+    low_alarm_margin_ml: float | None
+    created_at: datetime
+
+
+class PumpIn(_In):
+    patient_id: UUID | None = Field(
+        description="The patient the pump is implanted in; null unassigns it."
+    )
+    model: str | None = Field(default=None, max_length=100, examples=["SynchroMed II 8637-40"])
+    implanted_on: date | None = None
+
+
+class AppointmentIn(_In):
+    scheduled_for: datetime | None = Field(
+        description="The booked refill visit (RFC 3339); null clears it.",
+        examples=["2026-12-02T09:30:00Z"],
+    )
+
+
+class Forecast(BaseModel):
+    volume_ml: float = Field(examples=[17.42])
+    low_alarm_ml: float = Field(examples=[2.0])
+    rate_ml_per_day: float = Field(examples=[0.25])
+    low_alarm_at: datetime | None
+    empty_at: datetime | None
+    days_to_low_alarm: float | None = Field(examples=[61.7])
+    basis: str | None = Field(examples=["calculated"])
+
+
+class Therapy(BaseModel):
+    drug_name: str = Field(examples=["baclofen"])
+    concentration_mcg_per_ml: float = Field(examples=[2000.0])
+    infusion_mode: str = Field(examples=["continuous"])
+    rate_ml_per_day: float = Field(examples=[0.25])
+    daily_dose_mcg: float | None = Field(examples=[500.0])
+    schedule: list[dict[str, Any]] | None = None
+
+
+class PumpState(BaseModel):
+    serial: str = Field(examples=["NGP204519H"])
+    model: str | None
+    patient_id: UUID | None = Field(description="Null for the fleet role and unassigned pumps.")
+    clinic_id: UUID | None
+    implanted_on: date | None
+    refill_appointment_at: datetime | None
+    last_seen_at: datetime | None
+    volume_ml: float | None
+    volume_now_ml: float | None = Field(description="Projected to now at the programmed rate.")
+    capacity_ml: float | None
+    low_alarm_ml: float | None
+    basis: str | None
+    therapy: Therapy | None
+    measured_flow_ml_per_day: float | None
+    battery_pct: float | None
+    battery_status: str | None
+    alarms: list[str]
+    forecast: Forecast | None
+
+
+class ReadingOut(BaseModel):
+    msg_id: UUID
+    recorded_at: datetime
+    received_at: datetime
+    volume_ml: float
+    capacity_ml: float
+    low_alarm_ml: float | None
+    basis: str | None
+    drug_name: str
+    concentration_mcg_per_ml: float
+    infusion_mode: str
+    rate_ml_per_day: float
+    daily_dose_mcg: float | None
+    measured_flow_ml_per_day: float | None
+    battery_pct: float | None
+    battery_status: str | None
+    alarms: list[str]
+    seq: int | None = None
+    source_kind: str | None = None
+    source_id: str | None = None
+
+
+class Bucket(BaseModel):
+    """One UTC hour of readings, averaged."""
+
+    hour: datetime
+    readings: int
+    volume_ml: float
+    volume_ml_min: float
+    volume_ml_max: float
+    last_volume_ml: float
+    measured_flow_ml_per_day: float | None
+    rate_ml_per_day: float
+
+
+# --- refills -------------------------------------------------------------------------------------
+
+
+class RefillBody(_In):
+    residual_ml: float = Field(ge=0, allow_inf_nan=False, examples=[3.1])
+    added_ml: float = Field(gt=0, allow_inf_nan=False, examples=[20.0])
+    drug: str = Field(min_length=1, max_length=100, examples=["baclofen"])
+    concentration_mcg_per_ml: float = Field(gt=0, allow_inf_nan=False, examples=[2000.0])
+    expected_residual_ml: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class RefillIn(_In):
+    """The MQTT `refill` event's body, with the same optional common fields."""
+
+    refill: RefillBody
+    recorded_at: datetime | None = Field(
+        default=None, description="When the refill happened (RFC 3339 with offset); default now."
+    )
+    msg_id: UUID | None = Field(
+        default=None,
+        description="Idempotency key: a refill re-sent with the same id is recorded once.",
+    )
+    v: Literal[1] | None = None
+    serial: str | None = Field(default=None, description="If given, must equal the path's.")
+    type: Literal["refill"] | None = None
+
+
+class DiscrepancyOut(BaseModel):
+    expected_residual_ml: float
+    actual_residual_ml: float
+    delta_ml: float
+    relative: float | None
+    classification: Literal["none", "over_delivery", "under_delivery"]
+    expected_from: str = Field(description="`pump`, `computed` or `last_reading`.")
+
+
+class RefillOut(BaseModel):
+    msg_id: UUID | None = None
+    serial: str
+    recorded_at: datetime
+    residual_ml: float
+    added_ml: float
+    drug: str
+    concentration_mcg_per_ml: float
+    discrepancy: DiscrepancyOut | None = Field(
+        description="Null when nothing says what was expected (a first refill, no readings)."
+    )
+
+
+# --- alerts --------------------------------------------------------------------------------------
+
+
+class AlertOut(BaseModel):
+    id: UUID
+    serial: str
+    patient_id: UUID | None
+    clinic_id: UUID | None
+    rule: str = Field(examples=["refill_due"])
+    priority: Literal["low", "medium", "high"]
+    status: Literal["open", "acknowledged", "resolved"]
+    title: str = Field(examples=["Refill due in 6 days"])
+    detail: str
+    facts: dict[str, Any]
+    opened_at: datetime
+    updated_at: datetime
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    resolution: str | None
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    from_status: str | None
+    to_status: str
+    from_priority: str | None
+    to_priority: str
+    reason: str
+
+
+class AlertDetail(AlertOut):
+    history: list[HistoryEntry]
+    notifications: list[dict[str, Any]] = Field(
+        description="Deliveries of this alert's changes: channel, target, status, attempts."
+    )
+
+
+class NoteIn(_In):
+    note: str | None = Field(default=None, max_length=2000)
+
+
+# --- worklist and dashboard ----------------------------------------------------------------------
+
+
+class WorklistItem(BaseModel):
+    serial: str
+    patient: Patient | None
+    model: str | None
+    volume_now_ml: float | None
+    low_alarm_at: datetime | None
+    days_left: float | None = Field(description="Days to the low-alarm volume.")
+    drug_name: str | None
+    concentration_mcg_per_ml: float | None
+    rate_ml_per_day: float | None
+    last_refill_at: datetime | None
+    refill_appointment_at: datetime | None
+    open_alerts: list[AlertOut]
+
+
+class SeriesPoint(BaseModel):
+    at: datetime
+    volume_ml: float
+
+
+class Series(BaseModel):
+    actual: list[SeriesPoint] = Field(description="Hourly averages of the last 30 days.")
+    projected: list[SeriesPoint] = Field(
+        description="From the latest reading forward at the programmed rate, daily, 30 days."
+    )
+
+
+class Dashboard(BaseModel):
+    patient: Patient
+    pump: PumpState | None
+    latest_reading: ReadingOut | None
+    open_alerts: list[AlertOut]
+    last_refill: RefillOut | None
+    series: Series
+
+
+# --- webhooks and quarantine ---------------------------------------------------------------------
+
+WEBHOOK_EVENTS = (
+    "alert.opened",
+    "alert.escalated",
+    "alert.eased",
+    "alert.acknowledged",
+    "alert.resolved",
+    "refill.recorded",
+)
+
+
+class WebhookIn(_In):
+    url: str = Field(max_length=2000, examples=["https://ehr.example.org/hooks/pumpwatch"])
+    events: list[
+        Literal[
+            "alert.opened",
+            "alert.escalated",
+            "alert.eased",
+            "alert.acknowledged",
+            "alert.resolved",
+            "refill.recorded",
+        ]
+    ] = Field(min_length=1, examples=[["alert.opened", "alert.escalated"]])
+    clinic_id: UUID | None = Field(default=None, description="Admin keys only.")
+
+
+class WebhookOut(BaseModel):
+    id: UUID
+    clinic_id: UUID
+    url: str
+    events: list[str]
+    created_at: datetime
+    disabled_at: datetime | None
+    disabled_reason: str | None
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="Signing secret (Standard Webhooks `whsec_…`): shown once.")
+
+
+class QuarantineItem(BaseModel):
+    id: int
+    topic: str
+    reason: str
+    detail: str
+    payload_bytes: int
+    first_received_at: datetime
+    last_received_at: datetime
+    occurrences: int
+    excerpt: str = Field(description="The first 2 KiB of the payload, undecodable bytes replaced.")

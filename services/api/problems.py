@@ -1,0 +1,131 @@
+"""RFC 9457 problem documents for every error the API returns."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.logs import get
+
+log = get(__name__)
+
+MEDIA_TYPE = "application/problem+json"
+_TYPE_BASE = "https://pumpwatch.dev/problems/"
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Where the problem is: `body.url`, `query.limit`, …")
+    message: str
+
+
+class ProblemDocument(BaseModel):
+    """An RFC 9457 problem document."""
+
+    type: str = Field(examples=["https://pumpwatch.dev/problems/validation"])
+    title: str = Field(examples=["Request validation failed"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["body.limit: Input should be less than or equal to 500"])
+    errors: list[FieldError] | None = None
+
+
+class Problem(Exception):
+    """Raise to answer with a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        kind: str | None = None,
+        title: str | None = None,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.kind = kind or _slug(status)
+        self.title = title or HTTPStatus(status).phrase
+        self.errors = errors
+        self.headers = headers
+
+
+def _slug(status: int) -> str:
+    return HTTPStatus(status).phrase.lower().replace(" ", "-").replace("'", "")
+
+
+def not_found(what: str) -> Problem:
+    return Problem(404, f"{what} not found", kind="not-found")
+
+
+def response(problem: Problem) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": _TYPE_BASE + problem.kind,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+    }
+    if problem.errors is not None:
+        body["errors"] = [e.model_dump() for e in problem.errors]
+    return JSONResponse(
+        body, status_code=problem.status, media_type=MEDIA_TYPE, headers=problem.headers
+    )
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "request"
+
+
+async def on_problem(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    return response(exc)
+
+
+async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        FieldError(field=_location(tuple(e.get("loc", ()))), message=str(e.get("msg", "invalid")))
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
+    return response(
+        Problem(422, detail, kind="validation", title="Request validation failed", errors=errors)
+    )
+
+
+async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    if exc.status_code == 404:
+        detail = "no such resource"
+    return response(Problem(exc.status_code, detail, headers=dict(exc.headers or {})))
+
+
+async def on_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("api_unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
+    return response(Problem(500, "the server failed to answer; the error is logged"))
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {
+        "model": ProblemDocument,
+        "description": description,
+        "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDocument"}}},
+    }
+    for status, description in {
+        400: "Malformed request (a bad cursor, say)",
+        401: "No key, or an unknown or revoked one",
+        403: "The key's role may not do this",
+        404: "No such resource, or one of another clinic",
+        409: "Conflicts with the current state",
+        413: "Request body too large",
+        422: "Request validation failed (field-level `errors`)",
+        429: "Too many failed authentications from this source",
+    }.items()
+}

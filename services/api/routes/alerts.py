@@ -1,0 +1,148 @@
+"""Alerts: lists, one alert with its history and notifications, acknowledge, resolve."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import asyncpg
+from fastapi import APIRouter, Query
+
+from services.api import models, sql, views
+from services.api.auth import Principal, require
+from services.api.common import (
+    Auth,
+    Cursor,
+    Db,
+    Limit,
+    cursor_uuid,
+    decode_cursor,
+    encode_cursor,
+    scope_of,
+    visible,
+)
+from services.api.problems import Problem, not_found
+from services.api.routes.pumps import _cursor_time
+from services.storage.database import Connection
+
+router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
+
+
+@router.get("", summary="Alerts, newest first (the fleet role sees them de-identified)")
+async def list_alerts(
+    principal: Auth,
+    db: Db,
+    status: Annotated[Literal["open", "acknowledged", "resolved"] | None, Query()] = None,
+    priority: Annotated[Literal["high", "medium", "low"] | None, Query()] = None,
+    serial: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9-]{4,32}$")] = None,
+    patient_id: Annotated[UUID | None, Query()] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> models.Page[models.AlertOut]:
+    if principal.role == "fleet" and patient_id is not None:
+        raise Problem(403, "the fleet role cannot filter by patient", kind="forbidden")
+    after = decode_cursor(cursor, 2)
+    rows = await db.fetch(
+        sql.LIST_ALERTS,
+        scope_of(principal),
+        status,
+        priority,
+        serial,
+        patient_id,
+        None if after is None else _cursor_time(after[0]),
+        None if after is None else cursor_uuid(after[1]),
+        limit + 1,
+    )
+    items = [views.alert_out(r, principal) for r in rows[:limit]]
+    more = len(rows) > limit
+    return models.Page(
+        items=items,
+        next_cursor=encode_cursor(items[-1].opened_at.isoformat(), items[-1].id) if more else None,
+    )
+
+
+async def _alert(db: Connection, principal: Principal, alert_id: UUID) -> asyncpg.Record:
+    row = await db.fetchrow(sql.ALERT, alert_id)
+    if row is None:
+        raise not_found("alert")
+    visible(principal, row["clinic_id"], "alert")
+    return row
+
+
+async def _notifications(db: Connection, alert_id: UUID) -> list[dict[str, Any]]:
+    if not await db.fetchval(sql.HAS_DELIVERIES):
+        return []
+    return [dict(r) for r in await db.fetch(sql.ALERT_DELIVERIES, alert_id)]
+
+
+async def _detail(db: Connection, principal: Principal, row: asyncpg.Record) -> models.AlertDetail:
+    history = [models.HistoryEntry(**dict(h)) for h in await db.fetch(sql.ALERT_HISTORY, row["id"])]
+    return models.AlertDetail(
+        **views.alert_out(row, principal).model_dump(),
+        history=history,
+        notifications=await _notifications(db, row["id"]),
+    )
+
+
+@router.get("/{alert_id}", summary="An alert with its history of state changes and notifications")
+async def get_alert(alert_id: UUID, principal: Auth, db: Db) -> models.AlertDetail:
+    if principal.role == "fleet":
+        raise not_found("alert")
+    return await _detail(db, principal, await _alert(db, principal, alert_id))
+
+
+async def _change(
+    db: Connection,
+    principal: Principal,
+    alert_id: UUID,
+    action: Literal["acknowledged", "resolved"],
+    note: str | None,
+) -> models.AlertDetail:
+    require(principal, "clinician", "admin")
+    before = await _alert(db, principal, alert_id)
+    async with db.transaction():
+        if action == "acknowledged":
+            if before["status"] == "acknowledged":
+                return await _detail(db, principal, before)  # idempotent
+            if before["status"] == "resolved":
+                raise Problem(409, "the alert is resolved; nothing to acknowledge", kind="conflict")
+            row = await db.fetchrow(sql.ACKNOWLEDGE, alert_id, principal.actor)
+        else:
+            if before["status"] == "resolved":
+                raise Problem(409, "the alert is already resolved", kind="conflict")
+            row = await db.fetchrow(sql.RESOLVE, alert_id, principal.actor, note)
+        if row is None:  # changed under us (the engine, another clinician)
+            raise Problem(409, "the alert changed meanwhile; read it again", kind="conflict")
+        reason = note or f"{action} by {principal.actor}"
+        await db.execute(
+            sql.INSERT_HISTORY,
+            alert_id,
+            principal.actor,
+            action,
+            before["status"],
+            row["status"],
+            row["priority"],
+            reason,
+        )
+        payload = views.alert_out(row, principal).model_dump(mode="json") | {
+            "actor": principal.actor,
+            "note": note,
+        }
+        await db.execute(sql.INSERT_OUTBOX, f"alert.{action}", alert_id, row["clinic_id"], payload)
+    return await _detail(db, principal, row)
+
+
+@router.post("/{alert_id}/acknowledge", summary="Acknowledge (clinician); idempotent")
+async def acknowledge(
+    alert_id: UUID, principal: Auth, db: Db, body: models.NoteIn | None = None
+) -> models.AlertDetail:
+    return await _change(
+        db, principal, alert_id, "acknowledged", None if body is None else body.note
+    )
+
+
+@router.post("/{alert_id}/resolve", summary="Resolve (clinician), with an optional note")
+async def resolve(
+    alert_id: UUID, principal: Auth, db: Db, body: models.NoteIn | None = None
+) -> models.AlertDetail:
+    return await _change(db, principal, alert_id, "resolved", None if body is None else body.note)

@@ -1,0 +1,120 @@
+"""Clinics, their API keys and their alert settings."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from fastapi import APIRouter, status
+
+from services.api import keys, models, sql
+from services.api.auth import require
+from services.api.common import Auth, Db, visible
+from services.api.problems import FieldError, Problem, not_found
+from services.domain.alerting import RuleSettings
+
+router = APIRouter(prefix="/v1/clinics", tags=["clinics"])
+
+
+def _zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise Problem(
+            422,
+            f"timezone {name!r} is not an IANA zone",
+            kind="validation",
+            errors=[FieldError(field="body.timezone", message="not an IANA time zone")],
+        ) from exc
+    return name
+
+
+def _alert_settings(given: models.ClinicAlertSettings | None) -> dict[str, Any]:
+    overrides = {} if given is None else given.model_dump(mode="json", exclude_none=True)
+    try:
+        RuleSettings().for_clinic(overrides)  # the engine must accept them
+    except ValueError as exc:
+        raise Problem(
+            422,
+            f"alert settings refused: {exc}",
+            kind="validation",
+            errors=[FieldError(field="body.alert_settings", message=str(exc)[:300])],
+        ) from exc
+    return overrides
+
+
+def _clinic(row: Any) -> models.Clinic:
+    return models.Clinic(**{k: row[k] for k in models.Clinic.model_fields})
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, summary="Create a clinic (admin)")
+async def create_clinic(body: models.ClinicIn, principal: Auth, db: Db) -> models.Clinic:
+    require(principal, "admin")
+    row = await db.fetchrow(
+        sql.INSERT_CLINIC, body.name, _zone(body.timezone), _alert_settings(body.alert_settings)
+    )
+    return _clinic(row)
+
+
+@router.get("/{clinic_id}", summary="A clinic (admin, or a key of that clinic)")
+async def get_clinic(clinic_id: UUID, principal: Auth, db: Db) -> models.Clinic:
+    if principal.role == "fleet":
+        raise not_found("clinic")
+    visible(principal, clinic_id, "clinic")
+    row = await db.fetchrow(sql.CLINIC, clinic_id)
+    if row is None:
+        raise not_found("clinic")
+    return _clinic(row)
+
+
+@router.post(
+    "/{clinic_id}/keys",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create an API key for the clinic (admin); the key is shown once",
+)
+async def create_key(
+    clinic_id: UUID, body: models.KeyIn, principal: Auth, db: Db
+) -> models.KeyCreated:
+    require(principal, "admin")
+    if not await db.fetchval(sql.CLINIC_EXISTS, clinic_id):
+        raise not_found("clinic")
+    scoped = body.role in keys.CLINIC_ROLES
+    key_id, key = await keys.create(
+        db,
+        role=body.role,
+        clinic_id=clinic_id if scoped else None,
+        label=body.label,
+        created_by=principal.actor,
+    )
+    return models.KeyCreated(
+        id=key_id, key=key, role=body.role, clinic_id=clinic_id if scoped else None
+    )
+
+
+@router.get("/{clinic_id}/alert-settings", summary="The clinic's alert thresholds")
+async def get_alert_settings(
+    clinic_id: UUID, principal: Auth, db: Db
+) -> models.ClinicAlertSettings:
+    if principal.role == "fleet":
+        raise not_found("clinic")
+    visible(principal, clinic_id, "clinic")
+    row = await db.fetchrow(sql.CLINIC, clinic_id)
+    if row is None:
+        raise not_found("clinic")
+    return models.ClinicAlertSettings(**row["alert_settings"])
+
+
+@router.put(
+    "/{clinic_id}/alert-settings",
+    summary="Set the clinic's alert thresholds (admin, clinician); omitted ones use the defaults",
+)
+async def put_alert_settings(
+    clinic_id: UUID, body: models.ClinicAlertSettings, principal: Auth, db: Db
+) -> models.ClinicAlertSettings:
+    require(principal, "admin", "clinician")
+    visible(principal, clinic_id, "clinic")
+    row = await db.fetchrow(sql.UPDATE_ALERT_SETTINGS, clinic_id, _alert_settings(body))
+    if row is None:
+        raise not_found("clinic")
+    return models.ClinicAlertSettings(**row["alert_settings"])

@@ -1,0 +1,143 @@
+"""Patients and the patient dashboard."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Query, status
+
+from services.api import models, sql, views
+from services.api.auth import require
+from services.api.common import (
+    Auth,
+    Cursor,
+    Db,
+    Limit,
+    clinic_for_write,
+    cursor_uuid,
+    decode_cursor,
+    encode_cursor,
+    scope_of,
+    visible,
+)
+from services.api.problems import Problem, not_found
+from services.api.routes.pumps import reading_out
+from services.domain import rules
+from services.domain.alerting import RuleSettings
+
+router = APIRouter(prefix="/v1/patients", tags=["patients"])
+
+SERIES_DAYS = 30
+
+
+def _no_fleet(role: str) -> None:
+    if role == "fleet":
+        raise Problem(403, "the fleet role sees no patients", kind="forbidden")
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, summary="Register a patient")
+async def create_patient(body: models.PatientIn, principal: Auth, db: Db) -> models.Patient:
+    require(principal, "admin", "clinician")
+    clinic_id = clinic_for_write(principal, body.clinic_id)
+    if not await db.fetchval(sql.CLINIC_EXISTS, clinic_id):
+        raise not_found("clinic")
+    row = await db.fetchrow(
+        sql.INSERT_PATIENT,
+        clinic_id,
+        body.mrn,
+        body.display_name,
+        body.birth_date,
+        body.withdrawal_risk,
+        body.low_alarm_margin_ml,
+    )
+    if row is None:
+        raise Problem(
+            409, f"the clinic already has a patient with MRN {body.mrn!r}", kind="conflict"
+        )
+    return views.patient_out(row)
+
+
+@router.get("", summary="The clinic's patients, by name; `q` searches name and MRN")
+async def list_patients(
+    principal: Auth,
+    db: Db,
+    q: Annotated[str | None, Query(max_length=200, examples=["MRN-0042"])] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> models.Page[models.Patient]:
+    _no_fleet(principal.role)
+    after = decode_cursor(cursor, 2)
+    rows = await db.fetch(
+        sql.LIST_PATIENTS,
+        scope_of(principal),
+        q,
+        None if after is None else after[0],
+        None if after is None else cursor_uuid(after[1]),
+        limit + 1,
+    )
+    items = [views.patient_out(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return models.Page(
+        items=items,
+        next_cursor=encode_cursor(items[-1].display_name, items[-1].id) if more else None,
+    )
+
+
+async def _patient(db: Db, principal: Auth, patient_id: UUID) -> models.Patient:
+    _no_fleet(principal.role)
+    row = await db.fetchrow(sql.PATIENT, patient_id)
+    if row is None:
+        raise not_found("patient")
+    visible(principal, row["clinic_id"], "patient")
+    return views.patient_out(row)
+
+
+@router.get("/{patient_id}", summary="A patient")
+async def get_patient(patient_id: UUID, principal: Auth, db: Db) -> models.Patient:
+    return await _patient(db, principal, patient_id)
+
+
+@router.get(
+    "/{patient_id}/dashboard",
+    tags=["dashboard"],
+    summary="Everything the clinician's page shows for the patient",
+)
+async def dashboard(patient_id: UUID, principal: Auth, db: Db) -> models.Dashboard:
+    patient = await _patient(db, principal, patient_id)
+    serial = await db.fetchval(sql.PATIENT_PUMP, patient_id)
+    empty = models.Series(actual=[], projected=[])
+    if serial is None:
+        return models.Dashboard(
+            patient=patient,
+            pump=None,
+            latest_reading=None,
+            open_alerts=[],
+            last_refill=None,
+            series=empty,
+        )
+    now = datetime.now(UTC)
+    row = await db.fetchrow(sql.PUMP, serial)
+    if row is None:
+        raise not_found("pump")
+    snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)
+    alerts = await db.fetch(sql.OPEN_ALERTS_OF, [serial])
+    last_refill = None
+    if snapshot is not None and snapshot.refills:
+        settings = snapshot.settings or RuleSettings()
+        last_refill = views.refill_out(serial, rules.reconciliations(snapshot)[-1], settings)
+    actual = [
+        models.SeriesPoint(at=r["hour"], volume_ml=round(r["volume_ml"], 3))
+        for r in await db.fetch(sql.SERIES, serial, now - timedelta(days=SERIES_DAYS), now)
+    ]
+    return models.Dashboard(
+        patient=patient,
+        pump=views.pump_state(row, snapshot, principal),
+        latest_reading=reading_out(row) if row["recorded_at"] is not None else None,
+        open_alerts=[views.alert_out(a, principal) for a in alerts],
+        last_refill=last_refill,
+        series=models.Series(
+            actual=actual, projected=[] if snapshot is None else views.projected(snapshot)
+        ),
+    )

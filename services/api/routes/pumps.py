@@ -1,0 +1,295 @@
+"""Pumps: registration, latest state with forecast, telemetry, the booked refill visit, and the
+refill worklist."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Path, Query, Response
+
+from services.api import models, sql, views
+from services.api.auth import Principal, require
+from services.api.common import (
+    Auth,
+    Cursor,
+    Db,
+    Limit,
+    cursor_uuid,
+    decode_cursor,
+    encode_cursor,
+    scope_of,
+    visible,
+)
+from services.api.problems import FieldError, Problem, not_found
+from services.domain import rules
+from services.storage.database import Connection
+
+router = APIRouter(tags=["pumps"])
+
+Serial = Annotated[
+    str,
+    Path(
+        pattern=r"^[A-Za-z0-9-]{4,32}$",
+        description="The pump's serial number",
+        examples=["NGP204519H"],
+    ),
+]
+
+
+async def pump_clinic(db: Connection, principal: Principal, serial: str) -> Any:
+    """The pump's clinic (None: unassigned), 404 if the principal may not see it."""
+    row = await db.fetchrow(sql.PUMP_CLINIC, serial)
+    if row is None:
+        raise not_found("pump")
+    visible(principal, row["clinic_id"], "pump")
+    return row["clinic_id"]
+
+
+def reading_out(row: asyncpg.Record) -> models.ReadingOut:
+    return models.ReadingOut(
+        msg_id=row["msg_id"],
+        recorded_at=row["recorded_at"],
+        received_at=row["received_at"],
+        volume_ml=row["volume_ml"],
+        capacity_ml=row["capacity_ml"],
+        low_alarm_ml=row["low_alarm_ml"],
+        basis=row["basis"],
+        drug_name=row["drug_name"],
+        concentration_mcg_per_ml=row["concentration_mcg_per_ml"],
+        infusion_mode=row["infusion_mode"],
+        rate_ml_per_day=row["rate_ml_per_day"],
+        daily_dose_mcg=row["daily_dose_mcg"],
+        measured_flow_ml_per_day=row["measured_flow_ml_per_day"],
+        battery_pct=row["battery_pct"],
+        battery_status=row["battery_status"],
+        alarms=list(row["alarms"] or ()),
+        seq=row.get("seq"),
+        source_kind=row.get("source_kind"),
+        source_id=row.get("source_id"),
+    )
+
+
+@router.put(
+    "/v1/pumps/{serial}",
+    summary="Register a pump or move it to a patient (admin, clinician)",
+    responses={201: {"description": "Registered"}, 200: {"description": "Updated"}},
+)
+async def put_pump(
+    serial: Serial, body: models.PumpIn, principal: Auth, db: Db, response: Response
+) -> models.PumpState:
+    require(principal, "admin", "clinician")
+    existing = await db.fetchrow(sql.PUMP_CLINIC, serial)
+    # A clinician may claim an unassigned pump or move one of its own clinic's.
+    if existing is not None and existing["clinic_id"] is not None:
+        visible(principal, existing["clinic_id"], "pump")
+    if body.patient_id is not None:
+        patient = await db.fetchrow(sql.PATIENT, body.patient_id)
+        if patient is None or not principal.sees(patient["clinic_id"]):
+            raise Problem(
+                422,
+                "no such patient",
+                kind="validation",
+                errors=[FieldError(field="body.patient_id", message="no such patient")],
+            )
+    elif principal.role != "admin":
+        raise Problem(
+            422,
+            "only an admin may unassign a pump",
+            kind="validation",
+            errors=[FieldError(field="body.patient_id", message="required for clinicians")],
+        )
+    async with db.transaction():
+        created = await db.fetchval(
+            sql.UPSERT_PUMP, serial, body.model, body.patient_id, body.implanted_on
+        )
+        await db.execute(sql.NOTIFY, json.dumps({"serials": [serial]}))
+    response.status_code = 201 if created else 200
+    return await _state(db, principal, serial)
+
+
+async def _state(db: Connection, principal: Principal, serial: str) -> models.PumpState:
+    row = await db.fetchrow(sql.PUMP, serial)
+    if row is None:
+        raise not_found("pump")
+    snapshot = (await views.snapshots(db, [serial])).get(serial)
+    return views.pump_state(row, snapshot, principal)
+
+
+@router.get("/v1/pumps/{serial}", summary="Latest state: reservoir, therapy, battery, forecast")
+async def get_pump(serial: Serial, principal: Auth, db: Db) -> models.PumpState:
+    await pump_clinic(db, principal, serial)
+    return await _state(db, principal, serial)
+
+
+@router.get(
+    "/v1/pumps/{serial}/telemetry",
+    tags=["telemetry"],
+    summary="Readings, newest first; `bucket=1h` returns hourly averages",
+    response_model=models.Page[models.ReadingOut] | models.Page[models.Bucket],
+)
+async def telemetry(
+    serial: Serial,
+    principal: Auth,
+    db: Db,
+    since: Annotated[datetime | None, Query(description="From (inclusive), RFC 3339")] = None,
+    until: Annotated[datetime | None, Query(description="To (exclusive), RFC 3339")] = None,
+    bucket: Annotated[Literal["1h"] | None, Query(description="`1h`: hourly averages")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> models.Page[models.ReadingOut] | models.Page[models.Bucket]:
+    await pump_clinic(db, principal, serial)
+    low = _utc(since, "since") if since else datetime(1970, 1, 1, tzinfo=UTC)
+    high = _utc(until, "until") if until else datetime.now(UTC) + timedelta(days=1)
+    if high <= low:
+        raise Problem(
+            422,
+            "until must be after since",
+            kind="validation",
+            errors=[FieldError(field="query.until", message="must be after since")],
+        )
+    if bucket == "1h":
+        after = decode_cursor(cursor, 1)
+        before = None if after is None else _cursor_time(after[0])
+        rows = await db.fetch(sql.HOURLY, serial, low, high, before, limit + 1)
+        buckets = [models.Bucket(**dict(r)) for r in rows[:limit]]
+        more = len(rows) > limit
+        return models.Page(
+            items=buckets, next_cursor=encode_cursor(buckets[-1].hour) if more else None
+        )
+    after = decode_cursor(cursor, 2)
+    rows = await db.fetch(
+        sql.READINGS,
+        serial,
+        low,
+        high,
+        None if after is None else _cursor_time(after[0]),
+        None if after is None else cursor_uuid(after[1]),
+        limit + 1,
+    )
+    readings = [reading_out(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return models.Page(
+        items=readings,
+        next_cursor=encode_cursor(readings[-1].recorded_at, readings[-1].msg_id) if more else None,
+    )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _utc(value: datetime, field: str) -> datetime:
+    if value.tzinfo is None:
+        raise Problem(
+            422,
+            f"{field} needs a UTC offset",
+            kind="validation",
+            errors=[FieldError(field=f"query.{field}", message="RFC 3339 with an offset")],
+        )
+    return value.astimezone(UTC)
+
+
+def _cursor_time(value: str | None) -> datetime:
+    try:
+        found = datetime.fromisoformat(value or "")
+    except ValueError as exc:
+        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor") from exc
+    if found.tzinfo is None:
+        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor")
+    return found
+
+
+@router.put(
+    "/v1/pumps/{serial}/refill-appointment",
+    summary="Book (or clear, with null) the refill visit (admin, clinician)",
+)
+async def put_appointment(
+    serial: Serial, body: models.AppointmentIn, principal: Auth, db: Db
+) -> models.PumpState:
+    require(principal, "admin", "clinician")
+    await pump_clinic(db, principal, serial)
+    at = None if body.scheduled_for is None else _body_utc(body.scheduled_for)
+    async with db.transaction():
+        await db.execute(sql.SET_APPOINTMENT, serial, at)
+        await db.execute(sql.NOTIFY, json.dumps({"serials": [serial]}))
+    return await _state(db, principal, serial)
+
+
+def _body_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise Problem(
+            422,
+            "scheduled_for needs a UTC offset",
+            kind="validation",
+            errors=[FieldError(field="body.scheduled_for", message="RFC 3339 with an offset")],
+        )
+    return value.astimezone(UTC)
+
+
+@router.get(
+    "/v1/refills/due",
+    tags=["worklist"],
+    summary="The refill worklist: pumps by the date their reservoir reaches its low alarm",
+)
+async def refills_due(
+    principal: Auth,
+    db: Db,
+    within_days: Annotated[float, Query(gt=0, le=3650, description="Horizon in days")] = 30,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> models.Page[models.WorklistItem]:
+    now = datetime.now(UTC)
+    serials = [r["serial"] for r in await db.fetch(sql.SCOPE_PUMPS, scope_of(principal))]
+    found = await views.snapshots(db, serials, now=now)
+    horizon = now + timedelta(days=within_days)
+    due = []
+    for serial, snapshot in found.items():
+        forecast = views.forecast(snapshot)
+        if forecast is None or forecast.low_alarm_at is None or forecast.low_alarm_at > horizon:
+            continue
+        due.append((forecast.low_alarm_at, serial, snapshot, forecast))
+    due.sort(key=lambda d: (d[0], d[1]))
+    after = decode_cursor(cursor, 2)
+    if after is not None:
+        mark = (_cursor_time(after[0]), after[1] or "")
+        due = [d for d in due if (d[0], d[1]) > mark]
+    page = due[:limit]
+    pumps = {r["serial"]: r for r in await db.fetch(sql.PUMPS_OF, [d[1] for d in page])}
+    patient_ids = [p["patient_id"] for p in pumps.values() if p["patient_id"] is not None]
+    patients = {r["id"]: r for r in await db.fetch(sql.PATIENTS_BY_ID, patient_ids)}
+    alerts: dict[str, list[models.AlertOut]] = {}
+    for a in await db.fetch(sql.OPEN_ALERTS_OF, [d[1] for d in page]):
+        alerts.setdefault(a["serial"], []).append(views.alert_out(a, principal))
+    items = []
+    for low_at, serial, snapshot, forecast in page:
+        pump = pumps[serial]
+        patient = patients.get(pump["patient_id"])
+        latest = snapshot.latest
+        items.append(
+            models.WorklistItem(
+                serial=serial,
+                patient=views.patient_out(patient)
+                if patient is not None and principal.identified
+                else None,
+                model=pump["model"],
+                volume_now_ml=_rounded(rules.volume_now_ml(snapshot)),
+                low_alarm_at=low_at,
+                days_left=forecast.days_to_low_alarm,
+                drug_name=None if latest is None else latest.drug_name,
+                concentration_mcg_per_ml=None
+                if latest is None
+                else latest.therapy.concentration_mcg_per_ml,
+                rate_ml_per_day=None if latest is None else latest.therapy.rate_ml_per_day,
+                last_refill_at=snapshot.refills[-1].recorded_at if snapshot.refills else None,
+                refill_appointment_at=snapshot.refill_appointment_at,
+                open_alerts=alerts.get(serial, []),
+            )
+        )
+    more = len(due) > limit
+    return models.Page(
+        items=items,
+        next_cursor=encode_cursor(page[-1][0], page[-1][1]) if more else None,
+    )

@@ -1,0 +1,166 @@
+"""Refills recorded over HTTP (the MQTT ``refill`` event's path: the contract's checks, the dedup
+ledger, the events table, a NOTIFY for the alert engine) and the refill history."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Response, status
+
+from services.api import models, sql, views
+from services.api.auth import require
+from services.api.common import Auth, Cursor, Db, Limit, decode_cursor, encode_cursor
+from services.api.problems import FieldError, Problem, not_found
+from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
+from services.domain import contract, rules
+from services.domain.alerting import RuleSettings
+
+router = APIRouter(tags=["refills"])
+
+_MAX_FUTURE = timedelta(minutes=5)
+_OLDEST = datetime(2000, 1, 1, tzinfo=UTC)
+_SOURCE_KIND = "http_api"
+
+
+def _document(serial: str, body: models.RefillIn, msg_id: uuid.UUID, at: datetime) -> bytes:
+    refill = body.refill.model_dump(exclude_none=True)
+    doc = {
+        "v": 1,
+        "msg_id": str(msg_id),
+        "serial": serial,
+        "recorded_at": at.isoformat(),
+        "type": "refill",
+        "refill": refill,
+    }
+    return json.dumps(doc, allow_nan=False).encode()
+
+
+def _contract_refused(exc: contract.Rejected) -> Problem:
+    return Problem(
+        422,
+        f"the refill breaks the event contract ({exc.reason}): {exc.detail}",
+        kind="validation",
+        errors=[FieldError(field="body", message=f"{exc.reason}: {exc.detail}")],
+    )
+
+
+@router.post(
+    "/v1/pumps/{serial}/refills",
+    status_code=status.HTTP_201_CREATED,
+    summary="Record a refill (admin, clinician); returns the computed discrepancy",
+    responses={200: {"description": "Already recorded (same `msg_id`): the stored refill"}},
+)
+async def record_refill(
+    serial: Serial,
+    body: models.RefillIn,
+    principal: Auth,
+    db: Db,
+    response: Response,
+) -> models.RefillOut:
+    require(principal, "admin", "clinician")
+    clinic_id = await pump_clinic(db, principal, serial)
+    if body.serial is not None and body.serial != serial:
+        raise Problem(
+            422,
+            f"serial {body.serial!r} does not match the path's {serial!r}",
+            kind="validation",
+            errors=[FieldError(field="body.serial", message="must equal the path's serial")],
+        )
+    now = datetime.now(UTC)
+    at = body.recorded_at or now
+    if at.tzinfo is None:
+        raise Problem(
+            422,
+            "recorded_at needs a UTC offset",
+            kind="validation",
+            errors=[FieldError(field="body.recorded_at", message="RFC 3339 with an offset")],
+        )
+    msg_id = body.msg_id or uuid.uuid4()
+    raw = _document(serial, body, msg_id, at)
+    try:
+        message = contract.decode("events", raw)
+        contract.check(
+            message, topic_serial=serial, now=now, max_future=_MAX_FUTURE, oldest=_OLDEST
+        )
+    except contract.Rejected as exc:
+        raise _contract_refused(exc) from exc
+    assert isinstance(message, contract.RefillEvent)
+    refill_body: dict[str, Any] = msgspec.to_builtins(message.refill)
+    async with db.transaction():
+        stored = await db.fetchval(
+            sql.STORE_EVENT,
+            msg_id,
+            serial,
+            "refill",
+            message.recorded_at,
+            _SOURCE_KIND,
+            principal.actor,
+            refill_body,
+            raw.decode(),
+        )
+        if stored is None:
+            existing = await db.fetchrow(sql.EVENT, msg_id)
+            if existing is None or existing["serial"] != serial or existing["type"] != "refill":
+                raise Problem(
+                    409, f"msg_id {msg_id} is already used by another message", kind="conflict"
+                )
+            response.status_code = status.HTTP_200_OK
+        else:
+            await db.execute(sql.NOTIFY, json.dumps({"serials": [serial]}))
+    result = await _reconciled(db, serial, message.recorded_at)
+    result.msg_id = msg_id
+    if stored is not None:
+        await db.execute(
+            sql.INSERT_OUTBOX,
+            "refill.recorded",
+            None,
+            clinic_id,
+            result.model_dump(mode="json") | {"recorded_by": principal.actor},
+        )
+    return result
+
+
+async def _reconciled(db: Db, serial: str, at: datetime) -> models.RefillOut:
+    """The refill at ``at`` reconciled as of that moment: it and the refill before it."""
+    upto = at + timedelta(microseconds=1)
+    found = (await views.snapshots(db, [serial], now=upto, refills=2)).get(serial)
+    if found is None:
+        raise not_found("pump")
+    for pair in reversed(rules.reconciliations(found)):
+        if pair[0].recorded_at == at:
+            return views.refill_out(serial, pair, found.settings)
+    raise Problem(409, "the refill was stored but is not among the pump's refills", kind="conflict")
+
+
+@router.get(
+    "/v1/pumps/{serial}/refills",
+    summary="Refill history, newest first, with expected vs actual residual and discrepancy",
+)
+async def list_refills(
+    serial: Serial, principal: Auth, db: Db, limit: Limit = 50, cursor: Cursor = None
+) -> models.Page[models.RefillOut]:
+    await pump_clinic(db, principal, serial)
+    after = decode_cursor(cursor, 1)
+    before = None if after is None else _cursor_time(after[0])
+    times = await db.fetch(sql.REFILL_TIMES, serial, before, limit + 1)
+    if not times:
+        return models.Page(items=[], next_cursor=None)
+    page_times = [r["recorded_at"] for r in times[:limit]]
+    # The page's refills and the one before the oldest of them (its expectation).
+    upto = page_times[0] + timedelta(microseconds=1)
+    found = (await views.snapshots(db, [serial], now=upto, refills=len(page_times) + 1)).get(serial)
+    if found is None:
+        raise not_found("pump")
+    settings = found.settings or RuleSettings()
+    wanted = set(page_times)
+    items = [
+        views.refill_out(serial, pair, settings)
+        for pair in reversed(rules.reconciliations(found))
+        if pair[0].recorded_at in wanted
+    ]
+    more = len(times) > limit
+    return models.Page(items=items, next_cursor=encode_cursor(page_times[-1]) if more else None)

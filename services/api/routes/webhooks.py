@@ -1,0 +1,92 @@
+"""Webhook registrations of a clinic (deliveries: the alert service's notification worker)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from fastapi import APIRouter, Request, Response, status
+
+from services.api import models, sql
+from services.api.auth import Principal, require
+from services.api.common import (
+    Auth,
+    Cursor,
+    Db,
+    Limit,
+    clinic_for_write,
+    cursor_uuid,
+    decode_cursor,
+    encode_cursor,
+    scope_of,
+)
+from services.api.problems import FieldError, Problem, not_found
+from services.domain.webhook_urls import check_registration_url, new_secret
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+
+def _manager(principal: Principal) -> None:
+    require(principal, "admin", "clinician", "integrator")
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Register a webhook (clinician, integrator); the signing secret is shown once",
+)
+async def create_webhook(
+    body: models.WebhookIn, principal: Auth, db: Db, request: Request, response: Response
+) -> models.WebhookCreated:
+    _manager(principal)
+    clinic_id = clinic_for_write(principal, body.clinic_id)
+    if not await db.fetchval(sql.CLINIC_EXISTS, clinic_id):
+        raise not_found("clinic")
+    allowed = request.app.state.settings.allowed_webhook_hosts()
+    problem = check_registration_url(body.url, allowed)
+    if problem is not None:
+        raise Problem(
+            422,
+            f"url refused: {problem}",
+            kind="validation",
+            errors=[FieldError(field="body.url", message=problem)],
+        )
+    secret = new_secret()
+    row = await db.fetchrow(
+        sql.INSERT_WEBHOOK, clinic_id, body.url, sorted(set(body.events)), secret, principal.actor
+    )
+    assert row is not None
+    response.headers["Location"] = f"/v1/webhooks/{row['id']}"
+    return models.WebhookCreated(**dict(row), secret=secret)
+
+
+@router.get("", summary="The clinic's webhooks (secrets are never shown again)")
+async def list_webhooks(
+    principal: Auth, db: Db, limit: Limit = 50, cursor: Cursor = None
+) -> models.Page[models.WebhookOut]:
+    _manager(principal)
+    after = decode_cursor(cursor, 1)
+    rows = await db.fetch(
+        sql.LIST_WEBHOOKS,
+        scope_of(principal),
+        None if after is None else cursor_uuid(after[0]),
+        limit + 1,
+    )
+    items = [models.WebhookOut(**dict(r)) for r in rows[:limit]]
+    more = len(rows) > limit
+    return models.Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+
+
+@router.delete(
+    "/{webhook_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a webhook; pending deliveries to it stop",
+    response_class=Response,
+)
+async def delete_webhook(webhook_id: UUID, principal: Auth, db: Db) -> Response:
+    _manager(principal)
+    if principal.role == "fleet":
+        raise not_found("webhook")
+    found = await db.fetchval(sql.DELETE_WEBHOOK, webhook_id, scope_of(principal))
+    if found is None:
+        raise not_found("webhook")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,33 @@
+"""Settings of ``pumpwatch api`` (environment, prefix ``PUMPWATCH_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from services.domain.webhook_urls import parse_allow_hosts
+from services.settings import CommonSettings
+
+
+class ApiSettings(CommonSettings):
+    api_host: str = "127.0.0.1"
+    """Interface the API listens on when ``--host`` is not given."""
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    """API port when ``--port`` is not given."""
+    admin_token: SecretStr | None = None
+    """If set, a bearer token with the admin role (bootstrap; prefer ``pumpwatch keys``)."""
+    api_metrics_public: bool = True
+    """``/metrics`` answers anyone; false: an admin or fleet key is required."""
+    api_max_body_bytes: int = Field(default=65_536, ge=1024)
+    """Largest request body accepted (413 above it)."""
+    api_auth_failures_per_minute: int = Field(default=20, ge=1)
+    """Failed authentications one source may make per minute before it gets 429."""
+    api_pool_max_size: int = Field(default=10, ge=1)
+    """Database connections of one API process."""
+    api_key_touch_interval_s: float = Field(default=60.0, ge=0)
+    """``last_used_at`` of a key is written at most this often."""
+    webhook_allow_hosts: str = ""
+    """Comma-separated hosts that webhooks may target over http or on private/loopback
+    addresses (development, tests)."""
+
+    def allowed_webhook_hosts(self) -> frozenset[str]:
+        return parse_allow_hosts(self.webhook_allow_hosts)

@@ -1,0 +1,249 @@
+"""Every SQL statement of the HTTP API. Parameters only; nothing is built from input.
+
+Tenancy is in the statements: ``$scope`` parameters are a clinic id, or NULL for the roles that
+see every clinic (admin, fleet); a row of another clinic is simply not found.
+"""
+
+# --- keys ----------------------------------------------------------------------------------------
+
+INSERT_KEY = """
+INSERT INTO api_keys (key_hash, role, clinic_id, label, created_by)
+VALUES ($1, $2, $3, $4, $5) RETURNING id
+"""
+LIST_KEYS = """
+SELECT id, role, clinic_id, label, created_at, created_by, last_used_at, revoked_at
+FROM api_keys WHERE $1::uuid IS NULL OR clinic_id = $1 ORDER BY created_at, id
+"""
+REVOKE_KEY = """
+UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING true
+"""
+KEY_BY_HASH = (
+    "SELECT id, role, clinic_id, last_used_at, revoked_at FROM api_keys WHERE key_hash = $1"
+)
+TOUCH_KEY = "UPDATE api_keys SET last_used_at = $2 WHERE id = $1"
+
+# --- audit ---------------------------------------------------------------------------------------
+
+INSERT_AUDIT = """
+INSERT INTO audit_log (key_id, role, action, resource_type, resource_id, clinic_id, outcome,
+                       status, source)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+"""
+
+# --- clinics -------------------------------------------------------------------------------------
+
+_CLINIC = "id, name, timezone, alert_settings, created_at"
+INSERT_CLINIC = f"""
+INSERT INTO clinics (name, timezone, alert_settings) VALUES ($1, $2, $3) RETURNING {_CLINIC}
+"""
+CLINIC = f"SELECT {_CLINIC} FROM clinics WHERE id = $1"
+CLINIC_EXISTS = "SELECT true FROM clinics WHERE id = $1"
+UPDATE_ALERT_SETTINGS = f"""
+UPDATE clinics SET alert_settings = $2 WHERE id = $1 RETURNING {_CLINIC}
+"""
+
+# --- patients ------------------------------------------------------------------------------------
+
+_PATIENT = """
+id, clinic_id, mrn, display_name, birth_date, withdrawal_risk, low_alarm_margin_ml, created_at
+"""
+INSERT_PATIENT = f"""
+INSERT INTO patients (clinic_id, mrn, display_name, birth_date, withdrawal_risk,
+                      low_alarm_margin_ml)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (clinic_id, mrn) DO NOTHING
+RETURNING {_PATIENT}
+"""
+PATIENT = f"SELECT {_PATIENT} FROM patients WHERE id = $1"
+# $2 scope, $3 the text searched for (NULL: all), $4/$5 the cursor (name, id), $6 limit.
+LIST_PATIENTS = f"""
+SELECT {_PATIENT} FROM patients
+WHERE ($1::uuid IS NULL OR clinic_id = $1)
+  AND ($2::text IS NULL OR strpos(lower(display_name), lower($2)) > 0
+       OR strpos(lower(mrn), lower($2)) > 0)
+  AND ($3::text IS NULL OR (display_name, id) > ($3, $4::uuid))
+ORDER BY display_name, id
+LIMIT $5
+"""
+
+# --- pumps ---------------------------------------------------------------------------------------
+
+PUMP = """
+SELECT p.serial, p.model AS registered_model, p.patient_id, p.implanted_on, p.first_seen_at,
+       p.refill_appointment_at, pt.clinic_id, s.msg_id,
+       s.recorded_at, s.received_at, s.model, s.volume_ml, s.capacity_ml, s.low_alarm_ml,
+       s.basis, s.drug_name, s.concentration_mcg_per_ml, s.infusion_mode, s.rate_ml_per_day,
+       s.daily_dose_mcg, s.schedule, s.measured_flow_ml_per_day, s.battery_pct,
+       s.battery_status, s.alarms, s.utc_offset_minutes
+FROM pumps p
+LEFT JOIN patients pt ON pt.id = p.patient_id
+LEFT JOIN pump_state s ON s.serial = p.serial
+WHERE p.serial = $1
+"""
+PUMP_CLINIC = """
+SELECT pt.clinic_id, true AS found FROM pumps p
+LEFT JOIN patients pt ON pt.id = p.patient_id WHERE p.serial = $1
+"""
+UPSERT_PUMP = """
+INSERT INTO pumps (serial, model, patient_id, implanted_on) VALUES ($1, $2, $3, $4)
+ON CONFLICT (serial) DO UPDATE SET
+    patient_id = EXCLUDED.patient_id,
+    model = coalesce(EXCLUDED.model, pumps.model),
+    implanted_on = coalesce(EXCLUDED.implanted_on, pumps.implanted_on)
+RETURNING (xmax = 0) AS created
+"""
+SET_APPOINTMENT = "UPDATE pumps SET refill_appointment_at = $2 WHERE serial = $1"
+PATIENT_PUMP = """
+SELECT p.serial FROM pumps p LEFT JOIN pump_state s ON s.serial = p.serial
+WHERE p.patient_id = $1 ORDER BY s.recorded_at DESC NULLS LAST, p.serial LIMIT 1
+"""
+# Pumps of a scope (NULL: every clinic's, assigned or not) for the worklist.
+SCOPE_PUMPS = """
+SELECT p.serial FROM pumps p LEFT JOIN patients pt ON pt.id = p.patient_id
+WHERE ($1::uuid IS NULL OR pt.clinic_id = $1) ORDER BY p.serial
+"""
+PUMPS_OF = """
+SELECT p.serial, coalesce(s.model, p.model) AS model, p.patient_id
+FROM pumps p LEFT JOIN pump_state s ON s.serial = p.serial WHERE p.serial = ANY($1::text[])
+"""
+PATIENTS_BY_ID = f"SELECT {_PATIENT} FROM patients WHERE id = ANY($1::uuid[])"
+
+# --- telemetry -----------------------------------------------------------------------------------
+
+_READING = """
+msg_id, recorded_at, received_at, utc_offset_minutes, seq, source_kind, source_id, model,
+volume_ml, capacity_ml, low_alarm_ml, basis, drug_name, concentration_mcg_per_ml,
+infusion_mode, rate_ml_per_day, daily_dose_mcg, schedule, measured_flow_ml_per_day,
+battery_pct, battery_status, alarms
+"""
+# Newest first; $4/$5 the cursor (recorded_at, msg_id) of the last row of the previous page.
+READINGS = f"""
+SELECT {_READING} FROM readings
+WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
+  AND ($4::timestamptz IS NULL OR (recorded_at, msg_id) < ($4, $5::uuid))
+ORDER BY recorded_at DESC, msg_id DESC
+LIMIT $6
+"""
+HOURLY = """
+SELECT hour, readings, volume_ml_sum / readings AS volume_ml, volume_ml_min, volume_ml_max,
+       last_volume_ml,
+       CASE WHEN flow_readings > 0 THEN flow_ml_per_day_sum / flow_readings END
+           AS measured_flow_ml_per_day,
+       rate_ml_per_day_sum / readings AS rate_ml_per_day
+FROM readings_hourly
+WHERE serial = $1 AND hour >= $2 AND hour < $3 AND ($4::timestamptz IS NULL OR hour < $4)
+ORDER BY hour DESC
+LIMIT $5
+"""
+SERIES = """
+SELECT hour, volume_ml_sum / readings AS volume_ml
+FROM readings_hourly WHERE serial = $1 AND hour >= $2 AND hour <= $3 ORDER BY hour
+"""
+
+# --- events (refills over HTTP take ingest's path: the ledger, events, NOTIFY) -------------------
+
+STORE_EVENT = """
+WITH new AS (
+    INSERT INTO ingested_messages (msg_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING msg_id
+)
+INSERT INTO events (msg_id, serial, type, recorded_at, received_at, seq, source_kind, source_id,
+                    body, payload)
+SELECT msg_id, $2, $3, $4, now(), NULL, $5, $6, $7, $8 FROM new
+RETURNING msg_id
+"""
+EVENT = "SELECT serial, type, recorded_at FROM events WHERE msg_id = $1"
+NOTIFY = "SELECT pg_notify('pumpwatch_ingest', $1)"
+REFILL_TIMES = """
+SELECT recorded_at FROM events
+WHERE serial = $1 AND type = 'refill' AND ($2::timestamptz IS NULL OR recorded_at < $2)
+ORDER BY recorded_at DESC LIMIT $3
+"""
+
+# --- alerts --------------------------------------------------------------------------------------
+
+_ALERT = """
+id, serial, patient_id, clinic_id, rule, priority, status, title, detail, facts, opened_at,
+updated_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by, resolution
+"""
+ALERT = f"SELECT {_ALERT} FROM alerts WHERE id = $1"
+# $1 scope (NULL: every alert, unassigned pumps' included), filters $2..$5, cursor $6/$7, $8 limit.
+LIST_ALERTS = f"""
+SELECT {_ALERT} FROM alerts
+WHERE ($1::uuid IS NULL OR clinic_id = $1)
+  AND ($2::text IS NULL OR status = $2)
+  AND ($3::text IS NULL OR priority = $3)
+  AND ($4::text IS NULL OR serial = $4)
+  AND ($5::uuid IS NULL OR patient_id = $5)
+  AND ($6::timestamptz IS NULL OR (opened_at, id) < ($6, $7::uuid))
+ORDER BY opened_at DESC, id DESC
+LIMIT $8
+"""
+OPEN_ALERTS_OF = f"""
+SELECT {_ALERT} FROM alerts WHERE serial = ANY($1::text[]) AND status <> 'resolved'
+ORDER BY serial, opened_at DESC
+"""
+ALERT_HISTORY = """
+SELECT at, actor, action, from_status, to_status, from_priority, to_priority, reason
+FROM alert_history WHERE alert_id = $1 ORDER BY id
+"""
+ACKNOWLEDGE = f"""
+UPDATE alerts SET status = 'acknowledged', acknowledged_at = now(), acknowledged_by = $2,
+       updated_at = now()
+WHERE id = $1 AND status = 'open'
+RETURNING {_ALERT}
+"""
+RESOLVE = f"""
+UPDATE alerts SET status = 'resolved', resolved_at = now(), resolved_by = $2, resolution = $3,
+       updated_at = now()
+WHERE id = $1 AND status <> 'resolved'
+RETURNING {_ALERT}
+"""
+INSERT_HISTORY = """
+INSERT INTO alert_history (alert_id, actor, action, from_status, to_status, from_priority,
+                           to_priority, reason)
+VALUES ($1, $2, $3, $4, $5, $6, $6, $7)
+"""
+INSERT_OUTBOX = """
+INSERT INTO outbox (event, alert_id, clinic_id, payload) VALUES ($1, $2, $3, $4)
+"""
+
+# --- webhooks (delivered by the alert service's notification worker) ----------------------------
+
+_WEBHOOK = "id, clinic_id, url, events, created_at, disabled_at, disabled_reason"
+INSERT_WEBHOOK = f"""
+INSERT INTO webhooks (clinic_id, url, events, secret, created_by)
+VALUES ($1, $2, $3, $4, $5) RETURNING {_WEBHOOK}
+"""
+LIST_WEBHOOKS = f"""
+SELECT {_WEBHOOK} FROM webhooks
+WHERE deleted_at IS NULL AND ($1::uuid IS NULL OR clinic_id = $1)
+  AND ($2::uuid IS NULL OR id > $2)
+ORDER BY id LIMIT $3
+"""
+DELETE_WEBHOOK = """
+UPDATE webhooks SET deleted_at = now()
+WHERE id = $1 AND deleted_at IS NULL AND ($2::uuid IS NULL OR clinic_id = $2)
+RETURNING id
+"""
+
+# --- quarantine ----------------------------------------------------------------------------------
+
+LIST_QUARANTINE = """
+SELECT id, topic, reason, detail, payload_bytes, first_received_at, last_received_at,
+       occurrences, substring(payload FROM 1 FOR 2048) AS excerpt
+FROM quarantine
+WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR id < $2)
+ORDER BY id DESC LIMIT $3
+"""
+
+# --- health --------------------------------------------------------------------------------------
+
+PING = "SELECT 1"
+
+# --- notifications (tables of the alert service's delivery worker, migration 0003) -------------
+
+HAS_DELIVERIES = "SELECT to_regclass('deliveries') IS NOT NULL"
+ALERT_DELIVERIES = """
+SELECT channel, target, status, attempts, created_at, delivered_at
+FROM deliveries WHERE alert_id = $1 ORDER BY created_at, id
+"""

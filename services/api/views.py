@@ -1,0 +1,150 @@
+"""Pump state, forecasts and refill reconciliation as the alert engine sees them: the same
+snapshot loader and the same therapy and rule functions (one implementation)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from services.alerts.snapshots import load as load_snapshots
+from services.api import models
+from services.api.auth import Principal
+from services.domain import rules, therapy
+from services.domain.alerting import RuleSettings, Snapshot
+from services.storage.database import Connection
+
+PROJECTION_DAYS = 30
+
+
+async def snapshots(
+    conn: Connection, serials: list[str], *, now: datetime | None = None, refills: int = 3
+) -> dict[str, Snapshot]:
+    at = now or datetime.now(UTC)
+    loaded = await load_snapshots(
+        conn, serials, now=at, wall_now=at, settings=RuleSettings(), refills_kept=refills
+    )
+    return {serial: snapshot for serial, (snapshot, _) in loaded.items()}
+
+
+def forecast(snapshot: Snapshot) -> models.Forecast | None:
+    found = rules.pump_forecast(snapshot)
+    latest = snapshot.latest
+    if found is None or latest is None:
+        return None
+    return models.Forecast(
+        volume_ml=round(found.volume_ml, 3),
+        low_alarm_ml=found.low_alarm_ml,
+        rate_ml_per_day=round(found.rate_ml_per_day, 4),
+        low_alarm_at=found.low_alarm_at,
+        empty_at=found.empty_at,
+        days_to_low_alarm=None
+        if found.low_alarm_at is None
+        else round(therapy.days_until(found.low_alarm_at, snapshot.now), 2),
+        basis=latest.basis or "calculated",
+    )
+
+
+def pump_state(
+    row: asyncpg.Record, snapshot: Snapshot | None, principal: Principal
+) -> models.PumpState:
+    has_state = row["recorded_at"] is not None
+    volume_now = None if snapshot is None else rules.volume_now_ml(snapshot)
+    return models.PumpState(
+        serial=row["serial"],
+        model=row["model"] or row["registered_model"],
+        patient_id=row["patient_id"] if principal.identified else None,
+        clinic_id=row["clinic_id"],
+        implanted_on=row["implanted_on"],
+        refill_appointment_at=row["refill_appointment_at"],
+        last_seen_at=row["recorded_at"],
+        volume_ml=row["volume_ml"],
+        volume_now_ml=None if volume_now is None else round(volume_now, 3),
+        capacity_ml=row["capacity_ml"],
+        low_alarm_ml=row["low_alarm_ml"],
+        basis=row["basis"],
+        therapy=models.Therapy(
+            drug_name=row["drug_name"],
+            concentration_mcg_per_ml=row["concentration_mcg_per_ml"],
+            infusion_mode=row["infusion_mode"],
+            rate_ml_per_day=row["rate_ml_per_day"],
+            daily_dose_mcg=row["daily_dose_mcg"],
+            schedule=row["schedule"],
+        )
+        if has_state
+        else None,
+        measured_flow_ml_per_day=row["measured_flow_ml_per_day"],
+        battery_pct=row["battery_pct"],
+        battery_status=row["battery_status"],
+        alarms=list(row["alarms"] or ()),
+        forecast=None if snapshot is None else forecast(snapshot),
+    )
+
+
+def projected(snapshot: Snapshot) -> list[models.SeriesPoint]:
+    """The reservoir from its latest state forward at the programmed rate, a point a day."""
+    state = rules.projection_state(snapshot)
+    if state is None:
+        return []
+    start = state.recorded_at
+    points = []
+    for day in range(PROJECTION_DAYS + 1):
+        at = start + timedelta(days=day)
+        points.append(
+            models.SeriesPoint(
+                at=at.astimezone(UTC),
+                volume_ml=round(therapy.volume_now(state, at, snapshot.timezone), 3),
+            )
+        )
+    return points
+
+
+def refill_out(
+    serial: str, reconciled: tuple[Any, rules.Reconciliation | None], settings: RuleSettings
+) -> models.RefillOut:
+    refill, found = reconciled
+    return models.RefillOut(
+        serial=serial,
+        recorded_at=refill.recorded_at,
+        residual_ml=refill.residual_ml,
+        added_ml=refill.added_ml,
+        drug=refill.drug,
+        concentration_mcg_per_ml=refill.concentration_mcg_per_ml,
+        discrepancy=None
+        if found is None
+        else models.DiscrepancyOut(
+            expected_residual_ml=round(found.found.expected_residual_ml, 3),
+            actual_residual_ml=found.found.actual_residual_ml,
+            delta_ml=round(found.found.delta_ml, 3),
+            relative=None if found.found.relative is None else round(found.found.relative, 4),
+            classification=found.found.classify(settings),
+            expected_from=found.source,
+        ),
+    )
+
+
+def alert_out(row: asyncpg.Record, principal: Principal) -> models.AlertOut:
+    return models.AlertOut(
+        id=row["id"],
+        serial=row["serial"],
+        patient_id=row["patient_id"] if principal.identified else None,
+        clinic_id=row["clinic_id"],
+        rule=row["rule"],
+        priority=row["priority"],
+        status=row["status"],
+        title=row["title"],
+        detail=row["detail"],
+        facts=row["facts"] or {},
+        opened_at=row["opened_at"],
+        updated_at=row["updated_at"],
+        acknowledged_at=row["acknowledged_at"],
+        acknowledged_by=row["acknowledged_by"],
+        resolved_at=row["resolved_at"],
+        resolved_by=row["resolved_by"],
+        resolution=row["resolution"],
+    )
+
+
+def patient_out(row: asyncpg.Record) -> models.Patient:
+    return models.Patient(**{k: row[k] for k in models.Patient.model_fields})
