@@ -109,9 +109,11 @@ async def record_refill(
                     409, f"msg_id {msg_id} is already used by another message", kind="conflict"
                 )
             response.status_code = status.HTTP_200_OK
+            recorded_at = existing["recorded_at"]  # the stored one, not this request's default
         else:
             await db.execute(sql.NOTIFY, json.dumps({"serials": [serial]}))
-    result = await _reconciled(db, serial, message.recorded_at)
+            recorded_at = message.recorded_at
+    result = await _reconciled(db, serial, recorded_at)
     result.msg_id = msg_id
     if stored is not None:
         await db.execute(
