@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 from uuid import UUID
+from zoneinfo import available_timezones
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
 from services.domain.alerting import Rule
 
 T = TypeVar("T")
+
+
+def _storable(value: str) -> str:
+    """PostgreSQL text holds neither NUL nor lone surrogates: refuse them here, as a 422."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable), Field(pattern=r"^[^\x00]*$")]
+"""Free text from a client."""
 
 
 class Page(BaseModel, Generic[T]):
@@ -42,9 +58,13 @@ class ClinicAlertSettings(_In):
 
 
 class ClinicIn(_In):
-    name: str = Field(min_length=1, max_length=200, examples=["Spinal Unit North"])
+    name: Text = Field(min_length=1, max_length=200, examples=["Spinal Unit North"])
     timezone: str = Field(
-        default="UTC", max_length=64, description="IANA zone", examples=["Europe/Berlin"]
+        default="UTC",
+        max_length=64,
+        description="IANA time zone",
+        examples=["Europe/Berlin"],
+        json_schema_extra={"enum": list[JsonValue](sorted(available_timezones()))},
     )
     alert_settings: ClinicAlertSettings | None = None
 
@@ -59,7 +79,7 @@ class Clinic(BaseModel):
 
 class KeyIn(_In):
     role: Literal["clinician", "integrator", "admin", "fleet"] = Field(examples=["clinician"])
-    label: str = Field(default="", max_length=200, examples=["Dr. Weber's tablet"])
+    label: Text = Field(default="", max_length=200, examples=["Dr. Weber's tablet"])
 
 
 class KeyCreated(BaseModel):
@@ -76,8 +96,8 @@ class PatientIn(_In):
     clinic_id: UUID | None = Field(
         default=None, description="Implied for clinic keys; required for admin keys."
     )
-    mrn: str = Field(min_length=1, max_length=64, examples=["MRN-0042"])
-    display_name: str = Field(min_length=1, max_length=200, examples=["A. Example"])
+    mrn: Text = Field(min_length=1, max_length=64, examples=["MRN-0042"])
+    display_name: Text = Field(min_length=1, max_length=200, examples=["A. Example"])
     birth_date: date | None = Field(default=None, examples=["1971-04-02"])
     withdrawal_risk: Literal["standard", "high"] = "standard"
     low_alarm_margin_ml: float | None = Field(default=None, ge=0, le=100, examples=[4.0])
@@ -98,7 +118,7 @@ class PumpIn(_In):
     patient_id: UUID | None = Field(
         description="The patient the pump is implanted in; null unassigns it."
     )
-    model: str | None = Field(default=None, max_length=100, examples=["SynchroMed II 8637-40"])
+    model: Text | None = Field(default=None, max_length=100, examples=["SynchroMed II 8637-40"])
     implanted_on: date | None = None
 
 
@@ -190,7 +210,7 @@ class Bucket(BaseModel):
 class RefillBody(_In):
     residual_ml: float = Field(ge=0, allow_inf_nan=False, examples=[3.1])
     added_ml: float = Field(gt=0, allow_inf_nan=False, examples=[20.0])
-    drug: str = Field(min_length=1, max_length=100, examples=["baclofen"])
+    drug: Text = Field(min_length=1, max_length=100, examples=["baclofen"])
     concentration_mcg_per_ml: float = Field(gt=0, allow_inf_nan=False, examples=[2000.0])
     expected_residual_ml: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
@@ -207,7 +227,7 @@ class RefillIn(_In):
         description="Idempotency key: a refill re-sent with the same id is recorded once.",
     )
     v: Literal[1] | None = None
-    serial: str | None = Field(default=None, description="If given, must equal the path's.")
+    serial: Text | None = Field(default=None, description="If given, must equal the path's.")
     type: Literal["refill"] | None = None
 
 
@@ -275,7 +295,7 @@ class AlertDetail(AlertOut):
 
 
 class NoteIn(_In):
-    note: str | None = Field(default=None, max_length=2000)
+    note: Text | None = Field(default=None, max_length=2000)
 
 
 # --- worklist and dashboard ----------------------------------------------------------------------
@@ -330,7 +350,7 @@ WEBHOOK_EVENTS = (
 
 
 class WebhookIn(_In):
-    url: str = Field(max_length=2000, examples=["https://ehr.example.org/hooks/pumpwatch"])
+    url: Text = Field(max_length=2000, examples=["https://ehr.example.org/hooks/pumpwatch"])
     events: list[
         Literal[
             "alert.opened",

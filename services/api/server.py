@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import uvicorn
 
@@ -28,19 +29,26 @@ def server(settings: ApiSettings, host: str, port: int) -> uvicorn.Server:
 
 
 async def run(settings: ApiSettings, host: str, port: int) -> None:
-    """Serve until SIGTERM or SIGINT (uvicorn's handlers), then exit cleanly."""
+    """Serve until SIGTERM or SIGINT, then exit cleanly (exit code 0)."""
     settings.require_database_url()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     api = server(settings, host, port)
     log.info("api_starting", host=host, port=port)
-    await api.serve()
+    await serve_until(api, stop)
     if not api.started:
         raise OSError(f"the API could not start on {host}:{port} (see the log above)")
+    log.info("api_stopped")
 
 
 async def serve_until(api: uvicorn.Server, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set (the demo owns the signals)."""
-    api.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(api._serve())
-    await stop.wait()
+    """Serve until ``stop`` is set (the caller owns the signals; uvicorn's own handlers would
+    re-raise the signal after shutdown and end the process with it)."""
+    serving = asyncio.create_task(api._serve())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     api.should_exit = True
-    await task
+    stopping.cancel()
+    await serving

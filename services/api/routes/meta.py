@@ -70,7 +70,13 @@ def _schema() -> dict[str, Any]:
     "/v1/schemas/mqtt-v1.json",
     tags=["contract"],
     summary="JSON Schema of the MQTT wire contract (telemetry and events), version 1",
-    response_model=None,
+    response_class=JSONResponse,
+    responses={
+        200: {
+            "description": "The JSON Schema (draft 2020-12)",
+            "content": {"application/schema+json": {"schema": {"type": "object"}}},
+        }
+    },
 )
 async def mqtt_schema() -> JSONResponse:
     return JSONResponse(_schema(), media_type="application/schema+json")
@@ -86,7 +92,9 @@ async def quarantine(
     db: Db,
     limit: Limit = 50,
     cursor: Cursor = None,
-    reason: Annotated[str | None, Query(max_length=64, examples=["schema"])] = None,
+    reason: Annotated[
+        str | None, Query(max_length=64, pattern=r"^[a-z_]*$", examples=["schema"])
+    ] = None,
 ) -> models.Page[models.QuarantineItem]:
     require(principal, "admin")
     after = decode_cursor(cursor, 1)

@@ -63,7 +63,9 @@ async def create_patient(body: models.PatientIn, principal: Auth, db: Db) -> mod
 async def list_patients(
     principal: Auth,
     db: Db,
-    q: Annotated[str | None, Query(max_length=200, examples=["MRN-0042"])] = None,
+    q: Annotated[
+        str | None, Query(max_length=200, pattern=r"^[^\x00]*$", examples=["MRN-0042"])
+    ] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> models.Page[models.Patient]:
