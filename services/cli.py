@@ -311,6 +311,7 @@ def demo(
     ] = ".pumpwatch/demo",
     metrics_port: Annotated[int, typer.Option(help="Ingest /metrics and /healthz port.")] = 9101,
     alerts_metrics_port: Annotated[int, typer.Option(help="Alert engine /metrics port.")] = 9102,
+    port: Annotated[int, typer.Option(help="HTTP API port.")] = 8000,
 ) -> None:
     """Run everything in one process, on embedded servers unless PUMPWATCH_DATABASE_URL and
     PUMPWATCH_MQTT_URL are set, with the fleet simulator. Ctrl-C stops it."""
@@ -330,6 +331,7 @@ def demo(
         Path(data_dir).resolve(),
         metrics_port,
         alerts_metrics_port,
+        port,
     )
     _run(run_demo(options, Console()), settings)
 

@@ -23,6 +23,9 @@ from rich.console import Console
 from services import embedded
 from services.alerts.service import AlertsService
 from services.alerts.settings import AlertsSettings
+from services.api import keys
+from services.api.server import serve_until, server
+from services.api.settings import ApiSettings
 from services.ingest.service import IngestService
 from services.ingest.settings import IngestSettings
 from services.logs import get
@@ -56,6 +59,7 @@ class DemoOptions:
     data_dir: Path
     metrics_port: int
     alerts_metrics_port: int
+    api_port: int = 8000
     status_every_s: float = 10.0
 
 
@@ -73,6 +77,7 @@ async def run(options: DemoOptions, console: Console) -> None:
         finally:
             await conn.close()
         console.print(f"database migrated ({len(applied)} migrations applied)")
+        admin_key = await _admin_key(database_url)
 
         ingest_settings = settings.model_copy(
             update={
@@ -89,28 +94,38 @@ async def run(options: DemoOptions, console: Console) -> None:
         alerting = asyncio.create_task(
             AlertsService(_alerts_settings(database_url, options), stop).run(), name="alerts"
         )
+        api = server(ApiSettings(database_url=database_url), "127.0.0.1", options.api_port)
+        serving = asyncio.create_task(serve_until(api, stop), name="api")
         seed = options.seed if options.seed is not None else secrets.randbelow(1_000_000)
         sim_stop = threading.Event()
         sim = _simulator(options, mqtt_url, mqtt5, seed, sim_stop)
         sim.start()
-        _print_links(console, database_url, mqtt_url, options, seed)
+        _print_links(
+            console,
+            database_url=database_url,
+            mqtt_url=mqtt_url,
+            options=options,
+            seed=seed,
+            admin_key=admin_key,
+        )
         try:
             await _report_until_stopped(
                 service,
                 database_url,
-                workers=(ingest, alerting),
+                workers=(ingest, alerting, serving),
                 stop=stop,
                 sim=sim,
                 options=options,
                 console=console,
             )
         finally:
-            console.print("stopping: simulator, ingest (draining), alerts, servers…")
+            console.print("stopping: simulator, ingest (draining), alerts, API, servers…")
             sim_stop.set()
             stop.set()
             sim.join(10)
             await ingest  # re-raises a fatal error
             await alerting
+            await serving
     console.print("demo stopped")
 
 
@@ -204,12 +219,37 @@ async def _start_broker(data_dir: Path) -> embedded.EmbeddedBroker:
         return await embedded.start_amqtt()
 
 
+async def _admin_key(database_url: str) -> str:
+    """A fresh admin key for this run (shown once, like every key)."""
+    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
+    try:
+        _, key = await keys.create(
+            conn, role="admin", clinic_id=None, label="pumpwatch demo", created_by="demo"
+        )
+    finally:
+        await conn.close()
+    return key
+
+
 def _print_links(
-    console: Console, database_url: str, mqtt_url: str, options: DemoOptions, seed: int
+    console: Console,
+    *,
+    database_url: str,
+    mqtt_url: str,
+    options: DemoOptions,
+    seed: int,
+    admin_key: str,
 ) -> None:
     port = options.metrics_port
     broker_port = parse_mqtt_url(mqtt_url).port
+    api = f"http://127.0.0.1:{options.api_port}"
     console.rule("pumpwatch demo is running — Ctrl-C stops it")
+    console.print(f"API              {api}   (OpenAPI: {api}/docs)", soft_wrap=True)
+    console.print(f"admin key        {admin_key}", soft_wrap=True)
+    console.print(
+        f"  e.g.           curl -H 'Authorization: Bearer {admin_key}' {api}/v1/refills/due",
+        soft_wrap=True,
+    )
     console.print(f"ingest metrics   http://127.0.0.1:{port}/metrics", soft_wrap=True)
     console.print(f"ingest health    http://127.0.0.1:{port}/healthz and /readyz", soft_wrap=True)
     console.print(

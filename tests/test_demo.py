@@ -11,15 +11,25 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from services.embedded import EmbeddedBroker, free_port
 from tests.support import fetchval
 
 
-def _demo(env: dict[str, str], data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
-    ingest_port = free_port()
-    alerts_port = free_port()
-    while alerts_port == ingest_port:
-        alerts_port = free_port()
+def _ports(count: int) -> list[int]:
+    found: list[int] = []
+    while len(found) < count:
+        port = free_port()
+        if port not in found:
+            found.append(port)
+    return found
+
+
+def _demo(
+    env: dict[str, str], data_dir: Path, log: Path, api_port: int | None = None
+) -> subprocess.Popen[bytes]:
+    ingest_port, alerts_port, free_api_port = _ports(3)
     with log.open("wb") as out:
         return subprocess.Popen(
             [
@@ -35,6 +45,8 @@ def _demo(env: dict[str, str], data_dir: Path, log: Path) -> subprocess.Popen[by
                 str(ingest_port),
                 "--alerts-metrics-port",
                 str(alerts_port),
+                "--port",
+                str(api_port or free_api_port),
                 "--data-dir",
                 str(data_dir),
             ],
@@ -61,11 +73,20 @@ def _clean_env() -> dict[str, str]:
 
 def test_the_demo_runs_on_embedded_servers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
-    proc = _demo(_clean_env(), tmp_path / "data", log)
+    api_port = _ports(1)[0]
+    proc = _demo(_clean_env(), tmp_path / "data", log, api_port)
     try:
         _wait_for(log, "started embedded MQTT broker", proc, 120)
         _wait_for(log, "pumpwatch demo is running", proc, 60)
         _wait_for(log, "readings", proc, 60)  # the first status line, with stored readings
+        key = re.search(r"admin key\s+(pw_\S+)", log.read_text())
+        assert key, log.read_text()
+        headers = {"Authorization": f"Bearer {key.group(1)}"}
+        api = f"http://127.0.0.1:{api_port}"
+        assert httpx.get(f"{api}/v1/refills/due", headers=headers, timeout=10).status_code == 200
+        pumps = httpx.get(f"{api}/v1/alerts", headers=headers, timeout=10)
+        assert pumps.status_code == 200
+        assert httpx.get(f"{api}/v1/alerts", timeout=10).status_code == 401
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, log.read_text()
     finally:
