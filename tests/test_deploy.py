@@ -12,6 +12,8 @@ import yaml
 
 from services.alerts.metrics import AlertsMetrics
 from services.alerts.settings import AlertsSettings
+from services.api.app import Metrics as ApiMetrics
+from services.api.settings import ApiSettings
 from services.cli import app
 from services.domain.alerting import RuleSettings
 from services.embedded import EmbeddedBroker
@@ -44,7 +46,7 @@ def test_every_pumpwatch_service_runs_a_real_subcommand() -> None:
 def test_every_pumpwatch_setting_in_compose_is_a_known_setting() -> None:
     known = {
         f"PUMPWATCH_{field.upper()}"
-        for settings in (IngestSettings, AlertsSettings)
+        for settings in (IngestSettings, AlertsSettings, ApiSettings)
         for field in settings.model_fields
     }
     for name, svc in pumpwatch_services().items():
@@ -77,7 +79,9 @@ def test_prometheus_scrapes_the_metrics_port_each_service_listens_on() -> None:
     for target in targets:
         host, port = target.split(":")
         assert host in services, target
-        assert services[host]["environment"]["PUMPWATCH_METRICS_PORT"] == port
+        environment = services[host]["environment"]
+        listens = environment.get("PUMPWATCH_METRICS_PORT") or environment["PUMPWATCH_API_PORT"]
+        assert listens == port, target
 
 
 def test_the_compose_ingest_command_line_runs_against_real_servers(
@@ -110,13 +114,17 @@ def test_the_compose_broker_config_includes_the_shared_limits(path: str) -> None
 
 def test_the_readme_documents_every_setting_and_metric() -> None:
     readme = (ROOT / "README.md").read_text()
-    for settings in (IngestSettings, AlertsSettings):
+    for settings in (IngestSettings, AlertsSettings, ApiSettings):
         for field in settings.model_fields:
             if field != "rules":
                 assert f"`PUMPWATCH_{field.upper()}`" in readme, field
     for field in RuleSettings.model_fields:
         assert f"`{field}`" in readme, field
-    for metrics in (IngestMetrics(), AlertsMetrics()):
+    for metrics in (IngestMetrics(), AlertsMetrics(), ApiMetrics()):
         for metric in metrics.registry.collect():
-            short = metric.name.removeprefix("pumpwatch_ingest_").removeprefix("pumpwatch_alerts_")
+            short = (
+                metric.name.removeprefix("pumpwatch_ingest_")
+                .removeprefix("pumpwatch_alerts_")
+                .removeprefix("pumpwatch_api_")
+            )
             assert metric.name in readme or f"…_{short}" in readme, metric.name
