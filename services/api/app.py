@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.staticfiles import StaticFiles
 
 from services.alerts.engine import prepare_connection
 from services.api import problems, sql
@@ -28,6 +29,7 @@ from services.api.routes import (
     webhooks,
 )
 from services.api.settings import ApiSettings
+from services.api.web import routes as web_routes
 from services.logs import get
 from services.storage.database import create_pool
 
@@ -111,6 +113,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_exception_handler(Exception, problems.on_error)
     for module in (meta, clinics, patients, pumps, refills, alerts, webhooks, fhir):
         app.include_router(module.router)
+    app.include_router(web_routes.router)
+    app.mount("/static", StaticFiles(directory=str(web_routes.STATIC_DIR)), name="static")
     app.add_middleware(_Middleware)
     return app
 

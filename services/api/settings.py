@@ -25,6 +25,8 @@ class ApiSettings(CommonSettings):
     """Database connections of one API process."""
     api_key_touch_interval_s: float = Field(default=60.0, ge=0)
     """``last_used_at`` of a key is written at most this often."""
+    web_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    """A dashboard sign-in lasts this long (then the key is asked for again)."""
     webhook_allow_hosts: str = ""
     """Comma-separated hosts that webhooks may target over http or on private/loopback
     addresses (development, tests)."""

@@ -247,3 +247,68 @@ ALERT_DELIVERIES = """
 SELECT channel, target, status, attempts, created_at, delivered_at
 FROM deliveries WHERE alert_id = $1 ORDER BY created_at, id
 """
+
+# --- FHIR ----------------------------------------------------------------------------------------
+
+# A pump's readings for Observations, newest first. $4/$5: the reading a page resumes at
+# (inclusive: a page may end within a reading's Observations). $6..$8: whether volume or rate,
+# the dose, the battery is wanted; only readings with a wanted value are returned.
+FHIR_READINGS = """
+SELECT msg_id, recorded_at, received_at, volume_ml, rate_ml_per_day, daily_dose_mcg, battery_pct
+FROM readings
+WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
+  AND ($4::timestamptz IS NULL OR (recorded_at, msg_id) <= ($4, $5::uuid))
+  AND ($6::boolean OR ($7::boolean AND daily_dose_mcg IS NOT NULL)
+       OR ($8::boolean AND battery_pct IS NOT NULL))
+ORDER BY recorded_at DESC, msg_id DESC
+LIMIT $9
+"""
+# Unresolved alerts (Flags): $1 scope (NULL: every clinic's and unassigned pumps'), $2 serial,
+# $3 patient, $4/$5 the cursor (opened_at, id) of the last row of the previous page, $6 limit.
+FHIR_UNRESOLVED_ALERTS = f"""
+SELECT {_ALERT} FROM alerts
+WHERE status <> 'resolved'
+  AND ($1::uuid IS NULL OR clinic_id = $1)
+  AND ($2::text IS NULL OR serial = $2)
+  AND ($3::uuid IS NULL OR patient_id = $3)
+  AND ($4::timestamptz IS NULL OR (opened_at, id) < ($4, $5::uuid))
+ORDER BY opened_at DESC, id DESC
+LIMIT $6
+"""
+
+# --- web sessions --------------------------------------------------------------------------------
+
+INSERT_SESSION = """
+INSERT INTO web_sessions (token_hash, key_id, role, clinic_id, csrf_token, expires_at)
+VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+"""
+SESSION = """
+SELECT s.key_id, s.role, s.clinic_id, s.csrf_token, s.expires_at
+FROM web_sessions s JOIN api_keys k ON k.id = s.key_id
+WHERE s.token_hash = $1 AND s.expires_at > now() AND k.revoked_at IS NULL
+"""
+DELETE_SESSION = "DELETE FROM web_sessions WHERE token_hash = $1"
+DELETE_EXPIRED_SESSIONS = "DELETE FROM web_sessions WHERE expires_at <= now()"
+
+# --- fleet overview (de-identified) --------------------------------------------------------------
+
+FLEET = """
+SELECT coalesce(s.model, p.model, 'unknown') AS model,
+       coalesce(r.payload::jsonb -> 'source' ->> 'firmware', 'unknown') AS firmware,
+       count(DISTINCT p.serial) AS pumps,
+       count(DISTINCT p.serial) FILTER (WHERE s.recorded_at > now() - interval '24 hours')
+           AS reporting,
+       count(DISTINCT p.serial) FILTER (
+           WHERE s.recorded_at IS NULL OR s.recorded_at <= now() - interval '24 hours') AS silent,
+       count(DISTINCT p.serial) FILTER (WHERE cardinality(s.alarms) > 0) AS with_alarms,
+       coalesce(array_agg(DISTINCT a.alarm) FILTER (WHERE a.alarm IS NOT NULL), '{}') AS alarms
+FROM pumps p
+LEFT JOIN pump_state s ON s.serial = p.serial
+LEFT JOIN LATERAL (
+    SELECT payload FROM readings
+    WHERE serial = p.serial AND recorded_at = s.recorded_at LIMIT 1
+) r ON true
+LEFT JOIN LATERAL unnest(s.alarms) AS a(alarm) ON true
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""

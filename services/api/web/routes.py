@@ -1,0 +1,326 @@
+"""The dashboard's pages: sign-in, the clinic worklist, the patient page, the fleet overview.
+
+Pages call the JSON API's own route functions with the session's principal, so tenancy, audit
+and forecasts are the API's. Every form carries the session's CSRF token."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Form, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from services.api import keys, models, sql, views
+from services.api.auth import Principal
+from services.api.common import Db
+from services.api.problems import Problem
+from services.api.routes import alerts as alert_routes
+from services.api.routes import patients as patient_routes
+from services.api.routes import pumps as pump_routes
+from services.api.routes import refills as refill_routes
+from services.api.web import sessions
+from services.api.web.chart import Chart, Point, RefillMark, render
+from services.domain import rules, therapy
+
+router = APIRouter(include_in_schema=False)
+
+templates = Environment(
+    loader=PackageLoader("services.api.web", "templates"),
+    autoescape=select_autoescape(["html"]),
+)
+STATIC_DIR = resources.files("services.api.web").joinpath("static")
+CHART_DAYS = 90
+PRIORITY_ORDER = {"high": 0, "medium": 1, "low": 2}
+
+
+def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    html = templates.get_template(name).render(**context)
+    return HTMLResponse(html, status_code=status)
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    return RedirectResponse("/login", status_code=303)
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+async def _session(db: Db, request: Request) -> sessions.Session | None:
+    return await sessions.current(db, request)
+
+
+def _check_csrf(session: sessions.Session, token: str | None) -> None:
+    if not sessions.csrf_ok(session.csrf_token, token):
+        raise Problem(
+            403, "the form's CSRF token is missing or wrong; reload the page", kind="csrf"
+        )
+
+
+# --- sign-in -------------------------------------------------------------------------------------
+
+
+@router.get("/login")
+async def login_form(request: Request) -> Response:
+    token = secrets.token_urlsafe(24)
+    response: Response = _page("login.html", csrf_token=token, error=None)
+    response.set_cookie(
+        sessions.LOGIN_COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+        max_age=900,
+    )
+    return response
+
+
+@router.post("/login")
+async def login(
+    request: Request,
+    db: Db,
+    key: Annotated[str, Form(max_length=200)],
+    csrf_token: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    if not sessions.csrf_ok(request.cookies.get(sessions.LOGIN_COOKIE, "\0"), csrf_token):
+        raise Problem(403, "the sign-in form expired; reload it", kind="csrf")
+    limiter = request.app.state.limiter
+    source = request.client.host if request.client else "unknown"
+    limiter.check(source)
+    row = await db.fetchrow(sql.KEY_BY_HASH, keys.hash_key(key.strip()))
+    if row is None or row["revoked_at"] is not None:
+        limiter.failed(source)
+        return _page(
+            "login.html", status=401, csrf_token=csrf_token, error="Unknown or revoked key."
+        )
+    principal = Principal(row["id"], row["role"], row["clinic_id"])
+    hours = request.app.state.settings.web_session_hours
+    token = await sessions.create(db, principal, hours * 3600)
+    target = "/fleet" if principal.role == "fleet" else "/"
+    response: Response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        sessions.COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+        max_age=int(hours * 3600),
+    )
+    response.delete_cookie(sessions.LOGIN_COOKIE)
+    return response
+
+
+@router.post("/logout")
+async def logout(
+    request: Request, db: Db, csrf_token: Annotated[str, Form(max_length=200)] = ""
+) -> Response:
+    session = await _session(db, request)
+    if session is not None:
+        _check_csrf(session, csrf_token)
+        await sessions.end(db, request)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(sessions.COOKIE)
+    return response
+
+
+# --- worklist ------------------------------------------------------------------------------------
+
+
+async def _worklist(
+    db: Db, principal: Principal, priority: str | None, within_days: float
+) -> dict[str, Any]:
+    found = await alert_routes.list_alerts(
+        principal,
+        db,
+        status=None,
+        priority=None,
+        serial=None,
+        patient_id=None,
+        limit=500,
+        cursor=None,
+    )
+    open_alerts = [a for a in found.items if a.status != "resolved"]
+    if priority:
+        open_alerts = [a for a in open_alerts if a.priority == priority]
+    open_alerts.sort(key=lambda a: (PRIORITY_ORDER[a.priority], -a.opened_at.timestamp()))
+    due = await pump_routes.refills_due(
+        principal, db, within_days=within_days, limit=500, cursor=None
+    )
+    return {
+        "alerts": open_alerts,
+        "due": due.items,
+        "priority": priority or "",
+        "within_days": within_days,
+        "now": datetime.now(UTC),
+    }
+
+
+@router.get("/", tags=["worklist"])
+async def worklist(
+    request: Request, db: Db, priority: str | None = None, within_days: float = 30
+) -> Response:
+    session = await _session(db, request)
+    if session is None:
+        return _to_login(request)
+    if session.principal.role == "fleet":
+        return RedirectResponse("/fleet", status_code=303)
+    priority = priority if priority in PRIORITY_ORDER else None
+    within_days = min(max(within_days, 1), 365)
+    context = await _worklist(db, session.principal, priority, within_days)
+    return _page("worklist.html", session=session, **context)
+
+
+@router.get("/worklist/fragment", tags=["worklist"])
+async def worklist_fragment(
+    request: Request, db: Db, priority: str | None = None, within_days: float = 30
+) -> Response:
+    session = await _session(db, request)
+    if session is None or session.principal.role == "fleet":
+        return Response(status_code=401)
+    priority = priority if priority in PRIORITY_ORDER else None
+    context = await _worklist(db, session.principal, priority, min(max(within_days, 1), 365))
+    return _page("_worklist.html", session=session, **context)
+
+
+# --- patient page --------------------------------------------------------------------------------
+
+
+def _chart(
+    snapshot: Any, series: list[Any], dashboard: models.Dashboard, refills: list[models.RefillOut]
+) -> str:
+    now = datetime.now(UTC)
+    forecast = dashboard.pump.forecast if dashboard.pump else None
+    low_at = forecast.low_alarm_at if forecast else None
+    empty_at = forecast.empty_at if forecast else None
+    horizon = max(now + timedelta(days=7), (empty_at or low_at or now) + timedelta(days=3))
+    end = min(horizon, now + timedelta(days=200))
+    projection: list[Point] = []
+    state = None if snapshot is None else rules.projection_state(snapshot)
+    if state is not None:
+        at = state.recorded_at
+        while at <= end:
+            projection.append(Point(at, therapy.volume_now(state, at, snapshot.timezone)))
+            if projection[-1].volume_ml <= 0:
+                break
+            at += timedelta(hours=12)
+    marks = [
+        RefillMark(
+            r.recorded_at,
+            f"refill {r.recorded_at:%Y-%m-%d}: +{r.added_ml:g} mL"
+            + (
+                ""
+                if r.discrepancy is None
+                else f"; expected {r.discrepancy.expected_residual_ml:g} mL left, "
+                f"found {r.discrepancy.actual_residual_ml:g} mL ({r.discrepancy.classification})"
+            ),
+            r.discrepancy is not None and r.discrepancy.classification != "none",
+        )
+        for r in refills
+    ]
+    pump = dashboard.pump
+    return render(
+        Chart(
+            readings=[Point(r["hour"], r["volume_ml"]) for r in series],
+            projection=projection,
+            low_alarm_ml=forecast.low_alarm_ml if forecast else None,
+            capacity_ml=pump.capacity_ml if pump else None,
+            refills=marks,
+            low_alarm_at=low_at,
+            empty_at=empty_at,
+            start=now - timedelta(days=CHART_DAYS),
+            end=end,
+        )
+    )
+
+
+@router.get("/patients/{patient_id}", tags=["dashboard"])
+async def patient_page(patient_id: UUID, request: Request, db: Db) -> Response:
+    session = await _session(db, request)
+    if session is None:
+        return _to_login(request)
+    principal = session.principal
+    try:
+        dashboard = await patient_routes.dashboard(patient_id, principal, db)
+    except Problem as exc:
+        if exc.status in (403, 404):
+            return _page("missing.html", status=404, session=session)
+        raise
+    refills: list[models.RefillOut] = []
+    alerts: list[models.AlertOut] = []
+    series: list[Any] = []
+    snapshot = None
+    if dashboard.pump is not None:
+        serial = dashboard.pump.serial
+        refills = (
+            await refill_routes.list_refills(serial, principal, db, limit=50, cursor=None)
+        ).items
+        alerts = (
+            await alert_routes.list_alerts(
+                principal,
+                db,
+                status=None,
+                priority=None,
+                serial=serial,
+                patient_id=None,
+                limit=50,
+                cursor=None,
+            )
+        ).items
+        now = datetime.now(UTC)
+        series = list(await db.fetch(sql.SERIES, serial, now - timedelta(days=CHART_DAYS), now))
+        snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)
+    alerts.sort(key=lambda a: (a.status == "resolved", PRIORITY_ORDER[a.priority], a.opened_at))
+    return _page(
+        "patient.html",
+        session=session,
+        d=dashboard,
+        chart=_chart(snapshot, series, dashboard, refills),
+        refills=refills,
+        alerts=alerts,
+    )
+
+
+@router.post("/patients/{patient_id}/alerts/{alert_id}/{action}", tags=["alerts"])
+async def alert_action(
+    patient_id: UUID,
+    alert_id: UUID,
+    action: str,
+    request: Request,
+    db: Db,
+    csrf_token: Annotated[str, Form(max_length=200)] = "",
+    note: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    session = await _session(db, request)
+    if session is None:
+        return _to_login(request)
+    _check_csrf(session, csrf_token)
+    if action not in ("acknowledge", "resolve"):
+        raise Problem(404, "no such action", kind="not-found")
+    body = models.NoteIn(note=note.strip() or None)
+    if action == "acknowledge":
+        await alert_routes.acknowledge(alert_id, session.principal, db, body)
+    else:
+        await alert_routes.resolve(alert_id, session.principal, db, body)
+    return RedirectResponse(f"/patients/{patient_id}#alerts", status_code=303)
+
+
+# --- fleet ---------------------------------------------------------------------------------------
+
+
+@router.get("/fleet", tags=["pumps"])
+async def fleet(request: Request, db: Db) -> Response:
+    session = await _session(db, request)
+    if session is None:
+        return _to_login(request)
+    if session.principal.role not in ("fleet", "admin"):
+        return _page("missing.html", status=404, session=session)
+    rows = [dict(r) for r in await db.fetch(sql.FLEET)]
+    totals = {
+        key: sum(r[key] for r in rows) for key in ("pumps", "reporting", "silent", "with_alarms")
+    }
+    return _page("fleet.html", session=session, rows=rows, totals=totals)

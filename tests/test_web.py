@@ -1,0 +1,328 @@
+"""The clinic dashboard in a real browser: Playwright driving Debian's Chromium (headless)
+against ``pumpwatch api`` as a process on a seeded database. Screenshots of each page go to
+``$PUMPWATCH_ARTIFACTS_DIR`` (default ``artifacts/``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from services.alerts.engine import prepare_connection
+from services.api import keys
+from services.api.web.chart import Chart, Point, RefillMark, render
+from services.embedded import free_port
+from tests import alert_fixtures as fx
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("PUMPWATCH_ARTIFACTS_DIR", "artifacts")) / "screenshots"
+
+ROLLUP = """
+INSERT INTO readings_hourly
+SELECT serial, date_trunc('hour', recorded_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+       count(*), sum(volume_ml), min(volume_ml), max(volume_ml), max(recorded_at),
+       (array_agg(volume_ml ORDER BY recorded_at DESC))[1],
+       count(measured_flow_ml_per_day), coalesce(sum(measured_flow_ml_per_day), 0),
+       sum(rate_ml_per_day)
+FROM readings GROUP BY 1, 2
+"""
+
+
+@dataclass
+class Seeded:
+    base: str
+    clinician_a: str
+    clinician_b: str
+    fleet: str
+    soon: str
+    """Clinic A's patient who runs low first (open high alert)."""
+    later: str
+    other: str
+    """Clinic B's patient."""
+    high_alert: str
+
+
+async def _patient(
+    conn: asyncpg.Connection, clinic: str, name: str, *, mrn: str, serial: str, start_ml: float
+) -> str:
+    patient = str(
+        await conn.fetchval(
+            "INSERT INTO patients (clinic_id, mrn, display_name) VALUES ($1, $2, $3) RETURNING id",
+            uuid.UUID(clinic),
+            mrn,
+            name,
+        )
+    )
+    await fx.pump(conn, serial, patient_id=patient)
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    refill_at = now - timedelta(days=60)
+    await fx.reading(conn, serial, refill_at - timedelta(hours=6), volume_ml=3.0)
+    await fx.refill_event(conn, serial, refill_at, residual_ml=1.5, added_ml=start_ml)
+    for hours in range(60 * 24 - 6, -1, -6):
+        volume = start_ml - 0.25 * (60 * 24 - hours) / 24
+        await fx.reading(
+            conn,
+            serial,
+            now - timedelta(hours=hours),
+            volume_ml=round(volume, 3),
+            rate_ml_per_day=0.25,
+        )
+    return patient
+
+
+async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
+    conn = await asyncpg.connect(url)
+    await prepare_connection(conn)
+    try:
+        a = await fx.clinic(conn, name="North")
+        b = await fx.clinic(conn, name="South")
+        soon = await _patient(conn, a, "Ada Soon", mrn="MRN-A1", serial="NGPWEBA01", start_ml=18.5)
+        later = await _patient(
+            conn, a, "Ben Later", mrn="MRN-A2", serial="NGPWEBA02", start_ml=22.0
+        )
+        other = await _patient(conn, b, "Cy Other", mrn="MRN-B1", serial="NGPWEBB01", start_ml=30.0)
+        high = await conn.fetchval(
+            """INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status, title,
+                   detail, opened_at, updated_at, condition_at)
+               VALUES ('NGPWEBA01', $1, $2, 'reservoir_low', 'high', 'open',
+                   'Reservoir at low alarm', 'Refill today.', now(), now(), now()) RETURNING id""",
+            uuid.UUID(soon),
+            uuid.UUID(a),
+        )
+        await conn.execute(
+            """INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status, title,
+                   detail, opened_at, updated_at, condition_at)
+               VALUES ('NGPWEBA02', $1, $2, 'drug_age', 'low', 'open',
+                   'Drug 60 days in the reservoir', 'Plan the refill.', now(), now(), now())""",
+            uuid.UUID(later),
+            uuid.UUID(a),
+        )
+        await conn.execute(ROLLUP)
+        made = {}
+        for name, role, clinic in (
+            ("a", "clinician", a),
+            ("b", "clinician", b),
+            ("fleet", "fleet", None),
+        ):
+            _, made[name] = await keys.create(
+                conn,
+                role=role,  # type: ignore[arg-type]
+                clinic_id=None if clinic is None else uuid.UUID(clinic),
+                label=f"web test {name}",
+                created_by="test",
+            )
+    finally:
+        await conn.close()
+    seeded = Seeded("", made["a"], made["b"], made["fleet"], soon, later, other, str(high))
+    return seeded, made
+
+
+@pytest.fixture(scope="module")
+def server(
+    pg_admin_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Seeded]:
+    name = f"pw_web_{uuid.uuid4().hex[:8]}"
+
+    async def admin(statement: str) -> None:
+        conn = await asyncpg.connect(pg_admin_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {template_database}"))
+    url = urlunsplit(urlsplit(pg_admin_url)._replace(path=f"/{name}"))
+    seeded, _ = asyncio.run(_seed(url))
+    port = free_port()
+    log = tmp_path_factory.mktemp("web") / "api.log"
+    env = os.environ | {"PUMPWATCH_DATABASE_URL": url, "PUMPWATCH_LOG_FORMAT": "json"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services", "api", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+    seeded.base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{seeded.base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield seeded
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    errors = [line for line in log.read_text().splitlines() if "api_unhandled_error" in line]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        found = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield found
+        found.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    found = context.new_page()
+    yield found
+    context.close()
+
+
+def _shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _sign_in(page: Page, base: str, key: str) -> None:
+    page.goto(f"{base}/login")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def test_a_clinician_works_through_the_dashboard(server: Seeded, page: Page) -> None:
+    page.goto(f"{server.base}/")
+    expect(page).to_have_url(re.compile(r"/login$"))  # no session: sign in first
+    _shot(page, "login")
+    _sign_in(page, server.base, server.clinician_a)
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    cookie = next(c for c in page.context.cookies() if c["name"] == "pw_session")
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+
+    # Alerts: high first, said in words, not colour alone.
+    rows = page.locator("#alerts-table tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("▲ High")
+    expect(rows.nth(0)).to_contain_text("Reservoir at low alarm")
+    expect(rows.nth(1)).to_contain_text("○ Low")
+    # Refills due: the one that runs low first first; clinic B's patient is not there.
+    due = page.locator("#due-table tbody tr")
+    expect(due).to_have_count(2)
+    expect(due.nth(0)).to_contain_text("Ada Soon")
+    expect(due.nth(1)).to_contain_text("Ben Later")
+    expect(page.locator("#due-table")).not_to_contain_text("Cy Other")
+    _shot(page, "worklist")
+
+    page.get_by_role("link", name="Ada Soon").click()
+    expect(page.get_by_role("heading", name=re.compile("Ada Soon"))).to_be_visible()
+    expect(page.get_by_role("heading", name="Therapy")).to_be_visible()
+    expect(page.locator(".facts")).to_contain_text(["500 mcg/day"])
+    chart = page.locator("#reservoir-chart svg")
+    expect(chart).to_be_visible()
+    expect(chart.locator("path.readings")).to_have_count(1)
+    expect(chart.locator("path.projection")).to_have_count(1)
+    expect(chart.locator("line.low-alarm")).to_have_count(1)
+    expect(chart.locator("g.refill")).to_have_count(1)
+    expect(chart.locator("text.forecast-label").first).to_contain_text("low alarm")
+    assert len(chart.locator("path.projection").get_attribute("d") or "") > 20
+    _shot(page, "patient")
+
+    alert = page.locator(f'li[data-alert="{server.high_alert}"]')
+    expect(alert.locator(".status")).to_have_text("open")
+    alert.get_by_role("button", name="Acknowledge").click()
+    alert = page.locator(f'li[data-alert="{server.high_alert}"]')
+    expect(alert.locator(".status")).to_have_text("acknowledged")
+    page.reload()  # it persisted
+    expect(page.locator(f'li[data-alert="{server.high_alert}"] .status')).to_have_text(
+        "acknowledged"
+    )
+    alert = page.locator(f'li[data-alert="{server.high_alert}"]')
+    alert.get_by_label("Note").fill("refilled on the ward")
+    alert.get_by_role("button", name="Resolve").click()
+    expect(page.locator(f'li[data-alert="{server.high_alert}"] .status')).to_have_text("resolved")
+    expect(page.locator(f'li[data-alert="{server.high_alert}"]')).to_contain_text(
+        "refilled on the ward"
+    )
+    _shot(page, "patient-after-resolve")
+
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.goto(f"{server.base}/patients/{server.soon}")
+    expect(page).to_have_url(re.compile(r"/login$"))  # the session is gone
+
+
+def test_another_clinic_cannot_open_the_patient_page(server: Seeded, page: Page) -> None:
+    _sign_in(page, server.base, server.clinician_b)
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    expect(page.locator("main")).not_to_contain_text("Ada Soon")
+    response = page.goto(f"{server.base}/patients/{server.soon}")
+    assert response is not None
+    assert response.status == 404
+    expect(page.locator("main")).not_to_contain_text("Ada Soon")
+    _shot(page, "other-clinic-denied")
+
+
+def test_a_form_post_without_the_csrf_token_is_refused(server: Seeded, page: Page) -> None:
+    _sign_in(page, server.base, server.clinician_a)
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    target = f"{server.base}/patients/{server.later}/alerts/{uuid.uuid4()}/acknowledge"
+    refused = page.request.post(target, form={"note": "x"})  # the session cookie, no token
+    assert refused.status == 403
+    wrong = page.request.post(target, form={"note": "x", "csrf_token": "guess"})
+    assert wrong.status == 403
+    logout = page.request.post(f"{server.base}/logout", form={}, max_redirects=0)
+    assert logout.status == 403  # signing someone out needs the token too
+
+
+def test_a_wrong_key_does_not_sign_in(server: Seeded, page: Page) -> None:
+    _sign_in(page, server.base, "pw_not-a-key")
+    expect(page.get_by_role("alert")).to_contain_text("Unknown or revoked key")
+    assert not [c for c in page.context.cookies() if c["name"] == "pw_session"]
+
+
+def test_the_fleet_page_is_de_identified(server: Seeded, page: Page) -> None:
+    _sign_in(page, server.base, server.fleet)
+    expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
+    expect(page.locator("#fleet-table")).to_contain_text("SynchroMed II 8637-40")
+    text = page.locator("main").inner_text()
+    for private in ("Ada Soon", "Ben Later", "Cy Other", "MRN-"):
+        assert private not in text
+    assert "3 pumps" in text
+    _shot(page, "fleet")
+
+
+def test_the_chart_is_an_accessible_svg_with_what_it_shows_in_words() -> None:
+    start = datetime(2026, 9, 1, tzinfo=UTC)
+    chart = Chart(
+        readings=[Point(start + timedelta(days=d), 30 - d * 0.25) for d in range(60)],
+        projection=[Point(start + timedelta(days=60 + d), 15 - d * 0.25) for d in range(61)],
+        low_alarm_ml=2.0,
+        capacity_ml=40.0,
+        refills=[RefillMark(start + timedelta(days=10), "refill <script>", True)],
+        low_alarm_at=start + timedelta(days=112),
+        empty_at=start + timedelta(days=120),
+        start=start,
+        end=start + timedelta(days=125),
+    )
+    svg = render(chart)
+    assert 'role="img"' in svg
+    assert "projected to reach the low alarm on 2026-12-22" in svg
+    assert "<script>" not in svg  # labels are escaped
+    assert svg.count('class="refill flagged"') == 1
+    assert "low alarm 2 mL" in svg
