@@ -405,3 +405,27 @@ def bench_alerts(
         latency_messages=latency_messages,
     )
     run_bench(options, Console())
+
+
+@bench.command("webhooks")
+def bench_webhooks(
+    messages: Annotated[int, typer.Option(min=100, help="Messages in the stream.")] = 100_000,
+    pumps: Annotated[int, typer.Option(min=1, help="Pumps publishing them.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+    stall_share: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of pumps with a stalling motor.")
+    ] = 0.3,
+) -> None:
+    """Alert commit → signed webhook received (p50/p99) while ingest runs at full speed.
+
+    Runs the real `pumpwatch ingest` and `pumpwatch alerts` on its own mosquitto and a scratch
+    database; every pump's clinic has a webhook pointing at a receiver in this process."""
+    from rich.console import Console
+
+    from services.bench.webhooks import WebhookBenchOptions
+    from services.bench.webhooks import run as run_bench
+
+    settings = _settings(CommonSettings)
+    level = "warning" if settings.log_level == "info" else settings.log_level
+    logs.configure(level, settings.log_format)
+    run_bench(WebhookBenchOptions(messages, pumps, seed, stall_share), Console())

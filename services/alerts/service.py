@@ -6,6 +6,10 @@ queues every pump now and then, for the rules that time alone sets off, and at s
 lost notification connection, so nothing is missed while the service was away. Several
 instances may run: evaluations of a pump are serialised by an advisory lock and the database
 allows one unresolved alert per pump and rule.
+
+The same process delivers the clinics' notifications from the outbox (webhooks, email, MQTT;
+escalation of unacknowledged high alerts; the daily digest) on a thread of its own:
+``services.alerts.notify``, off with ``PUMPWATCH_NOTIFY_ENABLED=false``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncpg
 from services.alerts import sql
 from services.alerts.engine import Engine, prepare_connection
 from services.alerts.metrics import AlertsMetrics
+from services.alerts.notify.runner import NotifyThread
 from services.alerts.settings import AlertsSettings
 from services.errors import FatalError
 from services.health import Health, serve
@@ -115,6 +120,7 @@ class AlertsService:
                 asyncio.create_task(self._heartbeat(), name="heartbeat"),
             ]
             worker = asyncio.create_task(self._work(engine), name="evaluate")
+            notifier = self._start_notifier(database_url)
             stopper = asyncio.create_task(self.stop.wait())
             done, _ = await asyncio.wait(
                 {worker, stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED
@@ -122,14 +128,30 @@ class AlertsService:
             log.info("alerts_stopping", pending=len(self.pending))
             self.stop.set()
             self._wake.set()
+            if notifier is not None:
+                notifier.stop()  # deliveries in flight finish, their outcome recorded
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker), 30)
+            if notifier is not None and not await asyncio.to_thread(notifier.join, 30):
+                log.warning("notify_worker_still_running")
             for task in (*tasks, stopper, worker):
                 task.cancel()
             for task in done:
                 if task is not stopper and not task.cancelled():
                     task.result()  # re-raise what ended a task early
             log.info("alerts_stopped")
+
+    def _start_notifier(self, database_url: str) -> NotifyThread | None:
+        if not self.settings.notify_enabled:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def failed(problem: str) -> None:
+            loop.call_soon_threadsafe(self.health.check, "notify", False, problem)
+
+        notifier = NotifyThread(self.settings, self.metrics, database_url, on_failure=failed)
+        notifier.start()
+        return notifier
 
     async def _open_pool(self, url: str) -> asyncpg.Pool | None:
         delay = 0.2

@@ -1,0 +1,3 @@
+"""Clinic notifications: the outbox fanned out into deliveries (webhooks, email, MQTT) by each
+clinic's routing, delivered at least once with retries, escalation of unacknowledged high
+alerts, and the daily refill digest. Runs as tasks of ``pumpwatch alerts``."""

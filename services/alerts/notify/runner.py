@@ -1,0 +1,109 @@
+"""The notification worker on an event loop and thread of its own, inside ``pumpwatch alerts``.
+
+Evaluating a batch of pumps runs the rules in Python between database round trips; on the
+service's loop those stretches would hold up every notification behind them (measured by
+``pumpwatch bench webhooks``: p50 0.8 s commit → webhook with batches of 200 pumps). On its own
+thread the worker is scheduled between them (the interpreter switches threads every few
+milliseconds), with a small connection pool of its own. It shares the metrics registry (whose
+updates are thread-safe) and the stop signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+
+import asyncpg
+
+from services.alerts.engine import prepare_connection
+from services.alerts.metrics import AlertsMetrics
+from services.alerts.notify.worker import Notifications
+from services.alerts.settings import AlertsSettings
+from services.logs import get
+from services.storage.database import DatabaseRejected, DatabaseUnavailable, create_pool
+
+log = get(__name__)
+
+
+class NotifyThread:
+    def __init__(
+        self,
+        settings: AlertsSettings,
+        metrics: AlertsMetrics,
+        database_url: str,
+        *,
+        on_failure: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.database_url = database_url
+        self.on_failure = on_failure
+        """Called (from this thread) if the worker ends with an error."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(10)
+
+    def stop(self) -> None:
+        """Ask the worker to finish (deliveries in flight complete, for a while)."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the thread; False if it is still running after ``timeout_s``."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:  # the alert evaluation goes on; readiness says why not
+            log.exception("notify_worker_crashed")
+            self.on_failure(f"notification worker stopped: {type(exc).__name__}: {exc}")
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        stop = self._stop = asyncio.Event()
+        self._started.set()
+        pool = await self._pool(stop)
+        if pool is None:
+            return
+        try:
+            async with Notifications(
+                pool, self.settings, self.metrics, stop=stop, database_url=self.database_url
+            ) as notifications:
+                tasks = [asyncio.create_task(loop) for loop in notifications.loops()]
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in tasks:
+                    task.cancel()
+                for task in done:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+        finally:
+            await pool.close()
+
+    async def _pool(self, stop: asyncio.Event) -> asyncpg.Pool | None:
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                return await create_pool(
+                    self.database_url,
+                    application_name="pumpwatch-alerts-notify",
+                    min_size=2,
+                    max_size=max(4, min(self.settings.notify_concurrency, 10)),
+                    init=prepare_connection,
+                )
+            except (DatabaseUnavailable, DatabaseRejected) as exc:
+                log.warning("notify_database_unavailable", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+        return None
