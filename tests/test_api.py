@@ -546,3 +546,74 @@ async def test_the_mqtt_contract_schema_is_served(api: Api) -> None:
     assert answer.status_code == 200
     assert answer.headers["content-type"] == "application/schema+json"
     assert answer.json() == schema_document()
+
+
+async def test_notification_routing_is_read_and_set_per_clinic(api: Api, w: World) -> None:
+    path = f"/v1/clinics/{w.a.id}/notifications"
+    defaults = await api.call("GET", path, w.a.integrator)
+    assert defaults.status_code == 200
+    assert defaults.json()["escalation"]["after_minutes"] == 15
+    routing = {"email": {"high": ["oncall@clinic.example"]}, "escalation": {"after_minutes": 10}}
+    put = await api.call("PUT", path, w.a.clinician, json=routing)
+    assert put.status_code == 200, put.text
+    assert put.json()["email"]["high"] == ["oncall@clinic.example"]
+    conn = await api.conn()
+    try:  # stored as the worker reads it
+        from services.domain.notifications import NotificationSettings
+
+        stored = await conn.fetchval(
+            "SELECT notification_settings FROM clinics WHERE id = $1", uuid.UUID(w.a.id)
+        )
+        assert NotificationSettings.stored(stored).escalation.after_minutes == 10
+    finally:
+        await conn.close()
+    bad = await api.call("PUT", path, w.a.clinician, json={"email": {"high": ["not-an-address"]}})
+    assert bad.status_code == 422
+    field = problem(bad)["errors"][0]["field"]  # type: ignore[index]
+    assert str(field).startswith("body.email.high")
+    assert (await api.call("PUT", path, w.a.integrator, json={})).status_code == 403
+    assert (
+        await api.call("GET", f"/v1/clinics/{w.b.id}/notifications", w.a.clinician)
+    ).status_code == 404
+
+
+async def test_a_webhook_secret_rotates_with_an_overlap(api: Api, w: World) -> None:
+    made = await api.call(
+        "POST",
+        "/v1/webhooks",
+        w.a.integrator,
+        json={"url": "https://ehr.example.org/hook", "events": ["alert.unacknowledged"]},
+    )
+    assert made.status_code == 201, made.text
+    hook = made.json()["id"]
+    rotated = await api.call(
+        "POST", f"/v1/webhooks/{hook}/rotate-secret", w.a.clinician, json={"overlap_hours": 2}
+    )
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.json()["secret"] != made.json()["secret"]
+    conn = await api.conn()
+    try:
+        row = await conn.fetchrow(
+            "SELECT secret, previous_secret, previous_secret_expires_at - now() AS left "
+            "FROM webhooks WHERE id = $1",
+            uuid.UUID(hook),
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    assert (row["secret"], row["previous_secret"]) == (
+        rotated.json()["secret"],
+        made.json()["secret"],
+    )
+    assert timedelta(hours=1, minutes=59) < row["left"] <= timedelta(hours=2)
+    other = await api.call("POST", f"/v1/webhooks/{hook}/rotate-secret", w.b.clinician)
+    assert other.status_code == 404
+
+
+def test_webhook_events_are_the_notifier_s() -> None:
+    from typing import get_args
+
+    from services.api.models import WebhookEvent
+    from services.domain.notifications import WEBHOOK_EVENTS
+
+    assert set(get_args(WebhookEvent)) == WEBHOOK_EVENTS

@@ -339,29 +339,32 @@ class Dashboard(BaseModel):
 
 # --- webhooks and quarantine ---------------------------------------------------------------------
 
-WEBHOOK_EVENTS = (
+WebhookEvent = Literal[
     "alert.opened",
     "alert.escalated",
     "alert.eased",
     "alert.acknowledged",
     "alert.resolved",
+    "alert.unacknowledged",
     "refill.recorded",
-)
+    "webhook.disabled",
+    "delivery.failed",
+]
 
 
 class WebhookIn(_In):
     url: Text = Field(max_length=2000, examples=["https://ehr.example.org/hooks/pumpwatch"])
-    events: list[
-        Literal[
-            "alert.opened",
-            "alert.escalated",
-            "alert.eased",
-            "alert.acknowledged",
-            "alert.resolved",
-            "refill.recorded",
-        ]
-    ] = Field(min_length=1, examples=[["alert.opened", "alert.escalated"]])
+    events: list[WebhookEvent] = Field(min_length=1, examples=[["alert.opened", "alert.escalated"]])
     clinic_id: UUID | None = Field(default=None, description="Admin keys only.")
+
+
+class RotateIn(_In):
+    overlap_hours: float = Field(
+        default=24.0,
+        ge=0,
+        le=24 * 14,
+        description="How long the old secret keeps signing too (receivers switch meanwhile).",
+    )
 
 
 class WebhookOut(BaseModel):

@@ -38,6 +38,10 @@ INSERT INTO clinics (name, timezone, alert_settings) VALUES ($1, $2, $3) RETURNI
 """
 CLINIC = f"SELECT {_CLINIC} FROM clinics WHERE id = $1"
 CLINIC_EXISTS = "SELECT true FROM clinics WHERE id = $1"
+NOTIFICATION_SETTINGS = "SELECT notification_settings FROM clinics WHERE id = $1"
+UPDATE_NOTIFICATION_SETTINGS = """
+UPDATE clinics SET notification_settings = $2 WHERE id = $1 RETURNING notification_settings
+"""
 UPDATE_ALERT_SETTINGS = f"""
 UPDATE clinics SET alert_settings = $2 WHERE id = $1 RETURNING {_CLINIC}
 """
@@ -219,6 +223,12 @@ SELECT {_WEBHOOK} FROM webhooks
 WHERE deleted_at IS NULL AND ($1::uuid IS NULL OR clinic_id = $1)
   AND ($2::uuid IS NULL OR id > $2)
 ORDER BY id LIMIT $3
+"""
+ROTATE_WEBHOOK_SECRET = f"""
+UPDATE webhooks SET previous_secret = secret, secret = $3,
+       previous_secret_expires_at = now() + make_interval(secs => $4)
+WHERE id = $1 AND deleted_at IS NULL AND ($2::uuid IS NULL OR clinic_id = $2)
+RETURNING {_WEBHOOK}
 """
 DELETE_WEBHOOK = """
 UPDATE webhooks SET deleted_at = now()

@@ -13,6 +13,7 @@ from services.api.auth import require
 from services.api.common import Auth, Db, visible
 from services.api.problems import FieldError, Problem, not_found
 from services.domain.alerting import RuleSettings
+from services.domain.notifications import NotificationSettings
 
 router = APIRouter(prefix="/v1/clinics", tags=["clinics"])
 
@@ -118,3 +119,36 @@ async def put_alert_settings(
     if row is None:
         raise not_found("clinic")
     return models.ClinicAlertSettings(**row["alert_settings"])
+
+
+@router.get(
+    "/{clinic_id}/notifications",
+    summary="How the clinic is notified: recipients by priority, escalation, quiet hours, digest",
+)
+async def get_notifications(clinic_id: UUID, principal: Auth, db: Db) -> NotificationSettings:
+    if principal.role == "fleet":
+        raise not_found("clinic")
+    visible(principal, clinic_id, "clinic")
+    stored = await db.fetchval(sql.NOTIFICATION_SETTINGS, clinic_id)
+    if stored is None:
+        raise not_found("clinic")
+    return NotificationSettings.stored(stored)
+
+
+@router.put(
+    "/{clinic_id}/notifications",
+    summary="Set the clinic's notification routing (admin, clinician); `{}` restores defaults",
+)
+async def put_notifications(
+    clinic_id: UUID, body: NotificationSettings, principal: Auth, db: Db
+) -> NotificationSettings:
+    require(principal, "admin", "clinician")
+    visible(principal, clinic_id, "clinic")
+    stored = await db.fetchval(
+        sql.UPDATE_NOTIFICATION_SETTINGS,
+        clinic_id,
+        body.model_dump(mode="json", exclude_defaults=True),
+    )
+    if stored is None:
+        raise not_found("clinic")
+    return NotificationSettings.stored(stored)

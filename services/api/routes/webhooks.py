@@ -76,6 +76,24 @@ async def list_webhooks(
     return models.Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
 
 
+@router.post(
+    "/{webhook_id}/rotate-secret",
+    summary="A new signing secret (shown once); the old one keeps signing for the overlap",
+)
+async def rotate_secret(
+    webhook_id: UUID, principal: Auth, db: Db, body: models.RotateIn | None = None
+) -> models.WebhookCreated:
+    _manager(principal)
+    overlap = (body or models.RotateIn()).overlap_hours * 3600
+    secret = new_secret()
+    row = await db.fetchrow(
+        sql.ROTATE_WEBHOOK_SECRET, webhook_id, scope_of(principal), secret, overlap
+    )
+    if row is None:
+        raise not_found("webhook")
+    return models.WebhookCreated(**dict(row), secret=secret)
+
+
 @router.delete(
     "/{webhook_id}",
     status_code=status.HTTP_204_NO_CONTENT,
