@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -110,6 +111,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_exception_handler(problems.Problem, problems.on_problem)
     app.add_exception_handler(RequestValidationError, problems.on_validation)
     app.add_exception_handler(StarletteHTTPException, problems.on_http)
+    app.add_exception_handler(asyncpg.DataError, problems.on_data_error)
     app.add_exception_handler(Exception, problems.on_error)
     for module in (meta, clinics, patients, pumps, refills, alerts, webhooks, fhir):
         app.include_router(module.router)

@@ -107,6 +107,20 @@ async def on_http(_: Request, exc: Exception) -> JSONResponse:
     return response(Problem(exc.status_code, detail, headers=dict(exc.headers or {})))
 
 
+async def on_data_error(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database cannot store (text it cannot represent, a number out of range):
+    the client's mistake, named, never a 500."""
+    log.info("api_data_refused", path=request.url.path, error=type(exc).__name__)
+    return response(
+        Problem(
+            422,
+            f"a value in the request cannot be stored: {exc}".splitlines()[0][:300],
+            kind="validation",
+            title="Request validation failed",
+        )
+    )
+
+
 async def on_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("api_unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
     return response(Problem(500, "the server failed to answer; the error is logged"))

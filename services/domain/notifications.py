@@ -49,7 +49,8 @@ EmailAddress = Annotated[
     StringConstraints(
         strip_whitespace=True,
         max_length=254,
-        pattern=r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$",
+        # no spaces, controls (NUL included), quotes or list separators
+        pattern=r"^[^@\s\x00-\x1f\x7f<>,;\"]+@[^@\s\x00-\x1f\x7f<>,;\"]+\.[^@\s\x00-\x1f\x7f<>,;\"]+$",
     ),
 ]
 
