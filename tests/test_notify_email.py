@@ -139,6 +139,13 @@ async def test_quiet_hours_delay_low_priority_email_only(database_url: str) -> N
                     )
                 )
                 await worker.until(lambda: len(smtp.mails) >= 1)
+                # the SMTP server has the mail a moment before the worker records the outcome
+                await worker.until(
+                    lambda: pool.fetchval(
+                        "SELECT count(*) = 1 FROM deliveries d JOIN alerts a ON a.id = d.alert_id "
+                        "WHERE a.priority = 'high' AND d.status = 'delivered'"
+                    )
+                )
                 rows = await pool.fetch(
                     "SELECT d.target, d.status, d.due_at, d.created_at, a.priority "
                     "FROM deliveries d JOIN alerts a ON a.id = d.alert_id ORDER BY d.target"
