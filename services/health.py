@@ -19,6 +19,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from services.errors import FatalError
+
 Waiting = tuple[int, float | None]
 """Messages received and not yet committed, and when (Unix time) the oldest of them arrived."""
 
@@ -95,3 +97,13 @@ def serve(health: Health, registry: CollectorRegistry, host: str, port: int) -> 
         server.server_close()
 
     return stop
+
+
+def serve_or_fail(
+    health: Health, registry: CollectorRegistry, host: str, port: int
+) -> Callable[[], None]:
+    """:func:`serve`, or a :class:`FatalError` saying why the port cannot be served."""
+    try:
+        return serve(health, registry, host, port)
+    except OSError as exc:
+        raise FatalError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc

@@ -215,6 +215,13 @@ def alerts_process(
     return IngestProcess(database_url, broker, log_path, extra_env=env, command="alerts")
 
 
+def notify_process(
+    database_url: str, broker: EmbeddedBroker, log_path: Path, **env: str
+) -> IngestProcess:
+    """``pumpwatch notify`` as a child process (same handling as ingest's)."""
+    return IngestProcess(database_url, broker, log_path, extra_env=env, command="notify")
+
+
 async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(url)
     try:

@@ -8,8 +8,10 @@ instances may run: evaluations of a pump are serialised by an advisory lock and 
 allows one unresolved alert per pump and rule.
 
 The same process delivers the clinics' notifications from the outbox (webhooks, email, MQTT;
-escalation of unacknowledged high alerts; the daily digest) on a thread of its own:
-``services.alerts.notify``, off with ``PUMPWATCH_NOTIFY_ENABLED=false``.
+escalation of unacknowledged high alerts; the daily digest) on a thread of its own
+(``services.alerts.notify.runner``), off with ``PUMPWATCH_NOTIFY_ENABLED=false`` — then
+``pumpwatch notify`` (``services.alerts.notify.service``) runs the same worker in a process of
+its own, where the evaluation's CPU-bound batches cannot hold it up.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from services.alerts.metrics import AlertsMetrics
 from services.alerts.notify.runner import NotifyThread
 from services.alerts.settings import AlertsSettings
 from services.errors import FatalError
-from services.health import Health, serve
+from services.health import Health, serve_or_fail
 from services.logs import get
 from services.settings import ConfigError
 from services.storage import migrate
@@ -85,19 +87,14 @@ class AlertsService:
             raise FatalError(str(exc)) from exc
         async with AsyncExitStack() as stack:
             if settings.metrics_port:
-                try:
-                    stop_server = serve(
+                stack.callback(
+                    serve_or_fail(
                         self.health,
                         self.metrics.registry,
                         settings.metrics_host,
                         settings.metrics_port,
                     )
-                except OSError as exc:
-                    raise FatalError(
-                        f"cannot serve metrics on {settings.metrics_host}:"
-                        f"{settings.metrics_port}: {exc.strerror}"
-                    ) from exc
-                stack.callback(stop_server)
+                )
             pool = await self._open_pool(database_url)
             if pool is None:
                 return

@@ -1,4 +1,5 @@
-"""Settings of ``pumpwatch alerts`` (environment, prefix ``PUMPWATCH_``)."""
+"""Settings of ``pumpwatch alerts`` and ``pumpwatch notify`` (environment, prefix
+``PUMPWATCH_``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from services.domain.webhook_urls import parse_allow_hosts
 from services.settings import CommonSettings
 
 
-class AlertsSettings(CommonSettings):
+class NotifySettings(CommonSettings):
+    """What the notification worker reads, in ``pumpwatch notify`` and in ``pumpwatch alerts``
+    (which runs the worker on a thread of its own unless ``PUMPWATCH_NOTIFY_ENABLED=false``)."""
+
     model_config = SettingsConfigDict(
         env_prefix="PUMPWATCH_",
         env_nested_delimiter="__",
@@ -24,27 +28,10 @@ class AlertsSettings(CommonSettings):
 
     rules: RuleSettings = RuleSettings()
     """Rule thresholds, e.g. ``PUMPWATCH_RULES__REFILL_DUE_LOW_DAYS=21`` (global defaults;
-    clinics override the per-clinic ones)."""
-    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    clinics override the per-clinic ones). The daily digest forecasts refills with them."""
+    metrics_port: int = Field(default=9103, ge=0, le=65535)
     """Prometheus /metrics, /healthz and /readyz; 0 disables the server."""
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
-    alerts_sweep_interval_s: float = Field(default=300.0, gt=0)
-    """Every pump is evaluated this often, for the rules that time alone sets off (refill due
-    in N days, silent pumps, drug age); new data triggers an evaluation within a second."""
-    alerts_batch_max_pumps: int = Field(default=200, ge=1)
-    """Pumps evaluated in one transaction."""
-    alerts_flap_window_s: float = Field(default=6 * 3600.0, ge=0)
-    """A rule that fires again within this of its alert resolving reopens that alert."""
-    alerts_clock: Literal["wall", "data"] = "wall"
-    """``wall``: judge by the server clock. ``data``: by the newest reading's time — for
-    simulations and history replays, where days pass in seconds."""
-    alerts_stall_timeout_s: float = Field(default=60.0, gt=0)
-    """Unhealthy when pumps wait for evaluation and none was evaluated for this long."""
-
-    # -- notifications (services.alerts.notify) -------------------------------------------------
-    notify_enabled: bool = True
-    """Deliver notifications (webhooks, email, MQTT) from the outbox; ``false`` leaves the
-    outbox untouched for another instance or a later start."""
     notify_concurrency: int = Field(default=16, ge=1, le=1000)
     """Deliveries attempted at once by this instance."""
     notify_batch_max_events: int = Field(default=200, ge=1)
@@ -107,6 +94,29 @@ class AlertsSettings(CommonSettings):
 
     def smtp(self) -> SmtpTarget | None:
         return None if not self.smtp_url else parse_smtp_url(self.smtp_url)
+
+
+class AlertsSettings(NotifySettings):
+    """``pumpwatch alerts``: the notification worker's settings and the alert engine's."""
+
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    """Prometheus /metrics, /healthz and /readyz; 0 disables the server."""
+    alerts_sweep_interval_s: float = Field(default=300.0, gt=0)
+    """Every pump is evaluated this often, for the rules that time alone sets off (refill due
+    in N days, silent pumps, drug age); new data triggers an evaluation within a second."""
+    alerts_batch_max_pumps: int = Field(default=200, ge=1)
+    """Pumps evaluated in one transaction."""
+    alerts_flap_window_s: float = Field(default=6 * 3600.0, ge=0)
+    """A rule that fires again within this of its alert resolving reopens that alert."""
+    alerts_clock: Literal["wall", "data"] = "wall"
+    """``wall``: judge by the server clock. ``data``: by the newest reading's time — for
+    simulations and history replays, where days pass in seconds."""
+    alerts_stall_timeout_s: float = Field(default=60.0, gt=0)
+    """Unhealthy when pumps wait for evaluation and none was evaluated for this long."""
+
+    notify_enabled: bool = True
+    """Deliver notifications (webhooks, email, MQTT) from the outbox on a thread of this
+    process; ``false`` leaves the outbox to ``pumpwatch notify`` (or a later start)."""
 
 
 @dataclass(frozen=True, slots=True)

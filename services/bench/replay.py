@@ -208,6 +208,14 @@ def alerts_process(
     return ServiceProcess("alerts", settings | env, log_path)
 
 
+def notify_process(
+    database_url: str, broker_url: str, log_path: Path, **env: str
+) -> ServiceProcess:
+    """``pumpwatch notify``: the notification worker alone (MQTT deliveries to the broker)."""
+    settings = {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_MQTT_URL": broker_url}
+    return ServiceProcess("notify", settings | env, log_path)
+
+
 def stored(metrics: Mapping[str, float]) -> int:
     """Messages ingest stored (telemetry and events)."""
     return int(

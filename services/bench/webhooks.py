@@ -5,27 +5,37 @@ The alert benchmark's load (``services.bench.alerts``, phase 2): a stream of sim
 escalate and resolve all through it) published as fast as the broker takes it to the real
 ``pumpwatch ingest`` and ``pumpwatch alerts`` processes (production settings, wall clock) on a
 broker and a scratch database of the bench's own. Every pump belongs to a patient of one clinic
-with one webhook subscribed to every alert event, pointing at a receiver in this process (an
-HTTP server on 127.0.0.1, allowed by ``PUMPWATCH_WEBHOOK_ALLOW_HOSTS``); MQTT deliveries run as
-well (the alert service has a broker).
+with one webhook subscribed to every alert event, pointing at the bench's receiver (an HTTP
+server on 127.0.0.1, allowed by ``PUMPWATCH_WEBHOOK_ALLOW_HOSTS``); MQTT deliveries run as well
+(the notification worker has a broker).
+
+The notification worker runs as a separate ``pumpwatch notify`` process beside ``pumpwatch
+alerts`` with ``PUMPWATCH_NOTIFY_ENABLED=false`` (the deployment the compose file describes), or,
+with ``in_process`` (``--in-process``), on the alert service's own thread (its default).
 
 Latency of a webhook = when the receiver read it minus when the alert change committed. The
 commit is when its outbox row became visible: a connection of the bench reads new outbox rows
 every 10 ms (so the commit is known to 10 ms, and the latency is if anything that much too
-low); each row's webhook-id follows from the row (``routing.message_id``). Also shown: from the
-alert change's ``updated_at`` (the engine's clock when it began the batch of pumps that changed
-it: includes the evaluation of the batch) and the alert service's own histogram (outbox row's
-``created_at``, the evaluating transaction's start, to delivered). Every request's signature is
-verified afterwards with ``standardwebhooks``; duplicates (the same ``webhook-id``) are counted
-apart.
+low); each row's webhook-id follows from the row (``routing.message_id``). The receiver and
+the outbox watch run in a process of their own (:class:`_Probe`): in the bench's process, whose
+publisher thread keeps the interpreter lock busy, they would read requests and rows late. Also
+shown: from the alert change's ``updated_at`` (the engine's clock when it began the batch of
+pumps that changed it: includes the evaluation of the batch) and the delivering process's own
+histogram (outbox row's ``created_at``, the evaluating transaction's start, to delivered). Every
+request's signature is verified afterwards with ``standardwebhooks``; duplicates (the same
+``webhook-id``) are counted apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,7 +56,13 @@ from services import embedded
 from services.alerts.notify.routing import message_id
 from services.bench.alerts import histogram_quantile
 from services.bench.ingest import _drop_database, _fresh_database, _postgres
-from services.bench.replay import ServiceProcess, alerts_process, ingest_process, stored
+from services.bench.replay import (
+    ServiceProcess,
+    alerts_process,
+    ingest_process,
+    notify_process,
+    stored,
+)
 from services.domain.webhook_urls import new_secret
 from services.settings import parse_mqtt_url
 from services.sim.fleet import Fault, Fleet
@@ -88,6 +104,14 @@ class WebhookBenchOptions:
     pumps: int = 1000
     seed: int = 7
     stall_share: float = 0.3
+    notify_process: bool = True
+    """Deliver from a ``pumpwatch notify`` process (alerts with notify disabled); False: on
+    the alert service's notification thread."""
+
+    def mode(self) -> str:
+        if self.notify_process:
+            return "`pumpwatch notify` process"
+        return "thread in `pumpwatch alerts`"
 
 
 @dataclass
@@ -95,6 +119,14 @@ class _Request:
     at: float
     headers: dict[str, str]
     body: bytes
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    """The listen backlog (socketserver's default is 5): the worker opens up to
+    ``PUMPWATCH_NOTIFY_CONCURRENCY`` connections at once, and a connection refused by a full
+    backlog is retried by the client's TCP after 1 s (measured: the slowest webhooks)."""
 
 
 class _Receiver:
@@ -122,8 +154,7 @@ class _Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 """Quiet."""
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", embedded.free_port()), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", embedded.free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/pumpwatch"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -198,6 +229,95 @@ class _OutboxWatch:
         self._thread.join(10)
 
 
+class _Probe:
+    """The measuring end — the webhook receiver and the outbox watch — in a process of its own
+    (:func:`probe_main`), driven by JSON lines over its stdin and stdout. In the bench's process
+    they would wait for the interpreter lock behind the publisher's thread: measured there, a
+    POST to the receiver took 113 ms (median) to 1.07 s (p99) from the worker's side, and the
+    worker's deliveries queued behind them."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from services.bench.webhooks import probe_main; probe_main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.url: str = self._ask("url")
+
+    def _ask(self, command: str, argument: object = None) -> Any:
+        stdin, stdout = self._process.stdin, self._process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write(json.dumps([command, argument]) + "\n")
+        stdin.flush()
+        answer = stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the bench's probe process ended (asked {command!r})")
+        return json.loads(answer)
+
+    def watch(self, database_url: str) -> None:
+        """Start noting when outbox rows become visible."""
+        self._ask("watch", database_url)
+
+    def count(self) -> int:
+        """Requests received so far."""
+        return int(self._ask("count"))
+
+    def results(self) -> tuple[list[_Request], dict[int, float]]:
+        """Stop; every request received, and when each outbox row was first seen."""
+        requests, seen = self._ask("results")
+        return (
+            [_Request(at, headers, base64.b64decode(body)) for at, headers, body in requests],
+            {int(outbox_id): at for outbox_id, at in seen.items()},
+        )
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert self._process.stdin is not None
+                self._process.stdin.close()  # end of input: the probe exits
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(10)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+
+
+def probe_main() -> None:
+    """The probe process: answers the bench's commands (one JSON line each) until its input
+    ends."""
+    receiver = _Receiver()
+    watch: _OutboxWatch | None = None
+    try:
+        for line in sys.stdin:
+            command, argument = json.loads(line)
+            answer: object = None
+            if command == "url":
+                answer = receiver.url
+            elif command == "watch":
+                watch = _OutboxWatch(str(argument))
+            elif command == "count":
+                answer = receiver.count()
+            elif command == "results":
+                if watch is not None:
+                    watch.stop()
+                receiver.stop()
+                answer = [
+                    [
+                        [r.at, r.headers, base64.b64encode(r.body).decode()]
+                        for r in receiver.requests
+                    ],
+                    {} if watch is None else watch.seen,
+                ]
+            print(json.dumps(answer), flush=True)
+    finally:
+        if watch is not None:
+            watch.stop()
+
+
 def run(options: WebhookBenchOptions, console: Console) -> WebhookFigures:
     with contextlib.ExitStack() as stack:
         scratch = Path(tempfile.mkdtemp(prefix="pumpwatch-bench-webhooks-"))
@@ -207,9 +327,9 @@ def run(options: WebhookBenchOptions, console: Console) -> WebhookFigures:
         admin_url = _postgres(scratch, stack)
         database_url = asyncio.run(_fresh_database(admin_url))
         stack.callback(lambda: asyncio.run(_drop_database(admin_url, database_url)))
-        receiver = _Receiver()
-        stack.callback(receiver.stop)
-        figures = _measure(options, broker.url, database_url, receiver, scratch, console)
+        probe = _Probe()
+        stack.callback(probe.stop)
+        figures = _measure(options, broker.url, database_url, probe, scratch, console)
         console.print(summary(figures, options))
         return figures
 
@@ -218,7 +338,7 @@ def _measure(  # noqa: PLR0917 - one call site, each argument a different resour
     options: WebhookBenchOptions,
     broker_url: str,
     database_url: str,
-    receiver: _Receiver,
+    receiver: _Probe,
     scratch: Path,
     console: Console,
 ) -> WebhookFigures:
@@ -237,22 +357,26 @@ def _measure(  # noqa: PLR0917 - one call site, each argument a different resour
     webhook_id = asyncio.run(
         _setup(database_url, [p.serial for p in fleet.pumps], receiver.url, secret)
     )
-    watch = _OutboxWatch(database_url)
+    receiver.watch(database_url)
     console.print(
         f"{len(stream):,} messages from {options.pumps:,} pumps (15-minute readings, "
         f"{options.stall_share:.0%} with a stalling motor), published as fast as the broker "
         f"takes them; one clinic, one webhook at {receiver.url}"
     )
-    ingest = ingest_process(database_url, broker_url, scratch / "ingest.log")
-    alerts = alerts_process(
-        database_url,
-        broker_url,
-        scratch / "alerts.log",
-        PUMPWATCH_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
+    console.print(
+        "notification worker: "
+        + (
+            "a separate `pumpwatch notify` process, `pumpwatch alerts` with "
+            "PUMPWATCH_NOTIFY_ENABLED=false"
+            if options.notify_process
+            else "a thread in `pumpwatch alerts` (--in-process)"
+        )
     )
+    ingest, alerts, notifier = _services(options, database_url, broker_url, scratch)
+    services = [ingest, alerts] + ([notifier] if notifier is not alerts else [])
     try:
-        ingest.start()
-        alerts.start()
+        for service in services:
+            service.start()
         started = time.time()
         with _progress(console) as show:
             publisher = threading.Thread(
@@ -264,7 +388,7 @@ def _measure(  # noqa: PLR0917 - one call site, each argument a different resour
             publisher.start()
             deadline = time.monotonic() + 900
             while True:
-                _check(ingest, alerts, deadline)
+                _check(services, deadline)
                 count = stored(ingest.metrics())
                 show("stored", count, valid, receiver.count())
                 if count >= valid:
@@ -276,7 +400,7 @@ def _measure(  # noqa: PLR0917 - one call site, each argument a different resour
             )
             figures.ingest_rate = valid / max(last_commit - started, 1e-9)
             while True:
-                _check(ingest, alerts, deadline)
+                _check(services, deadline)
                 state = asyncio.run(_fetchrow(database_url, _WEBHOOK_DELIVERIES))
                 pending = alerts.metrics().get("pumpwatch_alerts_pending_pumps", 1.0)
                 done = int(state["delivered"])
@@ -286,26 +410,45 @@ def _measure(  # noqa: PLR0917 - one call site, each argument a different resour
                     break
                 time.sleep(0.2)
         figures.wall_s = time.time() - started
-        service = alerts.metrics()
-        figures.service_p50_s, figures.service_p99_s = _service_quantiles(service)
+        figures.service_p50_s, figures.service_p99_s = _service_quantiles(notifier.metrics())
         figures.alert_changes = int(
-            sum(v for k, v in service.items() if k.startswith("pumpwatch_alerts_changes_total{"))
+            sum(
+                v
+                for k, v in alerts.metrics().items()
+                if k.startswith("pumpwatch_alerts_changes_total{")
+            )
         )
     finally:
-        watch.stop()
-        alerts.stop()
-        ingest.stop()
+        for service in reversed(services):
+            service.stop()
+    requests, seen = receiver.results()
     commits = {
         message_id("outbox", outbox_id, "webhook", receiver.url, webhook_id): at
-        for outbox_id, at in watch.seen.items()
+        for outbox_id, at in seen.items()
     }
-    _judge(figures, receiver.requests, secret, commits)
+    _judge(figures, requests, secret, commits)
     return figures
 
 
-def _check(ingest: ServiceProcess, alerts: ServiceProcess, deadline: float) -> None:
-    ingest.check()
-    alerts.check()
+def _services(
+    options: WebhookBenchOptions, database_url: str, broker_url: str, scratch: Path
+) -> tuple[ServiceProcess, ServiceProcess, ServiceProcess]:
+    """Ingest, alerts, and the process that delivers (a ``pumpwatch notify``, or alerts)."""
+    ingest = ingest_process(database_url, broker_url, scratch / "ingest.log")
+    allow = {"PUMPWATCH_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"}
+    if not options.notify_process:
+        alerts = alerts_process(database_url, broker_url, scratch / "alerts.log", **allow)
+        return ingest, alerts, alerts
+    alerts = alerts_process(
+        database_url, broker_url, scratch / "alerts.log", PUMPWATCH_NOTIFY_ENABLED="false"
+    )
+    notifier = notify_process(database_url, broker_url, scratch / "notify.log", **allow)
+    return ingest, alerts, notifier
+
+
+def _check(services: list[ServiceProcess], deadline: float) -> None:
+    for service in services:
+        service.check()
     if time.monotonic() > deadline:
         raise RuntimeError("the run did not finish within 15 minutes")
 
@@ -396,6 +539,7 @@ def summary(figures: WebhookFigures, options: WebhookBenchOptions) -> Table:
     table.add_column(style="bold")
     table.add_column(justify="right")
     p99 = figures.quantile(0.99)
+    table.add_row("notification worker", options.mode())
     table.add_row("messages published", f"{figures.messages:,}")
     table.add_row("ingest stored msg/s", f"{figures.ingest_rate:,.0f}")
     table.add_row("alert changes", f"{figures.alert_changes:,}")

@@ -16,7 +16,7 @@ import asyncpg
 
 from services.alerts import notify_sql as sql
 from services.alerts.engine import _payload as alert_object
-from services.alerts.metrics import AlertsMetrics
+from services.alerts.metrics import NotifyMetrics
 from services.domain.notifications import Escalation, NotificationSettings
 from services.logs import get
 
@@ -49,7 +49,7 @@ def _settings(value: dict[str, object] | None, alert_id: object) -> Notification
         return NotificationSettings()
 
 
-async def escalate(pool: asyncpg.Pool, *, now: datetime, metrics: AlertsMetrics) -> int:
+async def escalate(pool: asyncpg.Pool, *, now: datetime, metrics: NotifyMetrics) -> int:
     """Escalate every alert due at ``now``; returns how many were escalated."""
     candidates = [row for row in await pool.fetch(sql.OPEN_HIGH_ALERTS) if _due(row, now)]
     done = 0

@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from services.alerts.metrics import AlertsMetrics
+from services.alerts.metrics import NotifyMetrics
 from services.alerts.notify.channel import Message, Result
 from services.domain.notifications import Channel
 from services.logs import get
@@ -38,7 +38,7 @@ def alerts_topic(clinic_id: str, prefix: str = "") -> str:
 class MqttSender:
     channel: ClassVar[Channel] = "mqtt"
 
-    def __init__(self, target: MqttTarget, *, timeout_s: float, metrics: AlertsMetrics) -> None:
+    def __init__(self, target: MqttTarget, *, timeout_s: float, metrics: NotifyMetrics) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.metrics = metrics

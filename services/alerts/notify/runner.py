@@ -1,11 +1,16 @@
-"""The notification worker on an event loop and thread of its own, inside ``pumpwatch alerts``.
+"""Running the notification worker: :func:`work` (its connection pool, senders and loops until
+told to stop), shared by both places it runs.
 
-Evaluating a batch of pumps runs the rules in Python between database round trips; on the
-service's loop those stretches would hold up every notification behind them (measured by
-``pumpwatch bench webhooks``: p50 0.8 s commit → webhook with batches of 200 pumps). On its own
-thread the worker is scheduled between them (the interpreter switches threads every few
-milliseconds), with a small connection pool of its own. It shares the metrics registry (whose
-updates are thread-safe) and the stop signal.
+``pumpwatch notify`` runs it on the process's own event loop
+(:mod:`services.alerts.notify.service`). ``pumpwatch alerts`` runs it on an event loop and thread
+of its own (:class:`NotifyThread`) unless ``PUMPWATCH_NOTIFY_ENABLED=false``. Evaluating a batch
+of pumps runs the rules in Python between database round trips; on the alert service's loop those
+stretches would hold up every notification behind them (measured by ``pumpwatch bench webhooks``:
+p50 0.8 s commit → webhook with batches of 200 pumps). On its own thread the worker is scheduled
+between them (the interpreter switches threads every few milliseconds), with a small connection
+pool of its own. It shares the metrics registry (whose updates are thread-safe) and the stop
+signal. The thread still shares the interpreter lock with the evaluation: under heavy load a
+separate ``pumpwatch notify`` process delivers sooner.
 """
 
 from __future__ import annotations
@@ -13,25 +18,85 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from services.alerts.engine import prepare_connection
-from services.alerts.metrics import AlertsMetrics
+from services.alerts.metrics import NotifyMetrics
 from services.alerts.notify.worker import Notifications
-from services.alerts.settings import AlertsSettings
+from services.alerts.settings import NotifySettings
 from services.logs import get
 from services.storage.database import DatabaseRejected, DatabaseUnavailable, create_pool
 
 log = get(__name__)
 
 
+async def work(
+    settings: NotifySettings,
+    metrics: NotifyMetrics,
+    database_url: str,
+    stop: asyncio.Event,
+    *,
+    on_pool: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
+    retry_rejected: bool = True,
+) -> None:
+    """The notification worker until ``stop`` is set: opens its pool (retrying while the
+    database is unavailable), calls ``on_pool`` with it, then runs the worker's loops; returns
+    once they finished (deliveries in flight complete, for a while). Raises what ended a loop
+    early, and, unless ``retry_rejected``, :class:`DatabaseRejected`."""
+    pool = await _pool(settings, database_url, stop, retry_rejected=retry_rejected)
+    if pool is None:
+        return
+    try:
+        if on_pool is not None:
+            await on_pool(pool)
+        async with Notifications(
+            pool, settings, metrics, stop=stop, database_url=database_url
+        ) as notifications:
+            tasks = [asyncio.create_task(loop) for loop in notifications.loops()]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in tasks:
+                task.cancel()
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+    finally:
+        await pool.close()
+
+
+async def _pool(
+    settings: NotifySettings, database_url: str, stop: asyncio.Event, *, retry_rejected: bool
+) -> asyncpg.Pool | None:
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            return await create_pool(
+                database_url,
+                application_name="pumpwatch-alerts-notify",
+                min_size=2,
+                max_size=max(4, min(settings.notify_concurrency, 10)),
+                init=prepare_connection,
+            )
+        except DatabaseRejected as exc:
+            if not retry_rejected:
+                raise
+            log.warning("notify_database_unavailable", error=str(exc))
+        except DatabaseUnavailable as exc:
+            log.warning("notify_database_unavailable", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 10.0)
+    return None
+
+
 class NotifyThread:
+    """:func:`work` on an event loop and thread of its own, inside ``pumpwatch alerts``."""
+
     def __init__(
         self,
-        settings: AlertsSettings,
-        metrics: AlertsMetrics,
+        settings: NotifySettings,
+        metrics: NotifyMetrics,
         database_url: str,
         *,
         on_failure: Callable[[str], None],
@@ -73,37 +138,4 @@ class NotifyThread:
         self._loop = asyncio.get_running_loop()
         stop = self._stop = asyncio.Event()
         self._started.set()
-        pool = await self._pool(stop)
-        if pool is None:
-            return
-        try:
-            async with Notifications(
-                pool, self.settings, self.metrics, stop=stop, database_url=self.database_url
-            ) as notifications:
-                tasks = [asyncio.create_task(loop) for loop in notifications.loops()]
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for task in tasks:
-                    task.cancel()
-                for task in done:
-                    if not task.cancelled() and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
-        finally:
-            await pool.close()
-
-    async def _pool(self, stop: asyncio.Event) -> asyncpg.Pool | None:
-        delay = 0.2
-        while not stop.is_set():
-            try:
-                return await create_pool(
-                    self.database_url,
-                    application_name="pumpwatch-alerts-notify",
-                    min_size=2,
-                    max_size=max(4, min(self.settings.notify_concurrency, 10)),
-                    init=prepare_connection,
-                )
-            except (DatabaseUnavailable, DatabaseRejected) as exc:
-                log.warning("notify_database_unavailable", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 10.0)
-        return None
+        await work(self.settings, self.metrics, self.database_url, stop)

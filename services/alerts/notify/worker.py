@@ -1,4 +1,5 @@
-"""The notification worker: outbox → deliveries → attempts, as tasks of ``pumpwatch alerts``.
+"""The notification worker: outbox → deliveries → attempts, as tasks of ``pumpwatch notify`` or
+of a thread of ``pumpwatch alerts`` (:mod:`services.alerts.notify.runner`).
 
 Fan-out. Outbox rows (written in the transaction of the change they announce) are taken oldest
 first with ``FOR UPDATE SKIP LOCKED`` — several instances take disjoint rows — and turned, in
@@ -32,7 +33,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 
 from services.alerts import notify_sql as sql
-from services.alerts.metrics import AlertsMetrics
+from services.alerts.metrics import NotifyMetrics
 from services.alerts.notify import digest as digests
 from services.alerts.notify.backoff import RetryPolicy, next_attempt
 from services.alerts.notify.channel import Message, Result, Sender, WebhookKeys
@@ -42,7 +43,7 @@ from services.alerts.notify.mqtt import MqttSender, alerts_topic
 from services.alerts.notify.render import EmailContent, PatientRef, admin_email, alert_email
 from services.alerts.notify.routing import Event, WebhookTarget, message_id, plan
 from services.alerts.notify.webhooks import Resolver, WebhookSender, url_host
-from services.alerts.settings import AlertsSettings
+from services.alerts.settings import NotifySettings
 from services.domain.notifications import ADMIN_EVENTS, ALERT_EVENTS, NotificationSettings
 from services.logs import get
 from services.settings import ConfigError
@@ -157,8 +158,8 @@ class Notifications:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        settings: AlertsSettings,
-        metrics: AlertsMetrics,
+        settings: NotifySettings,
+        metrics: NotifyMetrics,
         *,
         stop: asyncio.Event,
         database_url: str | None = None,
