@@ -1,0 +1,1 @@
+"""Deployment files; Python here only generates them (deploy/grafana/dashboards.py)."""

@@ -1,0 +1,1 @@
+"""Grafana provisioning: data sources, dashboard provider, generated dashboards."""
