@@ -117,6 +117,17 @@ def alerts() -> None:
 
 
 @app.command()
+def notify() -> None:
+    """Run the notification worker alone: the outbox to webhooks, email and MQTT, escalation,
+    the daily digest (foreground). Pair with PUMPWATCH_NOTIFY_ENABLED=false on `alerts`."""
+    from services.alerts.notify.service import run
+    from services.alerts.settings import NotifySettings
+
+    settings = _settings(NotifySettings)
+    _run(run(settings), settings)
+
+
+@app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Interface (PUMPWATCH_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (PUMPWATCH_API_PORT, 8000).")] = None,
@@ -415,11 +426,20 @@ def bench_webhooks(
     stall_share: Annotated[
         float, typer.Option(min=0, max=1, help="Share of pumps with a stalling motor.")
     ] = 0.3,
+    notify_process: Annotated[
+        bool,
+        typer.Option(
+            "--notify-process/--in-process",
+            help="Deliver from a separate `pumpwatch notify` process (alerts with "
+            "PUMPWATCH_NOTIFY_ENABLED=false), or on the alert service's own thread.",
+        ),
+    ] = True,
 ) -> None:
     """Alert commit → signed webhook received (p50/p99) while ingest runs at full speed.
 
-    Runs the real `pumpwatch ingest` and `pumpwatch alerts` on its own mosquitto and a scratch
-    database; every pump's clinic has a webhook pointing at a receiver in this process."""
+    Runs the real `pumpwatch ingest`, `pumpwatch alerts` and (by default) `pumpwatch notify` on
+    its own mosquitto and a scratch database; every pump's clinic has a webhook pointing at the
+    bench's receiver (a process of its own)."""
     from rich.console import Console
 
     from services.bench.webhooks import WebhookBenchOptions
@@ -428,4 +448,55 @@ def bench_webhooks(
     settings = _settings(CommonSettings)
     level = "warning" if settings.log_level == "info" else settings.log_level
     logs.configure(level, settings.log_format)
-    run_bench(WebhookBenchOptions(messages, pumps, seed, stall_share), Console())
+    run_bench(WebhookBenchOptions(messages, pumps, seed, stall_share, notify_process), Console())
+
+
+@bench.command("api")
+def bench_api(
+    pumps: Annotated[int, typer.Option(min=1, help="Pumps, one patient each.")] = 1000,
+    clinics: Annotated[int, typer.Option(min=1, help="Clinics the patients belong to.")] = 10,
+    days: Annotated[float, typer.Option(min=1, help="Days of history seeded.")] = 365.0,
+    compare_days: Annotated[
+        float, typer.Option(min=0, help="History of the comparison run (0 skips it).")
+    ] = 30.0,
+    interval_minutes: Annotated[
+        float, typer.Option(min=1, help="Minutes between a pump's readings.")
+    ] = 60.0,
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients per route.")] = 50,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Measured seconds per route.")] = 20.0,
+    warmup_seconds: Annotated[
+        float, typer.Option(min=0, help="Unmeasured warm-up per route.")
+    ] = 2.0,
+    admin_clients: Annotated[
+        int, typer.Option(min=0, help="Clients of the all-pumps (admin) worklist; 0 skips it.")
+    ] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the generated fleet.")] = 7,
+) -> None:
+    """Dashboard, worklist and telemetry latency (p50/p99) and requests/s under concurrent
+    clients, on a fleet seeded with a year of readings (and with a month, for comparison).
+
+    Seeds scratch databases with COPY on the configured (or local, or embedded) PostgreSQL,
+    runs the real `pumpwatch api` process, and drives it from a separate load process."""
+    from rich.console import Console
+
+    from services.bench.api import ApiBenchOptions
+    from services.bench.api import run as run_bench
+
+    settings = _settings(CommonSettings)
+    level = "warning" if settings.log_level == "info" else settings.log_level
+    logs.configure(level, settings.log_format)
+    options = ApiBenchOptions(
+        pumps=pumps,
+        clinics=clinics,
+        days=days,
+        compare_days=compare_days,
+        interval_minutes=interval_minutes,
+        clients=clients,
+        seconds=seconds,
+        warmup_seconds=warmup_seconds,
+        admin_clients=admin_clients,
+        seed=seed,
+    )
+    report = run_bench(options, Console())
+    if report.errors:
+        raise typer.Exit(1)

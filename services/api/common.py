@@ -20,7 +20,11 @@ async def connection(request: Request) -> AsyncIterator[Connection]:
         yield conn
 
 
-Db = Annotated[Connection, Depends(connection)]
+# Returned to the pool when the route function ends, before the response is sent: the audit
+# write (at the response's start) takes a connection of its own, and a request holding one
+# while waiting for another deadlocks the API once more requests are in flight than the pool
+# has connections.
+Db = Annotated[Connection, Depends(connection, scope="function")]
 Auth = Annotated[Principal, Depends(authenticate)]
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page (1-500).", examples=[50])]
 Cursor = Annotated[

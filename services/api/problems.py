@@ -5,6 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -121,6 +122,38 @@ async def on_data_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+RETRY_AFTER_S = 5
+"""Retry-After of a 503 while the database is unreachable."""
+
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    # Refused or reset connections, DNS failures, connect and pool-acquire timeouts
+    # (TimeoutError is an OSError).
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+"""Exceptions that mean the database cannot be reached now (not that the request is wrong)."""
+
+
+def unavailable() -> Problem:
+    return Problem(
+        503,
+        "the database cannot be reached; try again shortly",
+        kind="unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+async def on_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database is down or unreachable: 503 with Retry-After, never a 500. The pool
+    reconnects by itself, so the API recovers without a restart."""
+    log.warning("api_database_unavailable", path=request.url.path, error=type(exc).__name__)
+    return response(unavailable())
+
+
 async def on_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("api_unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
     return response(Problem(500, "the server failed to answer; the error is logged"))
@@ -141,5 +174,6 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "Request body too large",
         422: "Request validation failed (field-level `errors`)",
         429: "Too many failed authentications from this source",
+        503: "The database cannot be reached (Retry-After says when to try again)",
     }.items()
 }

@@ -40,6 +40,7 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 4,
     init: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = None,
+    server_settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
     """A pool whose connections name the service in ``pg_stat_activity``."""
     try:
@@ -49,7 +50,8 @@ async def create_pool(
             max_size=max_size,
             init=init,
             command_timeout=COMMAND_TIMEOUT_S,
-            server_settings={"application_name": application_name, "timezone": "UTC"},
+            server_settings={"application_name": application_name, "timezone": "UTC"}
+            | (server_settings or {}),
         )
     except FATAL_ERRORS as exc:
         raise DatabaseRejected(f"{type(exc).__name__}: {exc}") from exc

@@ -128,7 +128,15 @@ async def get_pump(serial: Serial, principal: Auth, db: Db) -> models.PumpState:
     "/v1/pumps/{serial}/telemetry",
     tags=["telemetry"],
     summary="Readings, newest first; `bucket=1h` returns hourly averages",
-    response_model=models.Page[models.ReadingOut] | models.Page[models.Bucket],
+    # Serialised here, each branch by its own model: a union response model would make
+    # FastAPI try every bucket as a reading first.
+    response_model=None,
+    responses={
+        200: {
+            "description": "A page of readings, or of hourly buckets with `bucket=1h`",
+            "model": models.Page[models.ReadingOut] | models.Page[models.Bucket],
+        }
+    },
 )
 async def telemetry(
     serial: Serial,
@@ -139,7 +147,7 @@ async def telemetry(
     bucket: Annotated[Literal["1h"] | None, Query(description="`1h`: hourly averages")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> models.Page[models.ReadingOut] | models.Page[models.Bucket]:
+) -> Response:
     await pump_clinic(db, principal, serial)
     low = _utc(since, "since") if since else datetime(1970, 1, 1, tzinfo=UTC)
     high = _utc(until, "until") if until else datetime.now(UTC) + timedelta(days=1)
@@ -156,9 +164,10 @@ async def telemetry(
         rows = await db.fetch(sql.HOURLY, serial, low, high, before, limit + 1)
         buckets = [models.Bucket(**dict(r)) for r in rows[:limit]]
         more = len(rows) > limit
-        return models.Page(
+        found = models.Page[models.Bucket](
             items=buckets, next_cursor=encode_cursor(buckets[-1].hour) if more else None
         )
+        return Response(found.model_dump_json(), media_type="application/json")
     after = decode_cursor(cursor, 2)
     rows = await db.fetch(
         sql.READINGS,
@@ -171,10 +180,11 @@ async def telemetry(
     )
     readings = [reading_out(r) for r in rows[:limit]]
     more = len(rows) > limit
-    return models.Page(
+    page = models.Page[models.ReadingOut](
         items=readings,
         next_cursor=encode_cursor(readings[-1].recorded_at, readings[-1].msg_id) if more else None,
     )
+    return Response(page.model_dump_json(), media_type="application/json")
 
 
 def _rounded(value: float | None) -> float | None:

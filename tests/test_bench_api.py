@@ -1,0 +1,142 @@
+"""``pumpwatch bench api`` at toy sizes: the seed is what ingest would have stored, and the bench
+drives every route without an error. No wall-clock assertions: the figures are the bench's."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+from datetime import UTC, datetime
+
+import asyncpg
+from rich.console import Console
+
+from services.bench import api as bench
+from tests.api_support import running_api, world
+
+# The rollup exactly as ingest's STORE_READINGS (and migration 0004) computes it.
+_EXPECTED_HOURLY = """
+SELECT serial, date_trunc('hour', recorded_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour,
+       count(*) AS readings, sum(volume_ml) AS volume_ml_sum, min(volume_ml) AS volume_ml_min,
+       max(volume_ml) AS volume_ml_max, max(recorded_at) AS last_at,
+       (array_agg(volume_ml ORDER BY recorded_at DESC))[1] AS last_volume_ml,
+       count(measured_flow_ml_per_day) AS flow_readings,
+       coalesce(sum(measured_flow_ml_per_day), 0) AS flow_ml_per_day_sum,
+       sum(rate_ml_per_day) AS rate_ml_per_day_sum
+FROM readings GROUP BY 1, 2
+"""
+_FLOATS = (
+    "volume_ml_sum",
+    "volume_ml_min",
+    "volume_ml_max",
+    "last_volume_ml",
+    "flow_ml_per_day_sum",
+    "rate_ml_per_day_sum",
+)
+
+
+async def test_the_seed_is_what_ingest_and_the_engine_would_have_stored(database_url: str) -> None:
+    spec = bench.SeedSpec(
+        pumps=6,
+        clinics=2,
+        days=200,
+        interval_minutes=20,  # three readings an hour: the rollup adds them up
+        seed=3,
+        now=datetime.now(UTC).replace(microsecond=0),
+    )
+    world, seeded = await bench.seed(database_url, spec)
+    # The last step's readings fall after ``now`` for the pumps read late in it: not made.
+    assert spec.pumps * (spec.steps - 1) <= seeded.readings <= spec.expected_readings
+    assert sum(len(s) for s in world.serials) == 6
+    conn = await asyncpg.connect(database_url)
+    try:
+        expected = {(r["serial"], r["hour"]): r for r in await conn.fetch(_EXPECTED_HOURLY)}
+        stored = {(r["serial"], r["hour"]): r for r in await conn.fetch(
+            "SELECT * FROM readings_hourly"
+        )}  # fmt: skip
+        assert await conn.fetchval("SELECT count(*) FROM readings") == seeded.readings
+        assert set(stored) == set(expected)
+        assert seeded.hourly == len(stored)
+        for key, row in expected.items():
+            found = stored[key]
+            assert found["readings"] == row["readings"]
+            assert found["flow_readings"] == row["flow_readings"]
+            assert found["last_at"] == row["last_at"]
+            for name in _FLOATS:
+                assert math.isclose(found[name], row[name], rel_tol=1e-12, abs_tol=1e-9), name
+        # pump_state is each pump's newest reading.
+        stale = await conn.fetchval(
+            """SELECT count(*) FROM pump_state s
+               JOIN LATERAL (SELECT msg_id, volume_ml FROM readings r WHERE r.serial = s.serial
+                             ORDER BY recorded_at DESC LIMIT 1) n ON true
+               WHERE n.msg_id <> s.msg_id OR n.volume_ml <> s.volume_ml"""
+        )
+        assert stale == 0
+        assert await conn.fetchval("SELECT count(*) FROM pump_state") == 6
+        # 200 days: every pump was refilled (drug age), the volume rising at each refill.
+        refilled = await conn.fetch(
+            "SELECT serial, count(*) FROM events WHERE type = 'refill' GROUP BY serial"
+        )
+        assert len(refilled) == 6
+        assert seeded.events == sum(r["count"] for r in refilled)
+        # Between refills the reservoir only falls (calculated pumps: exactly at the rate).
+        rises = await conn.fetchval(
+            """SELECT count(*) FROM (
+                   SELECT serial, recorded_at, volume_ml,
+                          lag(volume_ml) OVER (PARTITION BY serial ORDER BY recorded_at) AS prev
+                   FROM readings WHERE basis = 'calculated') r
+               WHERE volume_ml > prev + 1e-9
+                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.serial = r.serial
+                                 AND e.type = 'refill' AND e.recorded_at <= r.recorded_at
+                                 AND e.recorded_at > r.recorded_at - interval '20 minutes')"""
+        )
+        assert rises == 0
+        assert seeded.alerts_resolved > 0
+    finally:
+        await conn.close()
+
+
+def test_the_bench_drives_every_route_without_errors(pg_admin_url: str) -> None:
+    options = bench.ApiBenchOptions(
+        pumps=5,
+        clinics=2,
+        days=3,
+        compare_days=1,
+        clients=2,
+        seconds=1,
+        warmup_seconds=0.2,
+        admin_clients=1,
+    )
+    out = io.StringIO()
+    report = bench.run(options, Console(file=out, width=200), admin_url=pg_admin_url)
+    text = out.getvalue()
+    assert report.errors == 0, text
+    assert [s.days for s in report.seeded] == [1, 3]
+    expected = {(r.name, d) for r in (*bench.ROUTES, bench.ADMIN_WORKLIST) for d in (1, 3)}
+    expected |= {(bench.DASHBOARD.name, d) for d in (1, 3)}  # 1 client and 2 clients
+    assert {(p.route, p.history_days) for p in report.phases} == expected
+    for phase in report.phases:
+        assert phase.requests > 0, phase.route
+        assert phase.errors == 0, (phase.route, phase.statuses, phase.error_sample)
+        assert set(phase.statuses) == {200}
+        assert phase.rate > 0
+        assert phase.percentile(50) <= phase.percentile(99) <= phase.latencies_ms[-1]
+        assert phase.server_mean_ms is not None
+    assert report.phase(bench.DASHBOARD.name, 3, 1) is not None
+    assert report.phase(bench.DASHBOARD.name, 3, 2) is not None
+    assert "VERDICT: dashboard p99" in text
+    assert "1 day vs 3 days" in text
+
+
+async def test_the_api_serves_more_concurrent_requests_than_its_pool_has_connections(
+    database_url: str,
+) -> None:
+    """What the bench found: each request held its connection while the audit write at the
+    response's start waited for another, so pool-size requests in flight deadlocked the API."""
+    async with running_api(database_url, api_pool_max_size=2) as api:
+        w = await world(api)
+        path = f"/v1/pumps/{w.a.serial}/telemetry?limit=5"
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(api.call("GET", path, w.a.clinician) for _ in range(8))), 30
+        )
+    assert [a.status_code for a in answers] == [200] * 8
