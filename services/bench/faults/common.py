@@ -1,0 +1,504 @@
+"""What every fault scenario shares: the outcome it reports, the lab it runs in (a broker of its
+own, scratch databases), the real services as child processes, a paced publisher, and the
+checks of what was stored.
+
+Everything listens on 127.0.0.1 only, every loop is bounded in count and time, and every child
+process is ended by the scenario that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from services import embedded
+from services.bench.ingest import _drop_database
+from services.embedded import EmbeddedBroker, free_port
+from services.settings import parse_mqtt_url
+from services.sim.fleet import Fleet, Outgoing
+from services.sim.publisher import PublishError, publish_all
+from services.storage import migrate
+
+Size = Literal["reduced", "full"]
+
+STORED_IDS = """
+SELECT msg_id::text AS msg_id FROM readings
+UNION ALL
+SELECT msg_id::text AS msg_id FROM events
+"""
+
+
+# -- the outcome ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one scenario did and found, Jepsen-style: the counts of the history, and whether
+    the checker found it valid (every invariant held and the fault really was injected)."""
+
+    scenario: str
+    title: str
+    attempted: int | None = None
+    """Messages published (or requests sent, or canaries planted)."""
+    acknowledged: int | None = None
+    """Of those, acknowledged: PUBACKed by the broker (or answered)."""
+    stored: int | None = None
+    """Distinct acknowledged messages found in the database."""
+    lost: int | None = None
+    """Acknowledged and absent from the database (or, for PHI, canaries found where they must
+    never be)."""
+    duplicated: int | None = None
+    """Rows stored more than once for one message (or alerts/notifications doubled)."""
+    problems: list[str] = field(default_factory=list)
+    """Every broken invariant or precondition; the outcome is valid only when empty."""
+    figures: dict[str, str] = field(default_factory=dict)
+    """Further figures, in print order: recovery times, latencies, memory, reasons."""
+    elapsed_s: float = 0.0
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems and not self.lost and not self.duplicated
+
+    def check(self, condition: bool, problem: str) -> bool:
+        """Record ``problem`` unless ``condition`` holds; returns ``condition``."""
+        if not condition:
+            self.problems.append(problem)
+        return condition
+
+
+# -- the lab ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Lab:
+    """Where scenarios run: a scratch directory, an admin URL of a PostgreSQL server (scratch
+    databases are created on it and dropped), and a cleanup stack."""
+
+    admin_url: str
+    scratch: Path
+    stack: contextlib.ExitStack
+
+    def database(self) -> str:
+        """A fresh, migrated database, dropped at the end."""
+        url = asyncio.run(fresh_database(self.admin_url))
+        self.stack.callback(lambda: asyncio.run(_drop_database(self.admin_url, url)))
+        return url
+
+    def broker(self, name: str = "mosquitto") -> EmbeddedBroker:
+        """A mosquitto of the scenario's own (with persistence and the project's limits)."""
+        broker = embedded.start_mosquitto(self.scratch / name)
+        self.stack.callback(broker.stop)
+        return broker
+
+    def path(self, name: str) -> Path:
+        return self.scratch / name
+
+
+async def fresh_database(admin_url: str) -> str:
+    """A new database on the server of ``admin_url``, migrated.
+
+    Migrations that touch cluster-wide catalogs (a role's settings) fail with "tuple
+    concurrently updated" when another database of the same server is being migrated at the
+    same moment (other benchmarks, test sessions): such a migration is simply applied again."""
+    name = f"pumpwatch_faults_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+    finally:
+        await conn.close()
+    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    for attempt in range(5):
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate.apply(conn)
+            return url
+        except asyncpg.exceptions.InternalServerError as exc:
+            if "concurrently updated" not in str(exc) or attempt == 4:
+                raise
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.2 * (attempt + 1))
+    return url
+
+
+# -- the services as child processes ----------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """``pumpwatch <command>`` as a child process, configured through its environment; its
+    JSON log goes to ``log_path`` (all of its lives)."""
+
+    command: str
+    env: dict[str, str]
+    log_path: Path
+    args: tuple[str, ...] = ()
+    metrics_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    """time.time() of the last start."""
+    starts: int = 0
+
+    def start(self) -> Service:
+        environment = dict(os.environ)
+        environment.update(self.env)
+        if self.command in ("ingest", "alerts"):
+            self.metrics_port = free_port()
+            environment.update(
+                PUMPWATCH_METRICS_PORT=str(self.metrics_port), PUMPWATCH_METRICS_HOST="127.0.0.1"
+            )
+        with self.log_path.open("ab") as log:
+            self.started_at = time.time()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services", self.command, *self.args],
+                env=environment,
+                stdout=log,
+                stderr=log,
+            )
+        self.starts += 1
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def get(self, path: str, port: int | None = None) -> tuple[int, str]:
+        port = port or self.metrics_port
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def wait_ready(self, timeout_s: float = 60.0, port: int | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"{self.command} exited:\n{self.log()}")
+            if self.get("/readyz", port)[0] == 200:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.command} not ready after {timeout_s:.0f} s:\n{self.log()}")
+
+    def samples(self) -> dict[str, float] | None:
+        """Every sample on /metrics, keyed by name with labels as printed; None if it does not
+        answer."""
+        status, text = self.get("/metrics")
+        if status != 200:
+            return None
+        return parse_samples(text)
+
+    def kill(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return -9
+
+    def stop_quietly(self) -> None:
+        if self.alive:
+            self.terminate(30)
+
+    def log(self, tail: int = 4000) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log records of all lives, optionally only one event's."""
+        if not self.log_path.exists():
+            return []
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and (event is None or record.get("event") == event):
+                found.append(record)
+        return found
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                samples[key] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    """The sum of a metric over all its label values."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def ingest_service(
+    lab: Lab, database_url: str, broker_url: str, *, name: str = "ingest", **env: str
+) -> Service:
+    service = Service(
+        "ingest",
+        {
+            "PUMPWATCH_DATABASE_URL": database_url,
+            "PUMPWATCH_MQTT_URL": broker_url,
+            "PUMPWATCH_MQTT_CLIENT_ID": f"faults-{name}-{uuid.uuid4().hex[:6]}",
+            "PUMPWATCH_LOG_FORMAT": "json",
+            **env,
+        },
+        lab.path(f"{name}.log"),
+    )
+    lab.stack.callback(service.stop_quietly)
+    return service
+
+
+# -- publishing -------------------------------------------------------------------------------
+
+
+def days_before_now(days: float) -> datetime:
+    return (datetime.now(UTC) - timedelta(days=days)).replace(second=0, microsecond=0)
+
+
+def fleet_stream(
+    count: int, *, pumps: int, seed: int, telemetry_only: bool = False
+) -> list[Outgoing]:
+    """``count`` valid messages of a fault-free fleet, every one recorded before now."""
+    interval = timedelta(minutes=15)
+    # Readings alone would need count / pumps intervals; events add a few per cent.
+    span = interval * (count / pumps) * 1.2 + timedelta(days=1)
+    fleet = Fleet(pumps=pumps, seed=seed, start=days_before_now(span.total_seconds() / 86400))
+    messages: list[Outgoing] = []
+    while len(messages) < count:
+        batch = fleet.take(count)
+        if telemetry_only:
+            batch = [m for m in batch if m.kind == "telemetry"]
+        messages.extend(batch)
+    messages = messages[:count]
+    now = datetime.now(UTC)
+    if not all(m.valid and m.msg_id for m in messages) or max(m.at for m in messages) >= now:
+        raise RuntimeError("the simulated stream is not all valid and in the past")
+    return messages
+
+
+class PacedPublisher:
+    """Publishes a stream from a thread at about ``rate`` messages per second, in chunks of
+    ``chunk`` (each on a fresh connection, returning once the broker acknowledged every message
+    of the chunk; about 20 chunks a second by default). ``acked`` counts messages of
+    acknowledged chunks: the history's "acknowledged" set is ``stream[:acked]``."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        stream: Sequence[Outgoing],
+        *,
+        rate: float,
+        chunk: int | None = None,
+        protocol: Literal["5", "3.1.1"] = "5",
+        ack_timeout_s: float = 60.0,
+        retry_for_s: float = 0.0,
+    ) -> None:
+        self.target = parse_mqtt_url(broker_url)
+        self.retry_for_s = retry_for_s
+        self.retries = 0
+        """Chunks sent again because the broker could not be reached or stopped answering."""
+        self.stream = stream
+        self.rate = rate
+        # About 20 chunks a second: the flow is smooth, so work is always in flight.
+        self.chunk = chunk or max(20, round(rate / 20))
+        self.protocol = protocol
+        self.ack_timeout_s = ack_timeout_s
+        self.acked = 0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="faults-publisher", daemon=True)
+        self.started_at = 0.0
+        self.finished_at = 0.0
+
+    def start(self) -> PacedPublisher:
+        self.started_at = time.monotonic()
+        self._thread.start()
+        return self
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.stop.set()
+            self._thread.join(30)
+            raise RuntimeError(f"publishing did not finish within {timeout_s:.0f} s")
+        if self.error is not None:
+            raise RuntimeError(f"publishing failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        failing_since = 0.0
+        try:
+            n = 0
+            while self.acked < len(self.stream) and not self.stop.is_set():
+                upto = min(self.acked + self.chunk, len(self.stream))
+                try:
+                    report = publish_all(
+                        self.target,
+                        self.stream[self.acked : upto],
+                        client_id=f"faults-pub-{n}-{uuid.uuid4().hex[:6]}",
+                        protocol=self.protocol,
+                        ack_timeout_s=self.ack_timeout_s,
+                    )
+                except PublishError:
+                    # The broker went away mid-chunk: like a device, send the whole chunk again
+                    # (same msg_ids: what did arrive is recognised as a duplicate).
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > self.retry_for_s:
+                        raise
+                    self.retries += 1
+                    self.stop.wait(0.2)
+                    continue
+                failing_since = 0.0
+                if report.published != upto - self.acked or report.refused:
+                    raise RuntimeError(
+                        f"the broker acknowledged {report.published} of a chunk of "
+                        f"{upto - self.acked} ({report.refused} refused)"
+                    )
+                self.acked = upto
+                n += 1
+                # Pace: the chunk's share of time, from the start (so slow chunks catch up).
+                due = self.started_at + self.acked / self.rate
+                self.stop.wait(max(0.0, due - time.monotonic()))
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+        finally:
+            self.finished_at = time.monotonic()
+
+
+def publish(broker_url: str, messages: Sequence[Outgoing], *, client: str = "faults") -> int:
+    """Publish as fast as the broker takes them; returns how many it acknowledged."""
+    report = publish_all(
+        parse_mqtt_url(broker_url),
+        messages,
+        client_id=f"{client}-{uuid.uuid4().hex[:8]}",
+        ack_timeout_s=60.0,
+    )
+    return report.published
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+async def fetchval(url: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+@dataclass(frozen=True)
+class StoredCheck:
+    stored: int
+    """Distinct acknowledged messages stored."""
+    lost: list[str]
+    duplicated: int
+    """Extra rows: stored rows beyond one per distinct message."""
+    unexpected: int
+    """Stored messages that were never acknowledged (not an error: published, not yet acked
+    when the run's accounting closed — counted for the record)."""
+    ledger: int
+
+
+async def check_stored(url: str, acknowledged: Iterable[Outgoing]) -> StoredCheck:
+    """Compare the acknowledged messages with readings and events and the dedup ledger."""
+    wanted = {m.msg_id for m in acknowledged if m.msg_id}
+    rows = await fetch(url, STORED_IDS)
+    seen = Counter(str(r["msg_id"]) for r in rows)
+    duplicated = sum(n - 1 for n in seen.values() if n > 1)
+    lost = sorted(wanted - seen.keys())
+    ledger = int(await fetchval(url, "SELECT count(*) FROM ingested_messages"))
+    return StoredCheck(
+        stored=len(wanted & seen.keys()),
+        lost=lost,
+        duplicated=duplicated,
+        unexpected=len(seen.keys() - wanted),
+        ledger=ledger,
+    )
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    *,
+    timeout_s: float,
+    every_s: float = 0.05,
+    alive: Service | None = None,
+) -> float:
+    """Poll ``condition``; returns the seconds it took. Raises on timeout or if ``alive``
+    exited."""
+    started = time.monotonic()
+    while not condition():
+        if alive is not None and not alive.alive:
+            raise RuntimeError(f"{alive.command} exited while waiting for {what}:\n{alive.log()}")
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(every_s)
+    return time.monotonic() - started
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0..100); 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"

@@ -1,0 +1,85 @@
+"""`pumpwatch bench faults` in reduced size: every scenario runs its real fault (SIGKILLed
+ingest, PostgreSQL stopped and SIGKILLed, mosquitto restarted and SIGKILLed, a poison stream,
+API abuse, PHI canaries) against real servers, and must come out valid with nothing lost.
+
+The full size (`pumpwatch bench faults --size full`) gives the figures in docs/reliability.md.
+The supply-chain scenario has its own tests (tests/test_supply_chain.py).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from services import cli, logs
+from services.bench import faults
+from services.bench.faults import SCENARIOS, FaultsOptions, failed
+from services.bench.faults.common import Outcome, percentile
+
+RUNTIME_SCENARIOS = [name for name in SCENARIOS if name != "sbom"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUNTIME_SCENARIOS)
+def test_the_reduced_scenario_is_valid_and_loses_nothing(name: str, pg_admin_url: str) -> None:
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.skip("needs mosquitto (apt install mosquitto)")
+    output = io.StringIO()
+    console = Console(file=output, width=160)
+    outcomes = faults.run(FaultsOptions("reduced", (name,)), console, admin_url=pg_admin_url)
+    report = output.getvalue()
+    print(report)
+    assert [o.scenario for o in outcomes] == [name]
+    (outcome,) = outcomes
+    assert outcome.problems == [], report
+    assert outcome.lost == 0 or (outcome.lost is None and name in ("abuse", "phi")), report
+    assert outcome.duplicated in (0, None), report
+    assert outcome.valid, report
+    assert not failed(outcomes)
+
+
+def test_any_lost_message_or_invalid_run_fails_the_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fake_run(
+        options: FaultsOptions, console: Console, admin_url: str | None = None
+    ) -> list[Outcome]:
+        lost = Outcome("crashes", "fake", attempted=10, acknowledged=10, stored=9, lost=1)
+        return [lost] if options.only == ("crashes",) else [Outcome("poison", "fake", lost=0)]
+
+    monkeypatch.setattr(faults, "run", fake_run)
+    # The command configures logging onto the runner's captured output, which is closed once
+    # it returns: later tests' logs would then fail to print.
+    monkeypatch.setattr(logs, "configure", lambda level, fmt: None)
+    runner = CliRunner()
+    lost = runner.invoke(cli.app, ["bench", "faults", "--only", "crashes"])
+    assert lost.exit_code == 1, lost.output
+    fine = runner.invoke(cli.app, ["bench", "faults", "--only", "poison"])
+    assert fine.exit_code == 0, fine.output
+    unknown = runner.invoke(cli.app, ["bench", "faults", "--only", "nonsense"])
+    assert unknown.exit_code == 2
+    assert "unknown scenario nonsense" in unknown.output
+
+
+def test_the_verdict_counts_losses_duplicates_and_problems() -> None:
+    assert not failed([Outcome("a", "a", lost=0, duplicated=0)])
+    assert failed([Outcome("a", "a", lost=1)])
+    assert failed([Outcome("a", "a", duplicated=2)])
+    broken = Outcome("a", "a", lost=0)
+    assert broken.check(False, "the fault was not injected") is False
+    assert failed([broken])
+    assert failed([Outcome("a", "a"), broken])
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([], 50) == 0.0
