@@ -3,12 +3,19 @@ transport (the whole middleware stack, no network)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -18,6 +25,7 @@ from services.alerts.engine import prepare_connection
 from services.api import keys
 from services.api.app import create_app
 from services.api.settings import ApiSettings
+from services.embedded import free_port
 from tests import alert_fixtures as fx
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -146,3 +154,65 @@ async def world(api: Api) -> World:
         fleet=await api.key("fleet"),
         revoked=revoked,
     )
+
+
+async def _admin(pg_admin_url: str, statement: str) -> None:
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def scratch_database(pg_admin_url: str, template: str, prefix: str) -> Iterator[str]:
+    """A database cloned from the migrated template, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(pg_admin_url, f"CREATE DATABASE {name} TEMPLATE {template}"))
+    try:
+        yield urlunsplit(urlsplit(pg_admin_url)._replace(path=f"/{name}"))
+    finally:
+        asyncio.run(_admin(pg_admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@dataclass
+class ApiProcess:
+    base: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def unhandled_errors(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if "api_unhandled_error" in line]
+
+
+@contextmanager
+def api_process(
+    database_url: str, log_dir: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[ApiProcess]:
+    """``pumpwatch api`` as a process on a free port, ready (``/readyz`` 200); SIGTERM at exit."""
+    port = free_port()
+    log = log_dir / "api.log"
+    env = os.environ | {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_LOG_FORMAT": "json"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services", "api", "--port", str(port)],
+            env=env | (extra_env or {}),
+            stdout=out,
+            stderr=out,
+        )
+    found = ApiProcess(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{found.base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the API did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield found
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +19,7 @@ from schemathesis.core.result import Ok
 
 from services.alerts.engine import prepare_connection
 from services.api import keys
-from services.embedded import free_port
+from tests.api_support import api_process, scratch_database
 
 EXAMPLES = int(os.environ.get("PUMPWATCH_SCHEMATHESIS_EXAMPLES", "30"))
 
@@ -64,53 +59,17 @@ async def _seed(url: str) -> tuple[str, str]:
 def running(
     pg_admin_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str, str]]:
-    name = f"pw_schemathesis_{uuid.uuid4().hex[:8]}"
-
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(pg_admin_url)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {template_database}"))
-    url = urlunsplit(urlsplit(pg_admin_url)._replace(path=f"/{name}"))
-    admin_key, clinician_key = asyncio.run(_seed(url))
-    port = free_port()
-    log = Path(tmp_path_factory.mktemp("api")) / "api.log"
-    env = os.environ | {
-        "PUMPWATCH_DATABASE_URL": url,
-        "PUMPWATCH_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
-        # schemathesis sends many bad keys on purpose; do not let it lock itself out
-        "PUMPWATCH_API_AUTH_FAILURES_PER_MINUTE": "1000000",
-        "PUMPWATCH_LOG_FORMAT": "json",
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "api", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the API did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield base, admin_key, clinician_key
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        errors = [line for line in log.read_text().splitlines() if "api_unhandled_error" in line]
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    assert proc.returncode == 0, log.read_text()
+    with scratch_database(pg_admin_url, template_database, "pw_schemathesis") as url:
+        admin_key, clinician_key = asyncio.run(_seed(url))
+        extra = {
+            "PUMPWATCH_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+            # schemathesis sends many bad keys on purpose; do not let it lock itself out
+            "PUMPWATCH_API_AUTH_FAILURES_PER_MINUTE": "1000000",
+        }
+        with api_process(url, Path(tmp_path_factory.mktemp("api")), extra) as api:
+            yield api.base, admin_key, clinician_key
+    assert api.proc.returncode == 0, api.log.read_text()
+    errors = api.unhandled_errors()
     assert not errors, "\n".join(errors)
 
 

@@ -7,26 +7,21 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from services.alerts.engine import prepare_connection
 from services.api import keys
 from services.api.web.chart import Chart, Point, RefillMark, render
-from services.embedded import free_port
 from tests import alert_fixtures as fx
+from tests.api_support import api_process, scratch_database
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("PUMPWATCH_ARTIFACTS_DIR", "artifacts")) / "screenshots"
@@ -135,46 +130,12 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
 def server(
     pg_admin_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Seeded]:
-    name = f"pw_web_{uuid.uuid4().hex[:8]}"
-
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(pg_admin_url)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {template_database}"))
-    url = urlunsplit(urlsplit(pg_admin_url)._replace(path=f"/{name}"))
-    seeded, _ = asyncio.run(_seed(url))
-    port = free_port()
-    log = tmp_path_factory.mktemp("web") / "api.log"
-    env = os.environ | {"PUMPWATCH_DATABASE_URL": url, "PUMPWATCH_LOG_FORMAT": "json"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "api", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
-    seeded.base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{seeded.base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield seeded
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    errors = [line for line in log.read_text().splitlines() if "api_unhandled_error" in line]
+    with scratch_database(pg_admin_url, template_database, "pw_web") as url:
+        seeded, _ = asyncio.run(_seed(url))
+        with api_process(url, tmp_path_factory.mktemp("web")) as api:
+            seeded.base = api.base
+            yield seeded
+    errors = api.unhandled_errors()
     assert not errors, "\n".join(errors)
 
 

@@ -68,6 +68,7 @@ from rich.table import Table
 from services.api import keys
 from services.bench.ingest import _backend_cpu, _drop_database, _fresh_database, _postgres
 from services.embedded import free_port
+from services.ingest.sql import READING_COLUMNS, STATE_COLUMNS
 
 GOAL_P99_MS = 50.0
 """Issue 6: the dashboard's p99 at 50 concurrent clients on the 2-core machine."""
@@ -92,32 +93,6 @@ _ENGINE = "pumpwatch-alerts"
 _REFILL_DUE_DAYS = 14.0
 """A resolved refill-due alert opened this long before each past refill."""
 
-READING_COLUMNS = (
-    "msg_id",
-    "serial",
-    "recorded_at",
-    "utc_offset_minutes",
-    "received_at",
-    "seq",
-    "source_kind",
-    "source_id",
-    "model",
-    "volume_ml",
-    "capacity_ml",
-    "low_alarm_ml",
-    "basis",
-    "drug_name",
-    "concentration_mcg_per_ml",
-    "infusion_mode",
-    "rate_ml_per_day",
-    "daily_dose_mcg",
-    "schedule",
-    "measured_flow_ml_per_day",
-    "battery_pct",
-    "battery_status",
-    "alarms",
-    "payload",
-)
 HOURLY_COLUMNS = (
     "serial",
     "hour",
@@ -130,28 +105,6 @@ HOURLY_COLUMNS = (
     "flow_readings",
     "flow_ml_per_day_sum",
     "rate_ml_per_day_sum",
-)
-_STATE_COLUMNS = (
-    "serial",
-    "msg_id",
-    "recorded_at",
-    "utc_offset_minutes",
-    "received_at",
-    "model",
-    "volume_ml",
-    "capacity_ml",
-    "low_alarm_ml",
-    "basis",
-    "drug_name",
-    "concentration_mcg_per_ml",
-    "infusion_mode",
-    "rate_ml_per_day",
-    "daily_dose_mcg",
-    "schedule",
-    "measured_flow_ml_per_day",
-    "battery_pct",
-    "battery_status",
-    "alarms",
 )
 _EVENT_COLUMNS = ("msg_id", "serial", "type", "recorded_at", "received_at", "body", "payload")
 _ALERT_COLUMNS = (
@@ -726,7 +679,7 @@ async def seed(
         done = await _copy_history(conn, url, generator, progress)
         await conn.copy_records_to_table("events", records=generator.events, columns=_EVENT_COLUMNS)
         await conn.copy_records_to_table(
-            "pump_state", records=[_state_row(p) for p in pumps], columns=_STATE_COLUMNS
+            "pump_state", records=[_state_row(p) for p in pumps], columns=STATE_COLUMNS
         )
         await conn.copy_records_to_table(
             "dose_history",
