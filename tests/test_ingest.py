@@ -106,42 +106,41 @@ async def test_unknown_serial_is_stored_and_the_pump_appears_unassigned(
     assert pump["patient_id"] is None
 
 
-def _future() -> str:
-    return (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
-
-
-QUARANTINE_CASES: list[tuple[str, bytes, str]] = [
-    ("invalid_json", b'{"v": 1, "msg_id": ', "truncated"),
-    ("invalid_json", b'{"v": 1, "x": NaN}', "JSON is malformed"),
-    ("invalid_json", encode(telemetry())[:-1] + b', "serial": "X"}', "duplicate key 'serial'"),
-    ("invalid_json", b'{"a": "\\u0000"}', "NUL"),
-    ("invalid_json", b'{"a": "\xff\xfe"}', "UTF-8"),
-    ("invalid_json", b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}", "nesting deeper than 32"),
-    (
-        "schema",
-        encode(telemetry(reservoir={"volume_ml": -1, "capacity_ml": 40})),
-        "reservoir.volume_ml",
-    ),
-    ("schema", encode({k: v for k, v in telemetry().items() if k != "drug"}), "drug"),
-    ("schema", b"[1, 2, 3]", "not an object"),
-    ("serial_mismatch", encode(telemetry(serial="OTHER-1")), "OTHER-1"),
-    (
-        "clock_skew",
-        encode(telemetry(recorded_at=datetime.now(UTC) + timedelta(minutes=10))),
-        "recorded_at",
-    ),
-    ("too_old", encode(telemetry(recorded_at=datetime(1970, 1, 1, tzinfo=UTC))), "recorded_at"),
-    (
-        "inconsistent_dose",
-        encode(
-            telemetry(
-                infusion={"mode": "continuous", "rate_ml_per_day": 0.25, "daily_dose_mcg": 600}
-            )
+def quarantine_cases() -> list[tuple[str, bytes, str]]:
+    """Built when the test runs: the clock-skew case is "10 minutes from now", which a list
+    built at collection would no longer be once the suite has run for 5 minutes."""
+    return [
+        ("invalid_json", b'{"v": 1, "msg_id": ', "truncated"),
+        ("invalid_json", b'{"v": 1, "x": NaN}', "JSON is malformed"),
+        ("invalid_json", encode(telemetry())[:-1] + b', "serial": "X"}', "duplicate key 'serial'"),
+        ("invalid_json", b'{"a": "\\u0000"}', "NUL"),
+        ("invalid_json", b'{"a": "\xff\xfe"}', "UTF-8"),
+        ("invalid_json", b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}", "nesting deeper than 32"),
+        (
+            "schema",
+            encode(telemetry(reservoir={"volume_ml": -1, "capacity_ml": 40})),
+            "reservoir.volume_ml",
         ),
-        "daily_dose_mcg",
-    ),
-    ("too_large", encode(telemetry(notes="x" * 70_000)), "limit 65536"),
-]
+        ("schema", encode({k: v for k, v in telemetry().items() if k != "drug"}), "drug"),
+        ("schema", b"[1, 2, 3]", "not an object"),
+        ("serial_mismatch", encode(telemetry(serial="OTHER-1")), "OTHER-1"),
+        (
+            "clock_skew",
+            encode(telemetry(recorded_at=datetime.now(UTC) + timedelta(minutes=10))),
+            "recorded_at",
+        ),
+        ("too_old", encode(telemetry(recorded_at=datetime(1970, 1, 1, tzinfo=UTC))), "recorded_at"),
+        (
+            "inconsistent_dose",
+            encode(
+                telemetry(
+                    infusion={"mode": "continuous", "rate_ml_per_day": 0.25, "daily_dose_mcg": 600}
+                )
+            ),
+            "daily_dose_mcg",
+        ),
+        ("too_large", encode(telemetry(notes="x" * 70_000)), "limit 65536"),
+    ]
 
 
 async def test_each_quarantine_reason_is_stored_with_its_detail_and_good_messages_pass(
@@ -149,22 +148,23 @@ async def test_each_quarantine_reason_is_stored_with_its_detail_and_good_message
 ) -> None:
     ingest.start()
     items: list[tuple[str, bytes]] = []
-    for n, (_, payload, _) in enumerate(QUARANTINE_CASES):
+    cases_sent = quarantine_cases()
+    for n, (_, payload, _) in enumerate(cases_sent):
         items.append((TOPIC, payload))
         items.append((TOPIC, encode(telemetry(seq=n))))  # each bad one has a good one behind it
     publish(broker, items)
-    cases = len(QUARANTINE_CASES)
+    cases = len(cases_sent)
     assert await wait_for_count(database_url, "SELECT count(*) FROM quarantine", cases) == cases
     assert await wait_for_count(database_url, "SELECT count(*) FROM readings", cases) == cases
     rows = await fetch(database_url, "SELECT reason, detail, topic, payload FROM quarantine")
-    for reason, payload, needle in QUARANTINE_CASES:
+    for reason, payload, needle in cases_sent:
         match = [r for r in rows if bytes(r["payload"]) == payload[:65536]]
         assert len(match) == 1, f"no quarantine row for a {reason} case"
         assert match[0]["reason"] == reason
         assert match[0]["topic"] == TOPIC
         assert needle in match[0]["detail"], (reason, match[0]["detail"])
-    for reason in {c[0] for c in QUARANTINE_CASES}:
-        count = sum(1 for c in QUARANTINE_CASES if c[0] == reason)
+    for reason in {c[0] for c in cases_sent}:
+        count = sum(1 for c in cases_sent if c[0] == reason)
         assert ingest.metric("pumpwatch_ingest_messages_quarantined_total", reason=reason) == count
 
 
