@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -247,6 +248,44 @@ async def test_messages_held_in_the_session_when_the_broker_stops_come_after_its
         assert total(samples, DUPLICATES) == RECEIVE_MAXIMUM
         assert samples[BACKLOG] == RECEIVE_MAXIMUM
         # SIGTERM commits the held second half.
+        assert ingest.terminate() == 0, ingest.log()
+    finally:
+        ingest.stop_quietly()
+    await assert_stored_exactly_once(database_url, messages)
+
+
+async def test_what_devices_publish_to_a_restarted_broker_before_ingest_is_back_is_stored(
+    restartable_broker: RestartableBroker, database_url: str, tmp_path: Path
+) -> None:
+    """The default plain subscription is part of the persistent session that mosquitto saves
+    and restores, so the broker queues for ingest from the moment it is back, before ingest has
+    reconnected. (Mosquitto 2.0 does not restore ``$share`` subscriptions: that is why plain is
+    the default.) Ingest is frozen (SIGSTOP) over the restart so that the devices certainly
+    publish first."""
+    mq = restartable_broker
+    messages = fleet_messages(300, seed=33, pumps=15)
+    before, during = messages[:100], messages[100:]
+    ingest = IngestProcess(database_url, mq.broker, tmp_path / "ingest.log")
+    try:
+        ingest.start()
+        assert "$share" not in " ".join(log_records(ingest, "mqtt_subscribed")[0]["topics"])
+        publish_messages(mq.broker, before)
+        assert await wait_for_count(database_url, LEDGER_COUNT, len(before)) == len(before)
+        ingest.proc.send_signal(signal.SIGSTOP)
+        try:
+            mq.stop()
+            mq.start()
+            publish_messages(mq.broker, during)  # each PUBACKed by the restarted broker
+        finally:
+            ingest.proc.send_signal(signal.SIGCONT)
+        await eventually(
+            lambda: len(log_records(ingest, "mqtt_reconnected")) == 1,
+            "ingest to reconnect to the restarted broker",
+            process=ingest,
+        )
+        assert log_records(ingest, "mqtt_connected")[-1]["session_present"] is True
+        count = await wait_for_count(database_url, LEDGER_COUNT, len(messages))
+        assert count == len(messages), ingest.log()
         assert ingest.terminate() == 0, ingest.log()
     finally:
         ingest.stop_quietly()

@@ -48,8 +48,13 @@ async def test_retiring_an_instance_stores_its_stranded_share_and_ends_its_sessi
 ) -> None:
     fleet = Fleet(pumps=40, seed=31, start=datetime.now(UTC) - timedelta(days=30))
     first, later = fleet.take(2000), fleet.take(500)
-    leaving = IngestProcess(database_url, mqtt5_broker, tmp_path / "a.log", client_id="ingest-a")
-    staying = IngestProcess(database_url, mqtt5_broker, tmp_path / "b.log", client_id="ingest-b")
+    shared = {"PUMPWATCH_MQTT_SHARE_GROUP": "pumpwatch-ingest"}
+    leaving = IngestProcess(
+        database_url, mqtt5_broker, tmp_path / "a.log", client_id="ingest-a", extra_env=shared
+    )
+    staying = IngestProcess(
+        database_url, mqtt5_broker, tmp_path / "b.log", client_id="ingest-b", extra_env=shared
+    )
     try:
         leaving.start()
         staying.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import ssl
 import time
@@ -96,6 +97,32 @@ class MqttUnavailable(Exception):
     """The broker cannot be reached (yet); retried with backoff."""
 
 
+class _Backoff:
+    """Reconnection delays: from 0.05 s, growing by half each time to ``max_s``. Kept short
+    because the broker is near (a refused TCP connect costs nothing) and, after a broker restart,
+    ingest must re-subscribe before the devices publish again. Logs the first failures, then one
+    a minute."""
+
+    def __init__(self, max_s: float) -> None:
+        self.max_s = max_s
+        self.attempts = 0
+        self._delay = 0.05
+        self._logged_at = -math.inf
+
+    def next(self) -> float:
+        self.attempts += 1
+        delay = min(self._delay, self.max_s)
+        self._delay = min(self._delay * 1.5, self.max_s)
+        return delay
+
+    def should_log(self) -> bool:
+        now = time.monotonic()
+        if self.attempts <= 3 or now - self._logged_at >= 60.0:
+            self._logged_at = now
+            return True
+        return False
+
+
 class MqttBridge:
     def __init__(
         self,
@@ -108,6 +135,7 @@ class MqttBridge:
         session_expiry_s: int = 604800,
         receive_maximum: int = 1000,
         keepalive_s: int = 30,
+        reconnect_max_delay_s: float = 0.5,
         on_connection_change: Callable[[bool], None] = lambda _: None,
         on_pause: Callable[[], None] = lambda: None,
         retiring: bool = False,
@@ -120,6 +148,7 @@ class MqttBridge:
         self.session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
         self.keepalive_s = keepalive_s
+        self.reconnect_max_delay_s = reconnect_max_delay_s
         self.on_connection_change = on_connection_change
         self.on_pause = on_pause
         self.retiring = retiring
@@ -149,20 +178,22 @@ class MqttBridge:
         """Connect (raising :class:`MqttRejected` at once on bad credentials) and keep connected.
 
         Retries with backoff while the broker is unavailable."""
-        delay = 0.2
+        backoff = _Backoff(self.reconnect_max_delay_s)
         while True:
             try:
                 await self._connect(first_attempt_timeout_s)
                 break
             except MqttUnavailable as exc:
-                log.warning(
-                    "mqtt_unavailable",
-                    broker=self.target.redacted(),
-                    error=str(exc),
-                    retry_in_s=round(delay, 2),
-                )
+                delay = backoff.next()
+                if backoff.should_log():
+                    log.warning(
+                        "mqtt_unavailable",
+                        broker=self.target.redacted(),
+                        error=str(exc),
+                        attempts=backoff.attempts,
+                        retry_in_s=round(delay, 2),
+                    )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
         self._tasks = [
             asyncio.create_task(self._misc_loop(), name="mqtt-misc"),
             asyncio.create_task(self._reconnect_loop(), name="mqtt-reconnect"),
@@ -286,7 +317,9 @@ class MqttBridge:
     async def _reconnect_loop(self) -> None:
         while True:
             await self._lost.wait()
-            delay = 0.2
+            lost_at = time.monotonic()
+            backoff = _Backoff(self.reconnect_max_delay_s)
+            delay = backoff.next()
             while not self._stopping:
                 await asyncio.sleep(delay)
                 try:
@@ -297,11 +330,19 @@ class MqttBridge:
                         "mqtt_reconnected",
                         broker=self.target.redacted(),
                         generation=self.generation,
+                        attempts=backoff.attempts,
+                        away_s=round(time.monotonic() - lost_at, 3),
                     )
                     break
                 except MqttUnavailable as exc:
-                    delay = min(delay * 2, 10.0)
-                    log.warning("mqtt_reconnect_failed", error=str(exc), retry_in_s=round(delay, 2))
+                    delay = backoff.next()
+                    if backoff.should_log():
+                        log.warning(
+                            "mqtt_reconnect_failed",
+                            error=str(exc),
+                            attempts=backoff.attempts,
+                            retry_in_s=round(delay, 2),
+                        )
                 except MqttRejected as exc:
                     # Credentials revoked while running: say so loudly, keep trying slowly, the
                     # health endpoint reports not ready.

@@ -104,6 +104,14 @@ class IngestService:
                 return
             stack.push_async_callback(pool.close)
             writer = await self._make_writer(pool)
+            if settings.mqtt_share_group:
+                log.info(
+                    "mqtt_shared_subscription",
+                    group=settings.mqtt_share_group,
+                    note="mosquitto 2.0 does not restore $share subscriptions after a broker "
+                    "restart: what is published before ingest re-subscribes is lost (and "
+                    "flagged as sequence gaps); one instance loses nothing on a plain one",
+                )
             bridge = MqttBridge(
                 target=target,
                 client_id=settings.mqtt_client_id,
@@ -113,6 +121,7 @@ class IngestService:
                 session_expiry_s=settings.mqtt_session_expiry_s,
                 receive_maximum=settings.mqtt_receive_maximum,
                 keepalive_s=settings.mqtt_keepalive_s,
+                reconnect_max_delay_s=settings.mqtt_reconnect_max_delay_s,
                 on_connection_change=self._connection_changed,
                 on_pause=self.metrics.reading_paused.inc,
                 retiring=self.retire,

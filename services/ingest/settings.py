@@ -13,8 +13,11 @@ from services.settings import CommonSettings, default_client_id
 class IngestSettings(CommonSettings):
     mqtt_client_id: str = Field(default_factory=lambda: default_client_id("ingest"))
     """Stable per instance: the broker keeps this client's persistent session."""
-    mqtt_share_group: str = "pumpwatch-ingest"
-    """Shared-subscription group; empty for a plain subscription (one instance only)."""
+    mqtt_share_group: str = ""
+    """Shared-subscription group for several instances (e.g. ``pumpwatch-ingest``); empty (the
+    default) for a plain subscription. Mosquitto 2.0 restores a persistent session's plain
+    subscriptions after a restart but not its ``$share`` ones, so only the plain one loses
+    nothing across a broker restart (docs/reliability.md)."""
     mqtt_topic_prefix: str = ""
     """Prefix before ``pumps/…``, e.g. ``site-a`` for ``site-a/pumps/+/telemetry``."""
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
@@ -23,6 +26,9 @@ class IngestSettings(CommonSettings):
     mqtt_receive_maximum: int = Field(default=1000, ge=1, le=65535)
     """Unacknowledged messages the broker may send us at once (MQTT 5 Receive Maximum)."""
     mqtt_keepalive_s: int = Field(default=30, ge=5)
+    mqtt_reconnect_max_delay_s: float = Field(default=0.5, gt=0, le=60)
+    """Longest wait between reconnection attempts (from 0.05 s, growing by half each time).
+    Short, so ingest re-subscribes before devices reconnect after a broker restart."""
 
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     """Prometheus /metrics, /healthz and /readyz; 0 disables the server."""

@@ -96,23 +96,25 @@ def _stream(spec: BrokerSize, seed: int, extra_s: float) -> list[Outgoing]:
 
 
 def run_restart(lab: Lab, size: Size, seed: int) -> Outcome:
-    """Twice: ingest on a plain subscription (the strict check: nothing may be lost), then on
-    the default shared subscription, where mosquitto 2.0 does not restore the subscription from
-    its persistence file: what is published between the broker's start and ingest's
-    re-subscription is dropped by the broker, and must be flagged as sequence gaps."""
+    """Twice: ingest on its default plain subscription (the strict check: nothing may be lost),
+    then on a shared subscription (scale-out), where mosquitto 2.0 does not restore the
+    subscription from its persistence file: what is published between the broker's start and
+    ingest's re-subscription is dropped by the broker, and must be flagged as sequence gaps."""
     spec = SIZES[size]
     outcome = Outcome(
         "broker-restart", f"mosquitto restarted gracefully mid-stream ({spec.down_s:.0f} s down)"
     )
     started = time.monotonic()
-    plain = _restart_once(lab, spec, seed, outcome, share_group="", name="plain")
+    plain = _restart_once(lab, spec, seed, outcome, share_group=None, name="plain")
     outcome.attempted = plain.attempted
     outcome.acknowledged = plain.acknowledged
     outcome.stored = plain.stored
     outcome.lost = plain.lost
     outcome.duplicated = plain.duplicated
     outcome.figures.update({f"plain subscription: {k}": v for k, v in plain.figures.items()})
-    shared = _restart_once(lab, spec, seed + 1, outcome, share_group=None, name="shared")
+    shared = _restart_once(
+        lab, spec, seed + 1, outcome, share_group="pumpwatch-ingest", name="shared"
+    )
     outcome.lost = (outcome.lost or 0) + (shared.lost or 0)
     outcome.duplicated = (outcome.duplicated or 0) + (shared.duplicated or 0)
     outcome.figures.update({f"shared subscription: {k}": v for k, v in shared.figures.items()})
@@ -195,7 +197,7 @@ def _restart_once(  # noqa: PLR0915 - one timeline, in order
     run.stored = result.stored - 1
     run.duplicated = result.duplicated
     run.figures["chunks re-sent by the publisher"] = f"{publisher.retries}"
-    if share_group == "":
+    if share_group is None:
         run.lost = len(result.lost)
     else:
         flagged = asyncio.run(_flagged(database_url, acknowledged, set(result.lost)))
