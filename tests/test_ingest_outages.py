@@ -271,6 +271,7 @@ async def test_what_devices_publish_to_a_restarted_broker_before_ingest_is_back_
         assert "$share" not in " ".join(log_records(ingest, "mqtt_subscribed")[0]["topics"])
         publish_messages(mq.broker, before)
         assert await wait_for_count(database_url, LEDGER_COUNT, len(before)) == len(before)
+        assert ingest.proc is not None
         ingest.proc.send_signal(signal.SIGSTOP)
         try:
             mq.stop()
