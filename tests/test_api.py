@@ -429,6 +429,22 @@ async def test_oversized_and_malformed_bodies_are_problems_not_500(api: Api, w: 
     )
     assert big.status_code == 413
     problem(big)
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: sent chunked
+        yield b"{"
+        for _ in range(10):
+            yield b" " * 10_000
+        yield b"}"
+
+    chunked = await api.call(
+        "POST",
+        "/v1/patients",
+        w.a.clinician,
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
+    assert chunked.status_code == 413
+    assert "over 65536 bytes" in str(problem(chunked)["detail"])
     broken = await api.call(
         "POST",
         "/v1/patients",

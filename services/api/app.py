@@ -150,16 +150,15 @@ class _Middleware:
             await _send_problem(send, problems.Problem(413, f"request body over {limit} bytes"))
             _observe(metrics, scope, fastapi_app, 413, started)
             return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise problems.Problem(413, f"request body over {limit} bytes")
-            return message
+        if declared is None:
+            # No Content-Length (chunked): read the body here, within the limit, so that an
+            # over-size one is a 413 and not a parse error of a body cut off mid-route.
+            body = await _read_body(receive, limit)
+            if body is None:
+                await _send_problem(send, problems.Problem(413, f"request body over {limit} bytes"))
+                _observe(metrics, scope, fastapi_app, 413, started)
+                return
+            receive = _replay(body, receive)
 
         status = 500
 
@@ -178,9 +177,41 @@ class _Middleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, watching_send)
+            await self.app(scope, receive, watching_send)
         finally:
             _observe(metrics, scope, fastapi_app, status, started)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it grows over ``limit`` bytes. A client that goes
+    away mid-body leaves what came (the route then sees the disconnect)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive channel that gives ``body`` once, then the client's own (its disconnect)."""
+    given = False
+
+    async def replaying() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replaying
 
 
 def _content_length(scope: Scope) -> int | None:
