@@ -40,15 +40,18 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 4,
     init: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = None,
+    reset: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = None,
     server_settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
-    """A pool whose connections name the service in ``pg_stat_activity``."""
+    """A pool whose connections name the service in ``pg_stat_activity``. ``reset`` replaces
+    asyncpg's reset query on release (which still rolls back an open transaction first)."""
     try:
         pool = await asyncpg.create_pool(
             url,
             min_size=min_size,
             max_size=max_size,
             init=init,
+            reset=reset,
             command_timeout=COMMAND_TIMEOUT_S,
             server_settings={"application_name": application_name, "timezone": "UTC"}
             | (server_settings or {}),

@@ -245,7 +245,7 @@ async def patient_page(patient_id: UUID, request: Request, db: Db) -> Response:
         return _to_login(request)
     principal = session.principal
     try:
-        dashboard = await patient_routes.build_dashboard(patient_id, principal, db)
+        dashboard, _ = await patient_routes.load_dashboard(patient_id, principal, db)
     except Problem as exc:
         if exc.status in (403, 404):
             return _page("missing.html", status=404, session=session)
