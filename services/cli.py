@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -470,6 +471,15 @@ def bench_api(
     admin_clients: Annotated[
         int, typer.Option(min=0, help="Clients of the all-pumps (admin) worklist; 0 skips it.")
     ] = 5,
+    paced_rate: Annotated[
+        list[float] | None,
+        typer.Option(
+            min=0.1,
+            help="Dashboards/s offered in all by the paced clients (repeatable; default 25, 50, "
+            "100 and 150): each client a Poisson stream, latency counted from when a request "
+            "was due.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated fleet.")] = 7,
 ) -> None:
     """Dashboard, worklist and telemetry latency (p50/p99) and requests/s under concurrent
@@ -497,6 +507,8 @@ def bench_api(
         admin_clients=admin_clients,
         seed=seed,
     )
+    if paced_rate:
+        options = dataclasses.replace(options, paced_rates=tuple(paced_rate))
     report = run_bench(options, Console())
     if report.errors:
         raise typer.Exit(1)

@@ -106,6 +106,7 @@ def test_the_bench_drives_every_route_without_errors(pg_admin_url: str) -> None:
         seconds=1,
         warmup_seconds=0.2,
         admin_clients=1,
+        paced_rates=(4.0,),
     )
     out = io.StringIO()
     report = bench.run(options, Console(file=out, width=200), admin_url=pg_admin_url)
@@ -115,6 +116,10 @@ def test_the_bench_drives_every_route_without_errors(pg_admin_url: str) -> None:
     expected = {(r.name, d) for r in (*bench.ROUTES, bench.ADMIN_WORKLIST) for d in (1, 3)}
     expected |= {(bench.DASHBOARD.name, d) for d in (1, 3)}  # 1 client and 2 clients
     assert {(p.route, p.history_days) for p in report.phases} == expected
+    paced = [p for p in report.phases if p.offered_rate is not None]
+    assert [(p.route, p.history_days, p.clients, p.offered_rate) for p in paced] == [
+        (bench.DASHBOARD.name, 3, 2, 4.0)  # with the main history only
+    ]
     for phase in report.phases:
         assert phase.requests > 0, phase.route
         assert phase.errors == 0, (phase.route, phase.statuses, phase.error_sample)
@@ -124,7 +129,10 @@ def test_the_bench_drives_every_route_without_errors(pg_admin_url: str) -> None:
         assert phase.server_mean_ms is not None
     assert report.phase(bench.DASHBOARD.name, 3, 1) is not None
     assert report.phase(bench.DASHBOARD.name, 3, 2) is not None
+    assert report.phase(bench.DASHBOARD.name, 3, 2, 4.0) is paced[0]
     assert "VERDICT: dashboard p99" in text
+    assert "2 concurrent clients offering 4 dashboards/s" in text
+    assert "in a closed loop" in text
     assert "1 day vs 3 days" in text
 
 
