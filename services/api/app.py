@@ -103,7 +103,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             reset=keep_session,
             # The same few statements run on every request; over partitioned readings a custom
             # plan per execution costs more than running them (and grows with partitions).
-            server_settings={"plan_cache_mode": "force_generic_plan"},
+            # The dashboard's series is float8 text made by PostgreSQL: shortest exact digits.
+            server_settings={"plan_cache_mode": "force_generic_plan", "extra_float_digits": "1"},
         )
         # What start-up allocated lives as long as the process: keep it out of the collector's
         # full passes (they paused requests for ~50 ms).
