@@ -397,10 +397,26 @@ async def test_keys_unknown_revoked_or_missing_are_401_and_failures_are_rate_lim
             assert answer.status_code == 401
             assert answer.headers["www-authenticate"].startswith("Bearer")
             problem(answer)
-        limited = await api.call("GET", path, w.a.clinician)  # even a good key from there
+        # The source is locked out: a valid key that has not authenticated yet is refused
+        # without being looked up ...
+        limited = await api.call("GET", path, w.fleet)
         assert limited.status_code == 429
         assert int(limited.headers["retry-after"]) > 0
         problem(limited)
+        assert (await api.call("GET", path, "pw_another_guess")).status_code == 429
+        assert (await api.call("GET", path, None)).status_code == 429
+        # ... but a key that did authenticate (a working client behind the same address) goes
+        # on working, and is still looked up: revoked, it is refused.
+        assert (await api.call("GET", path, w.a.clinician)).status_code == 200
+        conn = await api.conn()
+        try:
+            await conn.execute(
+                "UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1",
+                keys.hash_key(w.a.clinician),
+            )
+        finally:
+            await conn.close()
+        assert (await api.call("GET", path, w.a.clinician)).status_code == 401
 
 
 async def test_the_fleet_role_sees_pumps_but_no_patient(api: Api, w: World) -> None:

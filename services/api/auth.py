@@ -47,11 +47,20 @@ class Principal:
 
 
 class FailureLimiter:
-    """Failed authentications per source over the last minute (per process)."""
+    """Failed authentications per source over the last minute (per process).
+
+    A source over the limit gets 429 without its key being looked up, except for keys that
+    authenticated recently (from any source): one client spraying bad keys from behind a
+    clinic's NAT does not lock out the clinic's working clients. A guessed key cannot be among
+    them, and a recently trusted key is still looked up (so a revoked one gets its 401)."""
+
+    TRUST_S = 3600.0
+    """How long a key that authenticated passes a locked-out source."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
         self._failures: dict[str, deque[float]] = {}
+        self._trusted: dict[bytes, float] = {}
 
     def _recent(self, source: str, now: float) -> deque[float]:
         found = self._failures.setdefault(source, deque())
@@ -59,10 +68,13 @@ class FailureLimiter:
             found.popleft()
         return found
 
-    def check(self, source: str) -> None:
+    def check(self, source: str, key_hash: bytes | None) -> None:
         now = time.monotonic()
         found = self._recent(source, now)
         if len(found) >= self.per_minute:
+            trusted_at = self._trusted.get(key_hash) if key_hash is not None else None
+            if trusted_at is not None and now - trusted_at < self.TRUST_S:
+                return
             retry = max(1, int(60.0 - (now - found[0])) + 1)
             raise Problem(
                 429,
@@ -78,6 +90,11 @@ class FailureLimiter:
         if len(self._failures) > 100_000:  # bounded memory under a spray of sources
             self._failures.clear()
 
+    def succeeded(self, key_hash: bytes) -> None:
+        self._trusted[key_hash] = time.monotonic()
+        if len(self._trusted) > 100_000:  # bounded: keys are few, this is a safety net
+            self._trusted.clear()
+
 
 def _source(request: Request) -> str:
     return request.client.host if request.client else "unknown"
@@ -88,11 +105,13 @@ async def authenticate(request: Request) -> Principal:
     state = request.app.state
     source = _source(request)
     limiter: FailureLimiter = state.limiter
-    limiter.check(source)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    bearer = scheme.lower() == "bearer" and bool(token)
+    key_hash = keys.hash_key(token) if bearer else None
+    limiter.check(source, key_hash)
+    if key_hash is None:
         limiter.failed(source)
         raise Problem(
             401,
@@ -107,7 +126,7 @@ async def authenticate(request: Request) -> Principal:
         principal = Principal(None, "admin", None)
     else:
         async with state.pool.acquire() as conn:
-            row = await conn.fetchrow(sql.KEY_BY_HASH, keys.hash_key(token))
+            row = await conn.fetchrow(sql.KEY_BY_HASH, key_hash)
             if row is None or row["revoked_at"] is not None:
                 limiter.failed(source)
                 log.info("api_auth_failed", source=source, revoked=row is not None)
@@ -116,6 +135,7 @@ async def authenticate(request: Request) -> Principal:
                 )
             principal = Principal(row["id"], row["role"], row["clinic_id"])
             await _touch(conn, request, row)
+    limiter.succeeded(key_hash)
     request.state.principal = principal
     return principal
 
