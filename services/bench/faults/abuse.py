@@ -55,13 +55,14 @@ SIZES: dict[Size, AbuseSize] = {
 @dataclass
 class Tally:
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, Counter[str]] = field(default_factory=dict)
+    """Per attack: requests that got no answer, by the client's exception."""
 
     def add(self, attack: str, status: int) -> None:
         self.statuses.setdefault(attack, Counter())[status] += 1
 
-    def fail(self, attack: str) -> None:
-        self.failures[attack] = self.failures.get(attack, 0) + 1
+    def fail(self, attack: str, exc: BaseException) -> None:
+        self.failures.setdefault(attack, Counter())[type(exc).__name__] += 1
 
     def of(self, attack: str) -> Counter[int]:
         return self.statuses.get(attack, Counter())
@@ -160,7 +161,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
     outcome.check(api.terminate() == 0, "the API did not stop cleanly on SIGTERM")
 
     attempted = sum(sum(c.values()) for c in tally.statuses.values())
-    outcome.attempted = attempted + sum(tally.failures.values())
+    outcome.attempted = attempted + sum(sum(c.values()) for c in tally.failures.values())
     outcome.acknowledged = attempted
     server_errors = {
         attack: n
@@ -173,8 +174,10 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         outcome.figures[f"{attack} (status x count)"] = ", ".join(
             f"{s or 'closed'} x {n}" for s, n in sorted(counts.items())
         )
-    for attack, n in tally.failures.items():
-        outcome.figures[f"{attack}: no answer"] = f"{n}"
+    for attack, errors in tally.failures.items():
+        outcome.figures[f"{attack}: no answer"] = ", ".join(
+            f"{name} x {n}" for name, n in errors.most_common()
+        )
     _expect(outcome, tally, "10 MB body, Content-Length", {413})
     _expect(outcome, tally, "10 MB body, chunked", {413})
     _expect(outcome, tally, "10 MB form", {413})
@@ -263,9 +266,9 @@ async def _big_bodies(base: str, keys: dict[str, str], spec: AbuseSize, tally: T
                     else:
                         answer = await client.post("/v1/patients", content=body, headers=json_type)
                     tally.add(attack, answer.status_code)
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:
                     # The server may close the connection once it has answered 413.
-                    tally.fail(attack)
+                    tally.fail(attack, exc)
 
 
 async def _huge_limits(base: str, keys: dict[str, str], spec: AbuseSize, tally: Tally) -> None:
@@ -284,8 +287,8 @@ async def _huge_limits(base: str, keys: dict[str, str], spec: AbuseSize, tally: 
         for path in paths * 3:
             try:
                 tally.add("huge limit/cursor", (await client.get(path)).status_code)
-            except httpx.HTTPError:
-                tally.fail("huge limit/cursor")
+            except httpx.HTTPError as exc:
+                tally.fail("huge limit/cursor", exc)
 
 
 async def _flood(base: str, keys: dict[str, str], spec: AbuseSize, tally: Tally) -> None:
@@ -301,8 +304,8 @@ async def _flood(base: str, keys: dict[str, str], spec: AbuseSize, tally: Tally)
                     try:
                         answer = await client.get("/v1/patients?limit=50")
                         tally.add(attack, answer.status_code)
-                    except httpx.HTTPError:
-                        tally.fail(attack)
+                    except httpx.HTTPError as exc:
+                        tally.fail(attack, exc)
 
             await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
     # While the wrong key's address is locked out, a valid key that has authenticated (the
@@ -332,8 +335,8 @@ async def _slow_clients(base: str, keys: dict[str, str], spec: AbuseSize, tally:
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port, local_addr=(SLOW_ADDRESS, 0)
             )
-        except OSError:
-            tally.fail(attack)
+        except OSError as exc:
+            tally.fail(attack, exc)
             return
         deadline = time.monotonic() + spec.slow_s
         try:
@@ -351,8 +354,8 @@ async def _slow_clients(base: str, keys: dict[str, str], spec: AbuseSize, tally:
             status_line = await asyncio.wait_for(reader.readline(), 10)
             parts = status_line.split()
             tally.add(attack, int(parts[1]) if len(parts) > 1 else 0)
-        except (OSError, TimeoutError, ValueError):
-            tally.fail(attack)
+        except (OSError, TimeoutError, ValueError) as exc:
+            tally.fail(attack, exc)
         finally:
             writer.close()
             with contextlib.suppress(OSError):
