@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -49,6 +51,34 @@ def test_two_processes_migrating_at_once_both_succeed(empty_database_url: str) -
     assert said == ["applied 0001_ingest", "database is up to date"]
     count = asyncio.run(fetchval(empty_database_url, "SELECT count(*) FROM schema_migrations"))
     assert count == len(migrate.available())
+
+
+async def test_databases_of_one_server_migrating_at_once_all_succeed(pg_admin_url: str) -> None:
+    """The advisory lock serialises one database's migrations; several databases of one server
+    migrate in parallel, and their ``ALTER ROLE pumpwatch_grafana`` (a catalog all databases
+    share) collide: "tuple concurrently updated". The losers try again."""
+    names = [f"pw_parallel_{uuid.uuid4().hex[:10]}" for _ in range(6)]
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        for name in names:
+            await admin.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+        urls = [urlunsplit(urlsplit(pg_admin_url)._replace(path=f"/{name}")) for name in names]
+        conns = [await asyncpg.connect(url) for url in urls]
+        try:
+            for _ in range(3):  # three rounds of every database migrating at once
+                applied = await asyncio.gather(*(migrate.apply(conn) for conn in conns))
+                assert [len(a) for a in applied] == [len(migrate.available())] * len(conns)
+                for conn in conns:
+                    await conn.execute("DROP TABLE schema_migrations")
+                    await conn.execute("DROP SCHEMA grafana CASCADE")
+                    await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        finally:
+            for conn in conns:
+                await conn.close()
+    finally:
+        for name in names:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
 
 
 async def test_a_migration_edited_after_it_was_applied_is_refused(database_url: str) -> None:

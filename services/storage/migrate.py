@@ -7,10 +7,14 @@ being edited after it was applied.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 import re
 from dataclasses import dataclass
 from importlib import resources
+
+import asyncpg
 
 from services.logs import get
 from services.storage.database import Connection
@@ -19,6 +23,8 @@ log = get(__name__)
 
 # Any constant shared by every pumpwatch process that migrates.
 _LOCK_KEY = 0x70756D70  # "pump"
+_ATTEMPTS = 5
+"""Tries of one migration that loses a race on a cluster-wide catalog (below)."""
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 _CREATE_TABLE = """
@@ -80,15 +86,47 @@ async def apply(conn: Connection) -> list[Migration]:
         await conn.execute(_CREATE_TABLE)
         todo = await pending(conn)
         for migration in todo:
+            await _apply_one(conn, migration)
+            log.info("migration_applied", version=migration.version, name=migration.name)
+        return todo
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def _apply_one(conn: Connection, migration: Migration) -> None:
+    """One migration in one transaction, tried again when it lost a race on a catalog that all
+    databases of the server share (roles): the advisory lock serialises the migrations of one
+    database only, and two databases migrating at once can both ``ALTER ROLE`` (PostgreSQL:
+    "tuple concurrently updated") or both create a role. The transaction rolled back whole, so
+    trying again is safe."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
             async with conn.transaction():
                 await conn.execute(migration.sql)
                 await conn.execute(
                     _INSERT_APPLIED, migration.version, migration.name, migration.checksum
                 )
-            log.info("migration_applied", version=migration.version, name=migration.name)
-        return todo
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            return
+        except (
+            asyncpg.InternalServerError,
+            asyncpg.UniqueViolationError,
+            asyncpg.DuplicateObjectError,
+        ) as exc:
+            if attempt == _ATTEMPTS or not _shared_catalog_race(exc):
+                raise
+            log.warning(
+                "migration_retried", version=migration.version, attempt=attempt, error=str(exc)
+            )
+            await asyncio.sleep(random.uniform(0.05, 0.2) * attempt)
+
+
+def _shared_catalog_race(exc: asyncpg.PostgresError) -> bool:
+    message = str(exc)
+    return (
+        "tuple concurrently updated" in message
+        or "pg_authid" in message
+        or (isinstance(exc, asyncpg.DuplicateObjectError) and "role" in message)
+    )
 
 
 def _verify(applied: dict[int, str]) -> None:
