@@ -115,11 +115,7 @@ class Lab:
 
 
 async def fresh_database(admin_url: str) -> str:
-    """A new database on the server of ``admin_url``, migrated.
-
-    Migrations that touch cluster-wide catalogs (a role's settings) fail with "tuple
-    concurrently updated" when another database of the same server is being migrated at the
-    same moment (other benchmarks, test sessions): such a migration is simply applied again."""
+    """A new database on the server of ``admin_url``, migrated."""
     name = f"pumpwatch_faults_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(admin_url)
     try:
@@ -127,17 +123,11 @@ async def fresh_database(admin_url: str) -> str:
     finally:
         await conn.close()
     url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    for attempt in range(5):
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate.apply(conn)
-            return url
-        except asyncpg.exceptions.InternalServerError as exc:
-            if "concurrently updated" not in str(exc) or attempt == 4:
-                raise
-        finally:
-            await conn.close()
-        await asyncio.sleep(0.2 * (attempt + 1))
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate.apply(conn)
+    finally:
+        await conn.close()
     return url
 
 
