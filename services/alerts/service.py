@@ -37,6 +37,7 @@ from services.logs import get
 from services.settings import ConfigError
 from services.storage import migrate
 from services.storage.database import (
+    DATABASE_ERRORS,
     Connection,
     DatabaseRejected,
     DatabaseUnavailable,
@@ -221,7 +222,7 @@ class AlertsService:
             self._sweep_now.clear()
             try:
                 serials = [r["serial"] for r in await pool.fetch(sql.ALL_SERIALS)]
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("sweep_failed", error=str(exc))
                 self._sweep_now.set()
                 await asyncio.sleep(1.0)
@@ -242,7 +243,7 @@ class AlertsService:
                 del self.pending[serial]
             try:
                 await engine.evaluate(serials)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 # Put them back first in line, keeping when they were queued.
                 self.pending = dict.fromkeys(serials, time.time()) | self.pending
                 self.health.check("database", False, "database unavailable")

@@ -134,6 +134,8 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A pooled connection the server dropped mid-protocol (see storage.database.DATABASE_ERRORS).
+    asyncpg.InternalClientError,
 )
 """Exceptions that mean the database cannot be reached now (not that the request is wrong)."""
 

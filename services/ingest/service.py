@@ -33,7 +33,12 @@ from services.ingest.writer import (
 from services.logs import get
 from services.settings import ConfigError
 from services.storage import migrate
-from services.storage.database import DatabaseRejected, DatabaseUnavailable, create_pool
+from services.storage.database import (
+    DATABASE_ERRORS,
+    DatabaseRejected,
+    DatabaseUnavailable,
+    create_pool,
+)
 
 log = get(__name__)
 
@@ -337,7 +342,7 @@ class IngestService:
                 if time.monotonic() - last >= self.settings.ingest_maintenance_interval_s:
                     last = time.monotonic()
                     await writer.maintain(self.settings.partitions_ahead_months)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("maintenance_failed", error=str(exc))
 
 

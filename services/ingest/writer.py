@@ -27,7 +27,7 @@ from services.ingest.backlog import Incoming
 from services.ingest.judge import Accepted, Judged, Quarantined, Rules, judge, quarantine_rows
 from services.ingest.metrics import IngestMetrics
 from services.logs import get
-from services.storage.database import Connection
+from services.storage.database import DATABASE_ERRORS, Connection
 
 log = get(__name__)
 
@@ -108,7 +108,7 @@ class BatchWriter:
             await self._store(judged, outcome)
         except StoreUnavailable:
             raise
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         self.metrics.duplicates.inc(len(judged.duplicates_in_batch))
         return outcome

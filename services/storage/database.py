@@ -33,6 +33,20 @@ FATAL_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # A connection the server dropped mid-protocol (its postmaster SIGKILLed) can reach the
+    # pool still consuming the error: "cannot switch to state 15; another operation (2) is in
+    # progress". The connection is discarded on release; the work is retried like any other.
+    asyncpg.InternalClientError,
+)
+"""What a database round trip can raise when the server or the connection fails (and not the
+data): the work is retried later."""
+
+
 async def create_pool(
     url: str,
     *,

@@ -48,6 +48,7 @@ from services.domain.notifications import ADMIN_EVENTS, ALERT_EVENTS, Notificati
 from services.logs import get
 from services.settings import ConfigError
 from services.storage.database import (
+    DATABASE_ERRORS,
     Connection,
     DatabaseRejected,
     DatabaseUnavailable,
@@ -56,12 +57,7 @@ from services.storage.database import (
 
 log = get(__name__)
 
-DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
+DB_ERRORS = DATABASE_ERRORS
 _MIN_WAIT_S = 0.02
 _RECORD_TRIES = 5
 _DRAIN_S = 15.0

@@ -27,17 +27,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from services import embedded
-from services.bench.ingest import _drop_database
+from services.bench.ingest import _drop_database, _fresh_database
 from services.embedded import EmbeddedBroker, free_port
 from services.settings import parse_mqtt_url
 from services.sim.fleet import Fleet, Outgoing
 from services.sim.publisher import PublishError, publish_all
-from services.storage import migrate
 
 Size = Literal["reduced", "full"]
 
@@ -100,7 +98,7 @@ class Lab:
 
     def database(self) -> str:
         """A fresh, migrated database, dropped at the end."""
-        url = asyncio.run(fresh_database(self.admin_url))
+        url = asyncio.run(_fresh_database(self.admin_url))
         self.stack.callback(lambda: asyncio.run(_drop_database(self.admin_url, url)))
         return url
 
@@ -112,23 +110,6 @@ class Lab:
 
     def path(self, name: str) -> Path:
         return self.scratch / name
-
-
-async def fresh_database(admin_url: str) -> str:
-    """A new database on the server of ``admin_url``, migrated."""
-    name = f"pumpwatch_faults_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
-    finally:
-        await conn.close()
-    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate.apply(conn)
-    finally:
-        await conn.close()
-    return url
 
 
 # -- the services as child processes ----------------------------------------------------------
@@ -171,6 +152,14 @@ class Service:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def exit_text(self) -> str:
+        """How the current life ended, for a problem's text ("running" while it runs)."""
+        if self.proc is None or self.proc.poll() is None:
+            return "running"
+        code = self.proc.returncode
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
     @property
     def pid(self) -> int:

@@ -36,12 +36,12 @@ from services.bench.faults.common import (
     check_stored,
     fetchval,
     fleet_stream,
-    fresh_database,
     ingest_service,
     publish,
     seconds,
     wait_until,
 )
+from services.bench.ingest import _fresh_database
 from services.embedded import free_port
 
 LAST_COMMIT = "pumpwatch_ingest_last_commit_timestamp_seconds"
@@ -168,7 +168,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
 
     postgres = OwnPostgres(lab.path("postgres"))
     lab.stack.callback(postgres.close)
-    database_url = asyncio.run(fresh_database(postgres.url))
+    database_url = asyncio.run(_fresh_database(postgres.url))
     broker = lab.broker("outage-mosquitto")
     ingest = ingest_service(lab, database_url, broker.url, name="outage-ingest")
     api_port = free_port()
@@ -204,7 +204,10 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         ingest.start()
         restarted_at = time.monotonic()
         time.sleep(max(0.0, spec.down_s / 2 - 0.5))
-        outcome.check(ingest.alive, "ingest exited by itself while the database was stopped")
+        outcome.check(
+            ingest.alive,
+            f"ingest exited by itself while the database was stopped ({ingest.exit_text})",
+        )
         samples = ingest.samples() or {}
         outcome.check(
             committed_before_kill <= stopped_at + 0.5 and samples.get(LAST_COMMIT, 0.0) == 0.0,
@@ -225,7 +228,10 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         probe.phase = "killed"
         postgres.kill()
         time.sleep(spec.kill_down_s)
-        outcome.check(ingest.alive, "ingest exited by itself while the database was down")
+        outcome.check(
+            ingest.alive,
+            f"ingest exited by itself while the database was down ({ingest.exit_text})",
+        )
         down_until = time.time()  # nothing can commit before the server is back
         postgres.start()
         probe.phase = "recovering after kill"
@@ -247,7 +253,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
             every_s=0.25,
             alive=ingest,
         )
-        outcome.check(ingest.alive, "ingest exited by itself")
+        outcome.check(ingest.alive, f"ingest exited by itself ({ingest.exit_text})")
         probe.stop.set()
         prober.join(15)
         outcome.check(ingest.terminate() == 0, "ingest did not stop cleanly on SIGTERM")
