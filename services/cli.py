@@ -40,8 +40,11 @@ def _settings(kind: type[S]) -> S:
         raise typer.Exit(2) from None
 
 
-def _run(main: Coroutine[Any, Any, None], settings: CommonSettings) -> None:
-    """Run a command's coroutine; configuration errors end the process with exit code 2."""
+def _run(
+    main: Coroutine[Any, Any, None], settings: CommonSettings, *, uvloop: bool = False
+) -> None:
+    """Run a command's coroutine; configuration errors end the process with exit code 2.
+    ``uvloop``: on uvloop's event loop (the API: less CPU per request than asyncio's)."""
     from services.errors import FatalError
     from services.ingest.mqtt import MqttRejected
     from services.storage.database import DatabaseRejected
@@ -49,7 +52,12 @@ def _run(main: Coroutine[Any, Any, None], settings: CommonSettings) -> None:
 
     logs.configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(main)
+        if uvloop:
+            import uvloop as loop
+
+            loop.run(main)
+        else:
+            asyncio.run(main)
     except (
         ConfigError,
         FatalError,
@@ -139,7 +147,11 @@ def api(
 
     settings = _settings(ApiSettings)
     try:
-        _run(run_api(settings, host or settings.api_host, port or settings.api_port), settings)
+        _run(
+            run_api(settings, host or settings.api_host, port or settings.api_port),
+            settings,
+            uvloop=True,
+        )
     except OSError as exc:
         typer.echo(f"pumpwatch: error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -24,6 +24,7 @@ def server(settings: ApiSettings, host: str, port: int) -> uvicorn.Server:
         proxy_headers=True,
         server_header=False,
         lifespan="on",
+        http="httptools",
     )
     return uvicorn.Server(config)
 
