@@ -137,11 +137,6 @@ WHERE serial = $1 AND hour >= $2 AND hour < $3 AND ($4::timestamptz IS NULL OR h
 ORDER BY hour DESC
 LIMIT $5
 """
-SERIES = """
-SELECT hour, volume_ml_sum / readings AS volume_ml
-FROM readings_hourly WHERE serial = $1 AND hour >= $2 AND hour <= $3 ORDER BY hour
-"""
-
 # The dashboard's series as a JSON array, built here: 720 points would otherwise cost the API
 # more CPU (720 rows decoded, validated and serialised) than the rest of the dashboard.
 # The same format as the API's models: RFC 3339 UTC ``Z`` times, mL rounded to 3 decimals

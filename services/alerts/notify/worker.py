@@ -57,7 +57,6 @@ from services.storage.database import (
 
 log = get(__name__)
 
-DB_ERRORS = DATABASE_ERRORS
 _MIN_WAIT_S = 0.02
 _RECORD_TRIES = 5
 _DRAIN_S = 15.0
@@ -360,7 +359,7 @@ class Notifications:
             self._outbox_wake.clear()
             try:
                 taken = await self.fanout_once()
-            except DB_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("notify_fanout_failed", error=str(exc), retry_in_s=round(delay, 2))
                 await self._pause(delay)
                 delay = min(delay * 2, 10.0)
@@ -437,7 +436,7 @@ class Notifications:
                 try:
                     claimed = await self.deliver_due()
                     wait_s = await self._until_next_due()
-                except DB_ERRORS as exc:
+                except DATABASE_ERRORS as exc:
                     log.warning("notify_claim_failed", error=str(exc), retry_in_s=round(delay, 2))
                     await self._pause(delay)
                     delay = min(delay * 2, 10.0)
@@ -514,7 +513,7 @@ class Notifications:
                         conn, d, result, at=at, duration_s=duration_s, cancel=cancel
                     )
                 break
-            except DB_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 if attempt == _RECORD_TRIES:
                     log.warning("notify_record_failed", delivery_id=d.id, error=str(exc))
                     return
@@ -772,7 +771,7 @@ class Notifications:
         while not self.stop.is_set():
             try:
                 await step()
-            except DB_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("notify_step_failed", step=name, error=str(exc))
             except Exception:  # a bug must not stop alert evaluation: logged, tried again
                 log.exception("notify_step_crashed", step=name)

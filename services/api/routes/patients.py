@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 from uuid import UUID
@@ -26,7 +27,7 @@ from services.api.common import (
 from services.api.problems import Problem, not_found
 from services.api.routes.pumps import reading_out
 from services.domain import rules
-from services.domain.alerting import RuleSettings
+from services.domain.alerting import RuleSettings, Snapshot
 from services.storage.database import Connection
 
 router = APIRouter(prefix="/v1/patients", tags=["patients"])
@@ -111,11 +112,24 @@ async def get_patient(patient_id: UUID, principal: Auth, db: Db) -> models.Patie
     responses={200: {"model": models.Dashboard, "description": "The dashboard"}},
 )
 async def dashboard(patient_id: UUID, principal: Auth, db: Db) -> Response:
-    found, actual = await load_dashboard(patient_id, principal, db)
-    return Response(dashboard_json(found, actual), media_type="application/json")
+    loaded = await load_dashboard(patient_id, principal, db)
+    return Response(dashboard_json(loaded.dashboard, loaded.actual), media_type="application/json")
 
 
 _POINTS = TypeAdapter(list[models.SeriesPoint])
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedDashboard:
+    dashboard: models.Dashboard
+    """With ``series.actual`` left empty."""
+    actual: bytes
+    """The actual series as the JSON array PostgreSQL built."""
+    snapshot: Snapshot | None
+    """The pump's snapshot the forecasts came from (None without a pump or readings)."""
+
+    def actual_points(self) -> list[models.SeriesPoint]:
+        return _POINTS.validate_json(self.actual)
 
 
 def dashboard_json(dashboard: models.Dashboard, actual: bytes) -> bytes:
@@ -129,12 +143,12 @@ def dashboard_json(dashboard: models.Dashboard, actual: bytes) -> bytes:
 
 
 async def load_dashboard(
-    patient_id: UUID, principal: Principal, db: Connection
-) -> tuple[models.Dashboard, bytes]:
-    """The dashboard with ``series.actual`` left empty, and that series as a JSON array."""
+    patient_id: UUID, principal: Principal, db: Connection, *, series_days: int = SERIES_DAYS
+) -> LoadedDashboard:
+    """The dashboard, its actual series over the last ``series_days`` as JSON apart."""
     patient = await _patient(db, principal, patient_id)
     now = datetime.now(UTC)
-    row = await db.fetchrow(sql.DASHBOARD_PUMP, patient_id, now - timedelta(days=SERIES_DAYS), now)
+    row = await db.fetchrow(sql.DASHBOARD_PUMP, patient_id, now - timedelta(days=series_days), now)
     if row is None:
         found = models.Dashboard(
             patient=patient,
@@ -144,7 +158,7 @@ async def load_dashboard(
             last_refill=None,
             series=models.Series(actual=[], projected=[]),
         )
-        return found, b"[]"
+        return LoadedDashboard(found, b"[]", None)
     serial = row["serial"]
     snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)
     alerts = await db.fetch(sql.OPEN_ALERTS_OF, [serial])
@@ -162,4 +176,4 @@ async def load_dashboard(
             actual=[], projected=[] if snapshot is None else views.projected(snapshot)
         ),
     )
-    return found, str(row["series_json"]).encode()
+    return LoadedDashboard(found, str(row["series_json"]).encode(), snapshot)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from services.api import keys, models, sql, views
+from services.api import keys, models, sql
 from services.api.auth import FailureLimiter, Principal
 from services.api.common import Db
 from services.api.problems import Problem
@@ -26,6 +26,7 @@ from services.api.routes import refills as refill_routes
 from services.api.web import sessions
 from services.api.web.chart import Chart, Point, RefillMark, render
 from services.domain import rules, therapy
+from services.domain.alerting import Snapshot
 
 router = APIRouter(include_in_schema=False)
 
@@ -193,7 +194,10 @@ async def worklist_fragment(
 
 
 def _chart(
-    snapshot: Any, series: list[Any], dashboard: models.Dashboard, refills: list[models.RefillOut]
+    snapshot: Snapshot | None,
+    series: list[models.SeriesPoint],
+    dashboard: models.Dashboard,
+    refills: list[models.RefillOut],
 ) -> str:
     now = datetime.now(UTC)
     forecast = dashboard.pump.forecast if dashboard.pump else None
@@ -203,7 +207,7 @@ def _chart(
     end = min(horizon, now + timedelta(days=200))
     projection: list[Point] = []
     state = None if snapshot is None else rules.projection_state(snapshot)
-    if state is not None:
+    if snapshot is not None and state is not None:
         at = state.recorded_at
         while at <= end:
             projection.append(Point(at, therapy.volume_now(state, at, snapshot.timezone)))
@@ -227,7 +231,7 @@ def _chart(
     pump = dashboard.pump
     return render(
         Chart(
-            readings=[Point(r["hour"], r["volume_ml"]) for r in series],
+            readings=[Point(p.at, p.volume_ml) for p in series],
             projection=projection,
             low_alarm_ml=forecast.low_alarm_ml if forecast else None,
             capacity_ml=pump.capacity_ml if pump else None,
@@ -247,15 +251,16 @@ async def patient_page(patient_id: UUID, request: Request, db: Db) -> Response:
         return _to_login(request)
     principal = session.principal
     try:
-        dashboard, _ = await patient_routes.load_dashboard(patient_id, principal, db)
+        loaded = await patient_routes.load_dashboard(
+            patient_id, principal, db, series_days=CHART_DAYS
+        )
     except Problem as exc:
         if exc.status in (403, 404):
             return _page("missing.html", status=404, session=session)
         raise
+    dashboard = loaded.dashboard
     refills: list[models.RefillOut] = []
     alerts: list[models.AlertOut] = []
-    series: list[Any] = []
-    snapshot = None
     if dashboard.pump is not None:
         serial = dashboard.pump.serial
         refills = (
@@ -273,15 +278,12 @@ async def patient_page(patient_id: UUID, request: Request, db: Db) -> Response:
                 cursor=None,
             )
         ).items
-        now = datetime.now(UTC)
-        series = list(await db.fetch(sql.SERIES, serial, now - timedelta(days=CHART_DAYS), now))
-        snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)
     alerts.sort(key=lambda a: (a.status == "resolved", PRIORITY_ORDER[a.priority], a.opened_at))
     return _page(
         "patient.html",
         session=session,
         d=dashboard,
-        chart=_chart(snapshot, series, dashboard, refills),
+        chart=_chart(loaded.snapshot, loaded.actual_points(), dashboard, refills),
         refills=refills,
         alerts=alerts,
     )
