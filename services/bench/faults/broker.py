@@ -25,6 +25,7 @@ from services.bench.faults.common import (
     Lab,
     Outcome,
     PacedPublisher,
+    Service,
     Size,
     check_stored,
     fetch,
@@ -175,15 +176,7 @@ def _restart_once(  # noqa: PLR0915 - one timeline, in order
             f"{name}: ingest's session was not restored from the persistence file",
         )
         publisher.join(600)
-        publish(broker.url, [barrier], client="restart-barrier")
-        wait_until(
-            lambda: _stored(database_url, barrier),
-            "the barrier to be stored",
-            timeout_s=300,
-            every_s=0.25,
-            alive=ingest,
-        )
-        time.sleep(1.0)  # a batch before the barrier's may still be committing
+        _store_barrier(broker.url, database_url, barrier, ingest, client="restart-barrier")
         outcome.check(ingest.terminate() == 0, f"{name}: ingest did not stop cleanly on SIGTERM")
     except (TimeoutError, RuntimeError) as exc:
         outcome.problems.append(f"{name}: {str(exc).splitlines()[0]}")
@@ -204,6 +197,22 @@ def _restart_once(  # noqa: PLR0915 - one timeline, in order
         run.lost = len(result.lost) - flagged
         run.figures.update(_loss_figures(len(result.lost), flagged))
     return run
+
+
+def _store_barrier(
+    broker_url: str, database_url: str, barrier: Outgoing, ingest: Service, *, client: str
+) -> None:
+    """Publish the stream's last message and wait until ingest has stored it (and what came
+    before it has committed)."""
+    publish(broker_url, [barrier], client=client)
+    wait_until(
+        lambda: _stored(database_url, barrier),
+        "the barrier to be stored",
+        timeout_s=300,
+        every_s=0.25,
+        alive=ingest,
+    )
+    time.sleep(1.0)  # a batch before the barrier's may still be committing
 
 
 def _stored(database_url: str, message: Outgoing) -> bool:
@@ -255,15 +264,7 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
             "restored" if connected and connected[-1].get("session_present") else "gone (new)"
         )
         publisher.join(600)
-        publish(broker.url, [barrier], client="kill-barrier")
-        wait_until(
-            lambda: _stored(database_url, barrier),
-            "the barrier to be stored",
-            timeout_s=300,
-            every_s=0.25,
-            alive=ingest,
-        )
-        time.sleep(1.0)  # a batch before the barrier's may still be committing
+        _store_barrier(broker.url, database_url, barrier, ingest, client="kill-barrier")
         outcome.check(ingest.terminate() == 0, "ingest did not stop cleanly on SIGTERM")
     except (TimeoutError, RuntimeError) as exc:
         outcome.problems.append(str(exc).splitlines()[0])
