@@ -6,14 +6,17 @@ import hmac
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from asyncpg import Record
 from fastapi import Request
 
 from services.api import keys, sql
 from services.api.keys import Role
 from services.api.problems import Problem
 from services.logs import get
+from services.storage.database import Connection
 
 log = get(__name__)
 
@@ -100,6 +103,22 @@ def _source(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+async def key_row(request: Request, conn: Connection, key_hash: bytes) -> Record | None:
+    """The API key's row once the source's failure limit lets it be looked up (429
+    otherwise), or None when the key is unknown or revoked (a failure counted against the
+    source). Shared by bearer authentication and the web sign-in form."""
+    limiter: FailureLimiter = request.app.state.limiter
+    source = _source(request)
+    limiter.check(source, key_hash)
+    row: Record | None = await conn.fetchrow(sql.KEY_BY_HASH, key_hash)
+    if row is None or row["revoked_at"] is not None:
+        limiter.failed(source)
+        log.info("api_auth_failed", source=source, revoked=row is not None)
+        return None
+    limiter.succeeded(key_hash)
+    return row
+
+
 async def authenticate(request: Request) -> Principal:
     """The request's principal, or 401 (429 once a source keeps failing)."""
     state = request.app.state
@@ -109,9 +128,8 @@ async def authenticate(request: Request) -> Principal:
     scheme, _, token = header.partition(" ")
     token = token.strip()
     bearer = scheme.lower() == "bearer" and bool(token)
-    key_hash = keys.hash_key(token) if bearer else None
-    limiter.check(source, key_hash)
-    if key_hash is None:
+    if not bearer:
+        limiter.check(source, None)
         limiter.failed(source)
         raise Problem(
             401,
@@ -119,38 +137,34 @@ async def authenticate(request: Request) -> Principal:
             kind="unauthenticated",
             headers=_CHALLENGE,
         )
+    key_hash = keys.hash_key(token)
+    # Before a pool connection is taken: a flood from a locked-out source costs none.
+    limiter.check(source, key_hash)
     admin = state.settings.admin_token
     if admin is not None and hmac.compare_digest(
         token.encode("utf-8", "surrogatepass"), admin.get_secret_value().encode()
     ):
         principal = Principal(None, "admin", None)
+        limiter.succeeded(key_hash)
     else:
         async with state.pool.acquire() as conn:
-            row = await conn.fetchrow(sql.KEY_BY_HASH, key_hash)
-            if row is None or row["revoked_at"] is not None:
-                limiter.failed(source)
-                log.info("api_auth_failed", source=source, revoked=row is not None)
+            row = await key_row(request, conn, key_hash)
+            if row is None:
                 raise Problem(
                     401, "unknown or revoked API key", kind="unauthenticated", headers=_CHALLENGE
                 )
             principal = Principal(row["id"], row["role"], row["clinic_id"])
             await _touch(conn, request, row)
-    limiter.succeeded(key_hash)
     request.state.principal = principal
     return principal
 
 
-async def _touch(conn: object, request: Request, row: object) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from asyncpg import Record
-
-    assert isinstance(row, Record)
+async def _touch(conn: Connection, request: Request, row: Record) -> None:
     interval = timedelta(seconds=request.app.state.settings.api_key_touch_interval_s)
     now = datetime.now(UTC)
     last = row["last_used_at"]
     if last is None or now - last >= interval:
-        await conn.execute(sql.TOUCH_KEY, row["id"], now)  # type: ignore[attr-defined]
+        await conn.execute(sql.TOUCH_KEY, row["id"], now)
 
 
 def require(principal: Principal, *roles: Role) -> None:

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from services.api import keys, models, sql
-from services.api.auth import FailureLimiter, Principal
+from services.api.auth import Principal, key_row
 from services.api.common import Db
 from services.api.problems import Problem
 from services.api.routes import alerts as alert_routes
@@ -90,17 +90,11 @@ async def login(
 ) -> Response:
     if not sessions.csrf_ok(request.cookies.get(sessions.LOGIN_COOKIE, "\0"), csrf_token):
         raise Problem(403, "the sign-in form expired; reload it", kind="csrf")
-    limiter: FailureLimiter = request.app.state.limiter
-    source = request.client.host if request.client else "unknown"
-    key_hash = keys.hash_key(key.strip())
-    limiter.check(source, key_hash)
-    row = await db.fetchrow(sql.KEY_BY_HASH, key_hash)
-    if row is None or row["revoked_at"] is not None:
-        limiter.failed(source)
+    row = await key_row(request, db, keys.hash_key(key.strip()))
+    if row is None:
         return _page(
             "login.html", status=401, csrf_token=csrf_token, error="Unknown or revoked key."
         )
-    limiter.succeeded(key_hash)
     principal = Principal(row["id"], row["role"], row["clinic_id"])
     hours = request.app.state.settings.web_session_hours
     token = await sessions.create(db, principal, hours * 3600)
