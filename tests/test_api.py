@@ -129,7 +129,7 @@ async def test_clinic_alert_settings_are_validated_by_the_engine_s_own_model(
     bad = await api.call("PUT", path, w.a.clinician, json={"refill_due_low_days": -1})
     assert bad.status_code == 422
     assert problem(bad)["errors"] == [
-        {"field": "body.refill_due_low_days", "message": "Input should be greater than 0"}
+        {"field": "body.refill_due_low_days", "message": "must be greater than 0"}
     ]
     unknown_rule = await api.call("PUT", path, w.a.clinician, json={"disabled_rules": ["nope"]})
     assert unknown_rule.status_code == 422

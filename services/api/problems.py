@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -31,7 +32,7 @@ class ProblemDocument(BaseModel):
     type: str = Field(examples=["https://pumpwatch.dev/problems/validation"])
     title: str = Field(examples=["Request validation failed"])
     status: int = Field(examples=[422])
-    detail: str = Field(examples=["body.limit: Input should be less than or equal to 500"])
+    detail: str = Field(examples=["query.limit: must be at most 500"])
     errors: list[FieldError] | None = None
 
 
@@ -83,6 +84,83 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "request"
 
 
+_WORDS: dict[str, str] = {
+    "missing": "is required",
+    "extra_forbidden": "is not a field of this request",
+    "greater_than": "must be greater than {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than": "must be less than {lt}",
+    "less_than_equal": "must be at most {le}",
+    "multiple_of": "must be a multiple of {multiple_of}",
+    "finite_number": "must be a finite number",
+    "string_too_short": "must have at least {min_length} characters",
+    "string_too_long": "must have at most {max_length} characters",
+    "too_short": "must have at least {min_length} items",
+    "too_long": "must have at most {max_length} items",
+    "string_pattern_mismatch": "must match the pattern {pattern}",
+    "string_type": "must be a string",
+    "string_unicode": "must be a valid Unicode string",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "int_parsing_size": "is too large a number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "literal_error": "must be one of {expected}",
+    "enum": "must be one of {expected}",
+    "uuid_type": "must be a UUID",
+    "uuid_parsing": "must be a UUID",
+    "datetime_type": "must be an RFC 3339 date-time",
+    "datetime_parsing": "must be an RFC 3339 date-time",
+    "datetime_from_date_parsing": "must be an RFC 3339 date-time",
+    "datetime_object_invalid": "must be an RFC 3339 date-time",
+    "timezone_aware": "must carry a time zone offset",
+    "date_type": "must be a date (YYYY-MM-DD)",
+    "date_parsing": "must be a date (YYYY-MM-DD)",
+    "date_from_datetime_parsing": "must be a date (YYYY-MM-DD)",
+    "date_from_datetime_inexact": "must be a date (YYYY-MM-DD), without a time",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "list_type": "must be a JSON array",
+    "url_type": "must be a URL",
+    "url_parsing": "must be a URL",
+    "url_scheme": "must be a URL with the scheme {expected_schemes}",
+    "url_too_long": "is too long a URL",
+    "json_invalid": "is not valid JSON",
+    "json_type": "must be JSON text",
+}
+"""Our words for the validation library's error types (stable identifiers): a problem
+document says the same thing whichever release of the library found the error."""
+
+
+def field_error(error: Mapping[str, Any]) -> FieldError:
+    """One validation error as a field and a message in our words."""
+    kind = str(error.get("type", ""))
+    loc = tuple(error.get("loc", ()))
+    ctx = error.get("ctx") or {}
+    if kind == "json_invalid":
+        loc = loc[:1]  # ("body", 30): the second part is a character offset, not a field
+    if kind == "value_error" and "error" in ctx:
+        message = str(ctx["error"])  # raised by our own validators, in our words
+    elif kind in _WORDS:
+        try:
+            message = _WORDS[kind].format(**ctx)
+        except (KeyError, IndexError):
+            message = _WORDS[kind].split(" {")[0]
+    else:
+        message = str(error.get("msg", "is invalid"))
+    return FieldError(field=_location(loc), message=message)
+
+
+def validation_problem(exc: RequestValidationError) -> Problem:
+    errors = [field_error(e) for e in exc.errors()]
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
+    return Problem(422, detail, kind="validation", title="Request validation failed", errors=errors)
+
+
 async def on_problem(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Problem)
     return response(exc)
@@ -90,14 +168,7 @@ async def on_problem(_: Request, exc: Exception) -> JSONResponse:
 
 async def on_validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        FieldError(field=_location(tuple(e.get("loc", ()))), message=str(e.get("msg", "invalid")))
-        for e in exc.errors()
-    ]
-    detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
-    return response(
-        Problem(422, detail, kind="validation", title="Request validation failed", errors=errors)
-    )
+    return response(validation_problem(exc))
 
 
 async def on_http(_: Request, exc: Exception) -> JSONResponse:

@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from services.domain import json_syntax
+
 MAX_PAYLOAD_BYTES = 65536
 MAX_DEPTH = 32
 """Containers nested deeper than this are refused; the top-level object is level 1."""
@@ -224,8 +226,8 @@ def decode(kind: Kind, raw: bytes) -> Message:
         raise Rejected(Reason.TOO_LARGE, f"payload is {len(raw)} bytes, limit {MAX_PAYLOAD_BYTES}")
     try:
         tree = _generic_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-        raise Rejected(Reason.INVALID_JSON, _json_error(exc, raw)) from None
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        raise Rejected(Reason.INVALID_JSON, _not_json(raw)) from None
     except RecursionError:
         raise Rejected(Reason.INVALID_JSON, f"nesting deeper than {MAX_DEPTH} levels") from None
     # Never-valid values (invalid_json) are reported before the shape (schema), also when the
@@ -407,51 +409,10 @@ def _check_duplicates_exactly(raw: bytes) -> None:
     json.loads(raw, object_pairs_hook=_reject_duplicates)
 
 
-_BYTE_RE = re.compile(r"\(byte ([0-9]+)\)")
-
-
-def _json_error(exc: Exception, raw: bytes) -> str:
-    """msgspec's complaint, reworded to name the problem (off the hot path: rejections only)."""
-    if isinstance(exc, UnicodeDecodeError):
-        # msgspec counts from the start of the string it was decoding, not of the payload.
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as whole:
-            exc = whole
-        return f"payload is not valid UTF-8 (byte {exc.start})"
-    text = str(exc)
-    if "out of range" in text:
-        detail = "a number overflows a double"
-    elif not raw.strip(b" \t\r\n"):
-        detail = "payload is empty"
-    elif "surrogate" in text:
-        detail = f"a string contains a lone surrogate escape ({text})"
-    elif "truncated" in text:
-        detail = _truncated_or_lone_surrogate(raw)
-    else:
-        detail = _name_non_number(text, raw)
-    return detail
-
-
-def _truncated_or_lone_surrogate(raw: bytes) -> str:
-    # msgspec's words for an unpaired high surrogate escape as well as for cut-off input;
-    # Python's parser takes lone surrogates, so if it parses the payload, that was the cause.
-    try:
-        json.loads(raw)
-    except (ValueError, RecursionError):
-        return "JSON is truncated"
-    return "a string contains a lone surrogate escape (\\ud800-\\udfff)"
-
-
-def _name_non_number(text: str, raw: bytes) -> str:
-    """Say so when msgspec's "invalid character" is the start of NaN or Infinity."""
-    found = _BYTE_RE.search(text)
-    if found:
-        at = raw[int(found.group(1)) :]
-        for token in (b"NaN", b"Infinity"):
-            if at.startswith(token):
-                return f"JSON is malformed: {token.decode()} is not a JSON number {found[0]}"
-    return text
+def _not_json(raw: bytes) -> str:
+    """Why the parser refused ``raw``, in our words (never the parser's, which change between
+    its releases)."""
+    return json_syntax.diagnose(raw) or "JSON is malformed"
 
 
 def _schema_error(exc: msgspec.ValidationError) -> str:

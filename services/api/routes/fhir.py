@@ -37,7 +37,7 @@ from services.api.common import (
     visible,
 )
 from services.api.problems import MEDIA_TYPE as PROBLEM_JSON
-from services.api.problems import FieldError, Problem, not_found
+from services.api.problems import FieldError, Problem, not_found, validation_problem
 from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
 
 FHIR_JSON = "application/fhir+json"
@@ -125,18 +125,6 @@ def outcome(problem: Problem) -> FhirResponse:
     return FhirResponse(body, status_code=problem.status, headers=problem.headers)
 
 
-def _validation_problem(exc: RequestValidationError) -> Problem:
-    errors = [
-        FieldError(
-            field=".".join(str(part) for part in e.get("loc", ())) or "request",
-            message=str(e.get("msg", "invalid")),
-        )
-        for e in exc.errors()
-    ]
-    detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
-    return Problem(422, detail, kind="validation", title="Request validation failed", errors=errors)
-
-
 class FhirRoute(APIRoute):
     """Answers this router's errors (auth, tenancy, validation) as OperationOutcomes."""
 
@@ -149,7 +137,7 @@ class FhirRoute(APIRoute):
             except Problem as exc:
                 return outcome(exc)
             except RequestValidationError as exc:
-                return outcome(_validation_problem(exc))
+                return outcome(validation_problem(exc))
 
         return route
 
@@ -355,7 +343,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         422,
         "validation",
         "Request validation failed",
-        "query._count: Input should be less than or equal to 500",
+        "query._count: must be at most 500",
         "A parameter is malformed (`issue.diagnostics` names it)",
     ),
     429: _error(
