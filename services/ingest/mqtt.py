@@ -399,8 +399,10 @@ class MqttBridge:
         if failed:
             log.error("mqtt_subscribe_failed", topics=self.topics, reasons=failed)
         else:
-            self.subscribed = True
+            # Logged before the flag that makes /readyz answer 200, so that whoever waited for
+            # readiness finds the record.
             log.info("mqtt_subscribed", topics=self.topics)
+            self.subscribed = True
 
     def _on_unsubscribe(
         self,
