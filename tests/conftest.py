@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from services.embedded import (
+from lab.embedded import (
     EmbeddedBroker,
     port_open,
     start_amqtt,

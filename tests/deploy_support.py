@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from services.embedded import EmbeddedBroker, free_port, port_open
+from lab.embedded import EmbeddedBroker, free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO_DIR = ROOT / "deploy" / "mosquitto"

@@ -21,13 +21,13 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
+from lab.embedded import free_port
 from services.alerts.engine import Engine, prepare_connection
 from services.alerts.metrics import AlertsMetrics
 from services.alerts.notify.webhooks import Resolver
 from services.alerts.notify.worker import Clock, Notifications
 from services.alerts.settings import AlertsSettings
 from services.domain.alerting import RuleSettings
-from services.embedded import free_port
 from tests import alert_fixtures as fx
 
 # -- webhooks ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from services.embedded import EmbeddedBroker, free_port
+from lab.embedded import EmbeddedBroker, free_port
 
 
 def telemetry(

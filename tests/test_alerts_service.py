@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.embedded import EmbeddedBroker
+from lab.embedded import EmbeddedBroker
 from tests.support import IngestProcess, alerts_process, encode, fetch, fetchval, telemetry
 from tests.test_ingest import publish
 

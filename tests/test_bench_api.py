@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 from rich.console import Console
 
-from services.bench import api as bench
+from lab.bench import api as bench
 from tests.api_support import running_api, world
 
 # The rollup exactly as ingest's STORE_READINGS (and migration 0004) computes it.

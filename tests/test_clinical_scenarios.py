@@ -1,6 +1,6 @@
 """Clinical scenarios end to end: a simulated fleet with one pump per failure mode and healthy
 pumps, replayed over MQTT through the real ``pumpwatch ingest`` and ``pumpwatch alerts``
-processes (``services.bench.replay``), judged against the simulator's ground truth
+processes (``lab.bench.replay``), judged against the simulator's ground truth
 (``Fleet.truth``).
 
 One replay serves every test (module fixture): 16 pumps, 180 simulated days, a reading per hour,
@@ -9,7 +9,7 @@ may come at most one chunk (6 h) plus the rule's own delay after the data allows
 
 Negative scenario: the healthy pumps. Every other one has the refill visits the simulated clinic
 plans booked (``refill_appointment_at``); the others, and the faulty pumps, have none. What a
-healthy pump's normal life explains (``services.sim.truth.LIFE_RULES``): without a booking,
+healthy pump's normal life explains (``lab.sim.truth.LIFE_RULES``): without a booking,
 refill due (low, then medium within 7 days) before refills that come for the low alarm, and drug
 age (low) before refills that come for the drug's age (150 days and more); with a booking in
 time, no refill due, but the worst case (medium) while the low-alarm date at 114.5 % of the
@@ -30,10 +30,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from services.bench.replay import Detection, Judgement, Opening, ReplayResult, judge, replay
+from lab.bench.replay import Detection, Judgement, Opening, ReplayResult, judge, replay
+from lab.embedded import start_mosquitto
+from lab.sim.fleet import LIFE_RULES, Fault, Fleet, Injected, PumpProfile
 from services.domain.alerting import Priority, Rule
-from services.embedded import start_mosquitto
-from services.sim.fleet import LIFE_RULES, Fault, Fleet, Injected, PumpProfile
 
 SEED = 12
 PUMPS = 16

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from services.embedded import EmbeddedBroker, free_port
+from lab.embedded import EmbeddedBroker, free_port
 from tests.support import fetchval
 
 

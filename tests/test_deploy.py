@@ -14,13 +14,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from lab.embedded import EmbeddedBroker, free_port
 from services.alerts.metrics import AlertsMetrics
 from services.alerts.settings import AlertsSettings, NotifySettings
 from services.api.app import Metrics as ApiMetrics
 from services.api.settings import ApiSettings
 from services.cli import app
 from services.domain.alerting import RuleSettings
-from services.embedded import EmbeddedBroker, free_port
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import IngestSettings
 from tests.deploy_support import (

@@ -16,10 +16,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from lab.bench import faults
+from lab.bench.faults import SCENARIOS, FaultsOptions, failed
+from lab.bench.faults.common import Outcome, percentile
 from services import cli, logs
-from services.bench import faults
-from services.bench.faults import SCENARIOS, FaultsOptions, failed
-from services.bench.faults.common import Outcome, percentile
 
 RUNTIME_SCENARIOS = [name for name in SCENARIOS if name != "sbom"]
 

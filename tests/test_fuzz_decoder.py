@@ -1,4 +1,4 @@
-"""The atheris fuzz target of the decoder and the ingest judge (services/bench/fuzz_decoder.py):
+"""The atheris fuzz target of the decoder and the ingest judge (lab/bench/fuzz_decoder.py):
 it runs for a fixed number of iterations and finds nothing, and its checks do catch a decoder
 that breaks the contract."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services.bench import fuzz_decoder
+from lab.bench import fuzz_decoder
 from services.domain import contract
 
 RUNS = 20_000
@@ -17,7 +17,7 @@ RUNS = 20_000
 
 def test_the_fuzz_target_runs_a_fixed_number_of_iterations_and_finds_nothing() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "services.bench.fuzz_decoder", f"-runs={RUNS}", "-seed=1"],
+        [sys.executable, "-m", "lab.bench.fuzz_decoder", f"-runs={RUNS}", "-seed=1"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from deploy.grafana import dashboards
+from lab.embedded import EmbeddedBroker
 from services.alerts.engine import prepare_connection
-from services.embedded import EmbeddedBroker
 from tests import alert_fixtures as fx
 from tests.support import IngestProcess, alerts_process, encode, fetch, refill_event, telemetry
 from tests.test_ingest import publish

@@ -12,10 +12,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.embedded import EmbeddedBroker
+from lab.embedded import EmbeddedBroker
+from lab.sim.fleet import Outgoing
+from lab.sim.publisher import publish_all
 from services.settings import parse_mqtt_url
-from services.sim.fleet import Outgoing
-from services.sim.publisher import publish_all
 from tests.support import (
     IngestProcess,
     encode,

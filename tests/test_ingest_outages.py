@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
-from services.embedded import EmbeddedBroker, free_port, start_mosquitto
+from lab.embedded import EmbeddedBroker, free_port, start_mosquitto
 from tests.support import IngestProcess, fetchval, wait_for_count
 from tests.test_ingest_resilience import (
     BACKLOG,

@@ -27,11 +27,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from lab.embedded import EmbeddedBroker, free_port, mosquitto_config, port_open
+from lab.sim.fleet import Fault, Fleet, Outgoing
+from lab.sim.publisher import publish_all
 from services.domain.contract import Reason
-from services.embedded import EmbeddedBroker, free_port, mosquitto_config, port_open
 from services.settings import parse_mqtt_url
-from services.sim.fleet import Fault, Fleet, Outgoing
-from services.sim.publisher import publish_all
 from tests.support import IngestProcess, encode, fetch, fetchval, telemetry, wait_for_count
 
 RECEIVED = "pumpwatch_ingest_messages_received_total"

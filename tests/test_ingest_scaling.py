@@ -14,8 +14,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from services.embedded import EmbeddedBroker
-from services.sim.fleet import Fleet
+from lab.embedded import EmbeddedBroker
+from lab.sim.fleet import Fleet
 from tests.support import IngestProcess, fetchval
 from tests.test_ingest import publish
 

@@ -31,6 +31,7 @@ def test_the_readme_commands_install_what_the_lock_pins() -> None:
         assert PIP_UV in command
         assert re.search(r"\.venv/bin/uv sync -q --locked --inexact\b", command), command
     assert demo.endswith(".venv/bin/pumpwatch demo")
+    assert "--extra lab" in demo
     assert "--extra dev" in tests
     assert tests.endswith(".venv/bin/pytest")
 

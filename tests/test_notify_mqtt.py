@@ -11,7 +11,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from services.embedded import EmbeddedBroker
+from lab.embedded import EmbeddedBroker
 from services.settings import parse_mqtt_url
 from tests.notify_support import clinic_with_pump, evaluate, pool_for, running, settings, stall
 

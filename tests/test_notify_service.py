@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from lab.embedded import EmbeddedBroker
 from services.domain.webhook_urls import new_secret
-from services.embedded import EmbeddedBroker
 from tests import alert_fixtures as fx
 from tests.notify_support import Reply, add_pump, add_webhook, clinic_with_pump, pool_for, receiver
 from tests.support import (

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from lab.embedded import EmbeddedBroker, free_port
 from services.alerts.metrics import AlertsMetrics
 from services.api.app import Metrics as ApiMetrics
-from services.embedded import EmbeddedBroker, free_port
 from services.ingest.metrics import IngestMetrics
 from tests.support import IngestProcess
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.embedded import EmbeddedBroker
+from lab.embedded import EmbeddedBroker
 from tests import alert_fixtures as fx
 from tests.api_support import running_api
 from tests.support import IngestProcess, encode, fetch, telemetry

@@ -23,6 +23,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from lab.embedded import EmbeddedBroker
+from lab.sim.command import OptionError, parse_fault, parse_fault_rate
+from lab.sim.fleet import Fault, Fleet, Outgoing, PumpProfile
+from lab.sim.publisher import PublishReport, publish_all, run_live, sim_clock
+from lab.sim.pump import uuid4_text
 from services.domain.contract import (
     Message,
     Reason,
@@ -31,12 +36,7 @@ from services.domain.contract import (
     decode,
     parse_topic,
 )
-from services.embedded import EmbeddedBroker
 from services.settings import parse_mqtt_url
-from services.sim.command import OptionError, parse_fault, parse_fault_rate
-from services.sim.fleet import Fault, Fleet, Outgoing, PumpProfile
-from services.sim.publisher import publish_all, run_live, sim_clock
-from services.sim.pump import uuid4_text
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 OLDEST = datetime(2000, 1, 1, tzinfo=UTC)
@@ -685,26 +685,42 @@ def test_run_live_backfills_then_keeps_to_the_wall_clock(broker: EmbeddedBroker)
         interval=timedelta(minutes=2),
         topic_prefix=prefix,
     )
+    backlog = 10 * 2 * 720  # two days: ten pumps, one reading every two minutes each
     subscriber = _Subscriber(prefix, broker)
     stop = threading.Event()
-    try:
-        report = run_live(
-            parse_mqtt_url(broker.url),
-            fleet,
-            protocol="5" if broker.supports_mqtt5 else "3.1.1",
-            client_id=f"{prefix}-pub",
-            accelerate=2 * 86400 / 1.0,  # two days of backlog in about a second
-            duration_s=3.0,
-            stop=stop,
+    reports: list[PublishReport] = []
+
+    def publish() -> None:
+        reports.append(
+            run_live(
+                parse_mqtt_url(broker.url),
+                fleet,
+                protocol="5" if broker.supports_mqtt5 else "3.1.1",
+                client_id=f"{prefix}-pub",
+                accelerate=2 * 86400 / 1.0,  # two days of backlog in about a second
+                stop=stop,
+            )
         )
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        # However busy the machine, the backlog arrives; then the fleet is live.
+        subscriber.wait_for(backlog + 1, timeout_s=120.0)
+        assert len(subscriber.received) > backlog
+    finally:
+        stopped_at = datetime.now(UTC)
+        stop.set()
+        publisher.join(60)
+    try:
+        (report,) = reports
         subscriber.wait_for(report.published)
     finally:
         subscriber.close()
     assert report.sim_until is not None
-    assert report.sim_until > datetime.now(UTC) - timedelta(seconds=5)
+    assert report.sim_until > stopped_at - timedelta(seconds=5)
     assert report.published == len(subscriber.received)
-    # Two days of backlog: ten pumps, one reading every two minutes each.
-    assert report.published > 10 * 2 * 720
+    assert report.published > backlog
     for (_, payload), arrived in zip(subscriber.received, subscriber.arrived_at, strict=True):
         recorded = datetime.fromisoformat(json.loads(payload)["recorded_at"])
         assert recorded <= arrived

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.bench.faults import supply_chain
-from services.bench.faults.supply_chain import classify
+from lab.bench.faults import supply_chain
+from lab.bench.faults.supply_chain import classify
 
 
 def test_the_sbom_lists_the_installed_packages_at_their_versions(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """``pumpwatch bench webhooks``: alert commit → signed webhook received, under ingest load.
 
-The alert benchmark's load (``services.bench.alerts``, phase 2): a stream of simulated messages
+The alert benchmark's load (``lab.bench.alerts``, phase 2): a stream of simulated messages
 (1,000 pumps at 15-minute readings, a share of them with a stalling motor, so alerts open,
 escalate and resolve all through it) published as fast as the broker takes it to the real
 ``pumpwatch ingest`` and ``pumpwatch alerts`` processes (production settings, wall clock) on a
@@ -52,21 +52,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from services import embedded
-from services.alerts.notify.routing import message_id
-from services.bench.alerts import histogram_quantile
-from services.bench.ingest import _drop_database, _fresh_database, _postgres
-from services.bench.replay import (
+from lab import embedded
+from lab.bench.alerts import histogram_quantile
+from lab.bench.ingest import _drop_database, _fresh_database, _postgres
+from lab.bench.replay import (
     ServiceProcess,
     alerts_process,
     ingest_process,
     notify_process,
     stored,
 )
+from lab.sim.fleet import Fault, Fleet
+from lab.sim.publisher import publish_all
+from services.alerts.notify.routing import message_id
 from services.domain.webhook_urls import new_secret
 from services.settings import parse_mqtt_url
-from services.sim.fleet import Fault, Fleet
-from services.sim.publisher import publish_all
 
 GOAL_P99_S = 2.0
 _INTERVAL = timedelta(minutes=15)
@@ -238,7 +238,7 @@ class _Probe:
 
     def __init__(self) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, "-c", "from services.bench.webhooks import probe_main; probe_main()"],
+            [sys.executable, "-c", "from lab.bench.webhooks import probe_main; probe_main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

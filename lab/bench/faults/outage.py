@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services import embedded
-from services.bench.faults.common import (
+from lab import embedded
+from lab.bench.faults.common import (
     Lab,
     Outcome,
     PacedPublisher,
@@ -41,8 +41,8 @@ from services.bench.faults.common import (
     seconds,
     wait_until,
 )
-from services.bench.ingest import _fresh_database
-from services.embedded import free_port
+from lab.bench.ingest import _fresh_database
+from lab.embedded import free_port
 
 LAST_COMMIT = "pumpwatch_ingest_last_commit_timestamp_seconds"
 ADMIN_TOKEN = "faults-outage-admin-token-4f1c9a"  # noqa: S105 - a scratch API's bootstrap token

@@ -19,13 +19,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from lab.sim import truth as ground_truth
+from lab.sim.faults import Fault, fault_needs
+from lab.sim.outgoing import Kind, Lost, Outgoing
+from lab.sim.profiles import PumpProfile, generate_profiles
+from lab.sim.pump import PumpSim
+from lab.sim.truth import LIFE_RULES, Injected
 from services.domain.alerting import RuleSettings
-from services.sim import truth as ground_truth
-from services.sim.faults import Fault, fault_needs
-from services.sim.outgoing import Kind, Lost, Outgoing
-from services.sim.profiles import PumpProfile, generate_profiles
-from services.sim.pump import PumpSim
-from services.sim.truth import LIFE_RULES, Injected
 
 __all__ = ["LIFE_RULES", "Fault", "Fleet", "Injected", "Kind", "Lost", "Outgoing", "PumpProfile"]
 
@@ -110,7 +110,7 @@ class Fleet:
 
     def truth(self, until: datetime, settings: RuleSettings | None = None) -> list[Injected]:
         """Which faults showed where and when up to ``until``, and what should alert for each
-        (``services.sim.truth``), in onset order. Pure: the fleet is not advanced (copies of its
+        (``lab.sim.truth``), in onset order. Pure: the fleet is not advanced (copies of its
         pumps run ahead where ``until`` is later than ``now``, or to date a harm). ``settings``:
         the rule thresholds the expectations follow (default: the domain table's)."""
         limit = math.floor(until.timestamp())

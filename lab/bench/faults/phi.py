@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from services.bench.faults.common import (
+from lab.bench.faults.common import (
     Lab,
     Outcome,
     Service,
@@ -41,8 +41,8 @@ from services.bench.faults.common import (
     total,
     wait_until,
 )
-from services.embedded import free_port
-from services.sim.fleet import Fault, Fleet, Outgoing
+from lab.embedded import free_port
+from lab.sim.fleet import Fault, Fleet, Outgoing
 
 ADMIN_TOKEN = "faults-phi-admin-token-7d20b1"  # noqa: S105 - a scratch API's bootstrap token
 

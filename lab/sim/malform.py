@@ -11,8 +11,8 @@ from typing import Any
 
 import msgspec
 
+from lab.sim.outgoing import Kind
 from services.domain.contract import UUID_PATTERN, Reason
-from services.sim.outgoing import Kind
 
 _encode = msgspec.json.encode
 _UUID_RE = re.compile(UUID_PATTERN)

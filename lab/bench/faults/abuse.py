@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
-from services.bench.faults.common import Lab, Outcome, Service, Size, percentile, seconds
-from services.embedded import free_port
+from lab.bench.faults.common import Lab, Outcome, Service, Size, percentile, seconds
+from lab.embedded import free_port
 
 ADMIN_TOKEN = "faults-abuse-admin-token-93e5aa"  # noqa: S105 - a scratch API's bootstrap token
 WITNESS_ADDRESS = "127.0.0.2"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from services.bench.faults.common import (
+from lab.bench.faults.common import (
     Lab,
     Outcome,
     Size,
@@ -34,8 +34,8 @@ from services.bench.faults.common import (
     total,
     wait_until,
 )
+from lab.sim.fleet import Outgoing
 from services.domain.contract import Reason
-from services.sim.fleet import Outgoing
 
 RECEIVED = "pumpwatch_ingest_messages_received_total"
 STORED = "pumpwatch_ingest_messages_stored_total"

@@ -7,8 +7,8 @@ import string
 from dataclasses import dataclass
 from typing import Literal
 
-from services.sim.faults import Fault
-from services.sim.program import Mode, Program, Step
+from lab.sim.faults import Fault
+from lab.sim.program import Mode, Program, Step
 
 Basis = Literal["measured", "calculated"]
 

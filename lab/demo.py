@@ -20,7 +20,9 @@ from pathlib import Path
 import asyncpg
 from rich.console import Console
 
-from services import embedded
+from lab import embedded
+from lab.sim.command import simulate
+from lab.sim.fleet import Fault
 from services.alerts.service import AlertsService
 from services.alerts.settings import AlertsSettings
 from services.api import keys
@@ -30,8 +32,6 @@ from services.ingest.service import IngestService
 from services.ingest.settings import IngestSettings
 from services.logs import get
 from services.settings import parse_mqtt_url
-from services.sim.command import simulate
-from services.sim.fleet import Fault
 from services.storage import migrate
 from services.storage.database import connect_with_retry
 

@@ -29,8 +29,7 @@ from typing import Any
 
 import asyncpg
 
-from services.alerts.engine import prepare_connection
-from services.bench.faults.common import (
+from lab.bench.faults.common import (
     Lab,
     Outcome,
     Service,
@@ -40,8 +39,9 @@ from services.bench.faults.common import (
     total,
     wait_until,
 )
+from lab.embedded import free_port
+from services.alerts.engine import prepare_connection
 from services.domain.webhook_urls import new_secret
-from services.embedded import free_port
 from services.settings import parse_mqtt_url
 
 EVALUATIONS = "pumpwatch_alerts_evaluations_total"

@@ -35,9 +35,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lab.sim.fleet import Fleet
+from lab.sim.outgoing import Outgoing
 from services.settings import MqttTarget
-from services.sim.fleet import Fleet
-from services.sim.outgoing import Outgoing
 
 MqttVersion = Literal["5", "3.1.1"]
 _CONNECT_TIMEOUT_S = 10.0

@@ -22,8 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from services.bench.faults.common import Lab, Outcome, Size
-from services.embedded import REPO_ROOT
+from lab.bench.faults.common import Lab, Outcome, Size
+from lab.embedded import REPO_ROOT
 
 DEFAULT_SBOM = REPO_ROOT / "artifacts" / "sbom" / "pumpwatch-environment.cdx.json"
 KEY_PACKAGES = ("asyncpg", "fastapi", "paho-mqtt", "pydantic", "uvicorn", "msgspec")

@@ -15,9 +15,9 @@ from typing import Literal
 
 from rich.console import Console
 
+from lab.sim.fleet import Fault, Fleet, Outgoing
+from lab.sim.publisher import MqttVersion, PublishReport, StopSignal, publish_all, run_live
 from services.settings import MqttTarget
-from services.sim.fleet import Fault, Fleet, Outgoing
-from services.sim.publisher import MqttVersion, PublishReport, StopSignal, publish_all, run_live
 
 _FleetFactory = Callable[[datetime], Fleet]
 _COUNT_MARGIN = 1.1
@@ -103,7 +103,7 @@ def simulate(
     - ``now``: the wall clock's current time (tests); the real clock by default.
 
     Raises :class:`OptionError` for an unusable option and
-    :class:`services.sim.publisher.PublishError` when the broker cannot be used.
+    :class:`lab.sim.publisher.PublishError` when the broker cannot be used.
     """
     _require(pumps >= 1, "--pumps must be at least 1")
     _require(interval_minutes > 0, "--interval-minutes must be positive")

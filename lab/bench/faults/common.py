@@ -30,12 +30,12 @@ from typing import Any, Literal
 
 import asyncpg
 
-from services import embedded
-from services.bench.ingest import _drop_database, _fresh_database
-from services.embedded import EmbeddedBroker, free_port
+from lab import embedded
+from lab.bench.ingest import _drop_database, _fresh_database
+from lab.embedded import EmbeddedBroker, free_port
+from lab.sim.fleet import Fleet, Outgoing
+from lab.sim.publisher import PublishError, publish_all
 from services.settings import parse_mqtt_url
-from services.sim.fleet import Fleet, Outgoing
-from services.sim.publisher import PublishError, publish_all
 
 Size = Literal["reduced", "full"]
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.bench.faults.common import (
+from lab.bench.faults.common import (
     Lab,
     Outcome,
     PacedPublisher,

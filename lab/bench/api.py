@@ -65,9 +65,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lab.bench.ingest import _backend_cpu, _drop_database, _fresh_database, _postgres
+from lab.embedded import free_port
 from services.api import keys
-from services.bench.ingest import _backend_cpu, _drop_database, _fresh_database, _postgres
-from services.embedded import free_port
 from services.ingest.sql import READING_COLUMNS, STATE_COLUMNS
 
 GOAL_P99_MS = 50.0
@@ -1103,7 +1103,7 @@ def _run_load(spec: LoadSpec, tick: Callable[[], None]) -> LoadResult:
     measuring process, or the API's event loop); ``tick`` is called while it runs."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from services.bench.api import load_main; load_main()"],
+            [sys.executable, "-c", "from lab.bench.api import load_main; load_main()"],
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=err,

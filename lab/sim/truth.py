@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from lab.sim.faults import Fault
+from lab.sim.outgoing import Lost
+from lab.sim.pump import PumpSim, RefillMark
 from services.domain.alerting import Priority, Rule, RuleSettings
-from services.sim.faults import Fault
-from services.sim.outgoing import Lost
-from services.sim.pump import PumpSim, RefillMark
 
 Signature = Literal[
     "stall",

@@ -36,10 +36,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services import embedded
+from lab import embedded
+from lab.sim.fleet import Fleet, Outgoing
+from lab.sim.publisher import publish_all
 from services.settings import CommonSettings, parse_mqtt_url
-from services.sim.fleet import Fleet, Outgoing
-from services.sim.publisher import publish_all
 from services.storage import migrate
 
 

@@ -39,7 +39,7 @@ none.
 :func:`judge` matches the recorded changes against ``Fleet.truth``: per manifestation, the
 first alert of an expected rule, how long after onset, at what priority, before the harm; and
 every alert opening that no manifestation explains, split into healthy-life rules
-(``services.sim.truth.LIFE_RULES``) and false alerts.
+(``lab.sim.truth.LIFE_RULES``) and false alerts.
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ from typing import Literal
 
 import asyncpg
 
+from lab.embedded import free_port
+from lab.sim.fleet import LIFE_RULES, Fleet, Injected
+from lab.sim.publisher import publish_all
 from services.domain.alerting import Priority, Rule
-from services.embedded import free_port
 from services.settings import parse_mqtt_url
-from services.sim.fleet import LIFE_RULES, Fleet, Injected
-from services.sim.publisher import publish_all
 
 Action = Literal["opened", "reopened", "escalated", "eased", "resolved", "refreshed"]
 

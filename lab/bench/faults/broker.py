@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services import embedded
-from services.bench.faults.common import (
+from lab import embedded
+from lab.bench.faults.common import (
     Lab,
     Outcome,
     PacedPublisher,
@@ -36,8 +36,8 @@ from services.bench.faults.common import (
     seconds,
     wait_until,
 )
-from services.embedded import EmbeddedBroker
-from services.sim.fleet import Outgoing
+from lab.embedded import EmbeddedBroker
+from lab.sim.fleet import Outgoing
 
 
 @dataclass(frozen=True)

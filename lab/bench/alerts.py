@@ -3,7 +3,7 @@
 Phase 1, detection: a simulated fleet (1,000 pumps, one simulated year by default) with faults
 injected at known times (a share of the fleet per fault type) is replayed through the real
 ``pumpwatch ingest`` and ``pumpwatch alerts`` processes, on a broker and a scratch database of
-the bench's own (``services.bench.replay``: chunks of simulated time, a full sweep of the alert
+the bench's own (``lab.bench.replay``: chunks of simulated time, a full sweep of the alert
 service after each, the alert service on the data's clock). The alerts are judged against the
 simulator's ground truth (``Fleet.truth``): per fault type and manifestation, how many were
 injected and detected, the median and worst time from onset to the alert (simulated time) and
@@ -42,9 +42,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services import embedded
-from services.bench.ingest import _drop_database, _fresh_database, _postgres
-from services.bench.replay import (
+from lab import embedded
+from lab.bench.ingest import _drop_database, _fresh_database, _postgres
+from lab.bench.replay import (
     Detection,
     Judgement,
     ReplayResult,
@@ -54,11 +54,11 @@ from services.bench.replay import (
     replay,
     stored,
 )
-from services.bench.replay import Progress as ReplayProgress
+from lab.bench.replay import Progress as ReplayProgress
+from lab.sim.fleet import Fault, Fleet, Injected
+from lab.sim.publisher import publish_all
 from services.domain.alerting import Priority
 from services.settings import parse_mqtt_url
-from services.sim.fleet import Fault, Fleet, Injected
-from services.sim.publisher import publish_all
 
 DEFAULT_FAULT_SHARE = 0.02
 """Share of the fleet given each fault type (occlusion and motor stall among the pumps that can

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the wire decoder and the ingest judge with atheris (libFuzzer).
 
-    .venv/bin/python -m services.bench.fuzz_decoder -runs=100000 [-max_len=70000] [corpus_dir]
+    .venv/bin/python -m lab.bench.fuzz_decoder -runs=100000 [-max_len=70000] [corpus_dir]
 
 Each input is one MQTT message: its first byte picks the topic (telemetry, events, a malformed
 topic), the rest is the payload. The properties checked on every input:
@@ -65,7 +65,7 @@ def check_one(data: bytes) -> None:
 
 def seeds() -> list[bytes]:
     """Inputs to start from: simulated messages, valid and broken, on each topic."""
-    from services.sim.fleet import Fault, Fleet
+    from lab.sim.fleet import Fault, Fleet
 
     fleet = Fleet(
         pumps=3, seed=1, start=NOW - timedelta(days=3), fault_rates={Fault.MALFORMED: 0.5}

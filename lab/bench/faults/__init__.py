@@ -23,61 +23,61 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from services.bench.faults.common import Lab, Outcome, Size
+from lab.bench.faults.common import Lab, Outcome, Size
 
 Scenario = Callable[[Lab, Size, int], Outcome]
 
 
 def _crashes(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import crashes
+    from lab.bench.faults import crashes
 
     return crashes.run(lab, size, seed)
 
 
 def _outage(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import outage
+    from lab.bench.faults import outage
 
     return outage.run(lab, size, seed)
 
 
 def _broker(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import broker
+    from lab.bench.faults import broker
 
     return broker.run_restart(lab, size, seed)
 
 
 def _broker_kill(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import broker
+    from lab.bench.faults import broker
 
     return broker.run_kill(lab, size, seed)
 
 
 def _workers(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import workers
+    from lab.bench.faults import workers
 
     return workers.run(lab, size, seed)
 
 
 def _poison(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import poison
+    from lab.bench.faults import poison
 
     return poison.run(lab, size, seed)
 
 
 def _abuse(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import abuse
+    from lab.bench.faults import abuse
 
     return abuse.run(lab, size, seed)
 
 
 def _phi(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import phi
+    from lab.bench.faults import phi
 
     return phi.run(lab, size, seed)
 
 
 def _sbom(lab: Lab, size: Size, seed: int) -> Outcome:
-    from services.bench.faults import supply_chain
+    from lab.bench.faults import supply_chain
 
     return supply_chain.run(lab, size, seed)
 
@@ -118,7 +118,7 @@ def run(options: FaultsOptions, console: Console, admin_url: str | None = None) 
         scratch = Path(tempfile.mkdtemp(prefix="pumpwatch-faults-"))
         stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         if admin_url is None:
-            from services.bench.ingest import _postgres
+            from lab.bench.ingest import _postgres
 
             admin_url = _postgres(scratch, stack)
         for name in names:

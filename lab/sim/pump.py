@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 import msgspec
 
-from services.sim.faults import Fault
-from services.sim.malform import malform
-from services.sim.outgoing import Kind, Lost, Outgoing
-from services.sim.profiles import PumpProfile
-from services.sim.program import DAY_S, Program
+from lab.sim.faults import Fault
+from lab.sim.malform import malform
+from lab.sim.outgoing import Kind, Lost, Outgoing
+from lab.sim.profiles import PumpProfile
+from lab.sim.program import DAY_S, Program
 
 # Clinic behaviour: our own choices, within the clinical figures (refills every 1-6 months).
 _REFILL_LEAD_DAYS = (3.0, 10.0)
@@ -212,7 +212,7 @@ class PumpSim:
         self.next_at = min(self.next_reading, self.next_refill, self.next_bolus, self.next_change)
 
     def _init_truth(self) -> None:
-        """Ground-truth bookkeeping, read by ``services.sim.truth`` (the simulation itself never
+        """Ground-truth bookkeeping, read by ``lab.sim.truth`` (the simulation itself never
         depends on it)."""
         self.refill_marks: list[RefillMark] = []
         self.crossings: list[tuple[Crossing, int]] = []
