@@ -31,6 +31,8 @@ from services.api.settings import ApiSettings
 from services.ingest.service import IngestService
 from services.ingest.settings import IngestSettings
 from services.logs import get
+from services.notify import runner
+from services.notify.settings import NotifySettings
 from services.settings import parse_mqtt_url
 from services.storage import migrate
 from services.storage.database import connect_with_retry
@@ -91,8 +93,10 @@ async def run(options: DemoOptions, console: Console) -> None:
         )
         service = IngestService(ingest_settings, stop)
         ingest = asyncio.create_task(service.run(), name="ingest")
+        notifier = runner.part(NotifySettings(database_url=database_url))
         alerting = asyncio.create_task(
-            AlertsService(_alerts_settings(database_url, options), stop).run(), name="alerts"
+            AlertsService(_alerts_settings(database_url, options), stop, (notifier,)).run(),
+            name="alerts",
         )
         api = server(ApiSettings(database_url=database_url), "127.0.0.1", options.api_port)
         serving = asyncio.create_task(serve_until(api, stop), name="api")

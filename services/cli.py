@@ -66,20 +66,24 @@ def ingest(
 
 @app.command()
 def alerts() -> None:
-    """Run the alert service: rules over each pump, the alert lifecycle, the outbox."""
+    """Run the alert service: rules over each pump, the alert lifecycle, the outbox; and the
+    notification worker on a thread of its own unless PUMPWATCH_NOTIFY_ENABLED=false."""
     from services.alerts.service import run
     from services.alerts.settings import AlertsSettings
+    from services.notify import runner
+    from services.notify.settings import NotifySettings
 
     settings = _settings(AlertsSettings)
-    _run(run(settings), settings)
+    parts = (runner.part(_settings(NotifySettings)),) if settings.notify_enabled else ()
+    _run(run(settings, parts), settings)
 
 
 @app.command()
 def notify() -> None:
     """Run the notification worker alone: the outbox to webhooks, email and MQTT, escalation,
     the daily digest (foreground). Pair with PUMPWATCH_NOTIFY_ENABLED=false on `alerts`."""
-    from services.alerts.notify.service import run
-    from services.alerts.settings import NotifySettings
+    from services.notify.service import run
+    from services.notify.settings import NotifySettings
 
     settings = _settings(NotifySettings)
     _run(run(settings), settings)

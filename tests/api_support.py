@@ -22,10 +22,10 @@ import httpx
 from fastapi import FastAPI
 
 from lab.embedded import free_port
-from services.alerts.engine import prepare_connection
 from services.api import keys
 from services.api.app import create_app
 from services.api.settings import ApiSettings
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 
 ADMIN_TOKEN = "test-admin-token-0123456789"

@@ -22,12 +22,14 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
 from lab.embedded import free_port
-from services.alerts.engine import Engine, prepare_connection
+from services.alerts.engine import Engine
 from services.alerts.metrics import AlertsMetrics
-from services.alerts.notify.webhooks import Resolver
-from services.alerts.notify.worker import Clock, Notifications
-from services.alerts.settings import AlertsSettings
 from services.domain.alerting import RuleSettings
+from services.notify.metrics import NotifyMetrics
+from services.notify.settings import NotifySettings
+from services.notify.webhooks import Resolver
+from services.notify.worker import Clock, Notifications
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 
 # -- webhooks ------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def receiver() -> Iterator[Receiver]:
 
 def static_resolver(names: dict[str, list[str]]) -> Resolver:
     """A resolver hook: these names resolve to these addresses (the system for the rest)."""
-    from services.alerts.notify.webhooks import system_resolver
+    from services.notify.webhooks import system_resolver
 
     async def resolve(host: str, port: int) -> list[str]:
         if host in names:
@@ -206,7 +208,7 @@ def smtp_sink() -> Iterator[SmtpSink]:
 # -- the worker in-process -----------------------------------------------------------------------
 
 
-def settings(database_url: str, **overrides: Any) -> AlertsSettings:
+def settings(database_url: str, **overrides: Any) -> NotifySettings:
     """Settings for a fast test: retries after 50 ms (doubling to 200 ms) for a short window."""
     values: dict[str, Any] = {
         "database_url": database_url,
@@ -220,7 +222,7 @@ def settings(database_url: str, **overrides: Any) -> AlertsSettings:
         "webhook_timeout_s": 5.0,
     }
     values.update(overrides)
-    return AlertsSettings(**values)
+    return NotifySettings(**values)
 
 
 @contextlib.asynccontextmanager
@@ -236,7 +238,7 @@ async def pool_for(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 @dataclass
 class Worker:
     notifications: Notifications
-    metrics: AlertsMetrics
+    metrics: NotifyMetrics
     stop: asyncio.Event
 
     async def until(self, holds: Callable[[], Any], timeout_s: float = 30.0) -> None:
@@ -255,7 +257,7 @@ class Worker:
 @contextlib.asynccontextmanager
 async def running(
     pool: asyncpg.Pool,
-    config: AlertsSettings,
+    config: NotifySettings,
     *,
     clock: Clock | None = None,
     resolver: Resolver | None = None,
@@ -264,7 +266,7 @@ async def running(
     """The notification worker with its loops running (fan-out, delivering, gauges); escalation
     and digests run when a test calls them."""
     stop = asyncio.Event()
-    metrics = AlertsMetrics()
+    metrics = NotifyMetrics()
     kwargs: dict[str, Any] = {"stop": stop, "database_url": config.database_url}
     if clock is not None:
         kwargs["clock"] = clock

@@ -10,9 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.alerts.engine import Engine, prepare_connection
+from services.alerts.engine import Engine
 from services.alerts.metrics import AlertsMetrics
 from services.domain.alerting import RuleSettings
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 
 SERIAL = "NGP000001A"

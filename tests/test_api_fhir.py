@@ -22,13 +22,13 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.alerts.engine import prepare_connection
 from services.api import keys
 from services.api.app import create_app
 from services.api.common import encode_cursor
 from services.api.problems import Problem
 from services.api.routes import fhir
 from services.api.settings import ApiSettings
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 
 FHIR_JSON = "application/fhir+json"

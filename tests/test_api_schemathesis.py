@@ -17,8 +17,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 
-from services.alerts.engine import prepare_connection
 from services.api import keys
+from services.storage.database import prepare_connection
 from tests.api_support import api_process, scratch_database
 
 EXAMPLES = int(os.environ.get("PUMPWATCH_SCHEMATHESIS_EXAMPLES", "30"))

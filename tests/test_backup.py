@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.alerts.engine import prepare_connection
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 from tests.api_support import running_api, world
 from tests.support import fetch, fetchval

@@ -16,13 +16,14 @@ import yaml
 
 from lab.embedded import EmbeddedBroker, free_port
 from services.alerts.metrics import AlertsMetrics
-from services.alerts.settings import AlertsSettings, NotifySettings
+from services.alerts.settings import AlertsSettings
 from services.api.app import Metrics as ApiMetrics
 from services.api.settings import ApiSettings
 from services.cli import app
 from services.domain.alerting import RuleSettings
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import IngestSettings
+from services.notify.settings import NotifySettings
 from tests.deploy_support import (
     COMPOSE_SECRETS,
     SECURE_DIR,

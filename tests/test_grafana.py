@@ -25,7 +25,7 @@ import yaml
 
 from deploy.grafana import dashboards
 from lab.embedded import EmbeddedBroker
-from services.alerts.engine import prepare_connection
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 from tests.support import IngestProcess, alerts_process, encode, fetch, refill_event, telemetry
 from tests.test_ingest import publish

@@ -8,9 +8,9 @@ from typing import Any
 
 import asyncpg
 
-from services.alerts.notify.channel import Message
-from services.alerts.notify.email import EmailSender
-from services.alerts.settings import parse_smtp_url
+from services.notify.channel import Message
+from services.notify.email import EmailSender
+from services.notify.settings import parse_smtp_url
 from tests.notify_support import (
     PATIENT_NAME,
     Mail,

@@ -15,8 +15,9 @@ import asyncpg
 from standardwebhooks.webhooks import Webhook
 
 from lab.embedded import EmbeddedBroker
-from services.alerts.settings import AlertsSettings, NotifySettings
+from services.alerts.settings import AlertsSettings
 from services.domain.webhook_urls import new_secret
+from services.notify.settings import NotifySettings
 from tests import alert_fixtures as fx
 from tests.notify_support import Reply, add_pump, add_webhook, clinic_with_pump, pool_for, receiver
 from tests.support import IngestProcess, alerts_process, fetch, fetchval, notify_process

@@ -15,12 +15,6 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
-from services.alerts.notify.backoff import RetryPolicy, next_attempt, retry_delay_s
-from services.alerts.notify.digest import digest_day
-from services.alerts.notify.escalation import escalation_due
-from services.alerts.notify.render import PatientRef, alert_email
-from services.alerts.notify.routing import Event, WebhookTarget, message_id, plan
-from services.alerts.settings import AlertsSettings, parse_smtp_url
 from services.domain.notifications import (
     Digest,
     Escalation,
@@ -35,6 +29,12 @@ from services.domain.webhook_urls import (
     new_secret,
     parse_allow_hosts,
 )
+from services.notify.backoff import RetryPolicy, next_attempt, retry_delay_s
+from services.notify.digest import digest_day
+from services.notify.escalation import escalation_due
+from services.notify.render import PatientRef, alert_email
+from services.notify.routing import Event, WebhookTarget, message_id, plan
+from services.notify.settings import NotifySettings, parse_smtp_url
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -307,11 +307,11 @@ def test_a_digest_hour_skipped_by_the_spring_shift_is_due_once_the_clock_passes_
 
 def test_settings_refuse_values_out_of_range() -> None:
     with pytest.raises(ValidationError):
-        AlertsSettings(webhook_disable_after_failures=0)
+        NotifySettings(webhook_disable_after_failures=0)
     with pytest.raises(ValidationError):
-        AlertsSettings(notify_retry_jitter_fraction=1.0)
+        NotifySettings(notify_retry_jitter_fraction=1.0)
     with pytest.raises(ValidationError):
-        AlertsSettings(smtp_url="http://mail.example")
+        NotifySettings(smtp_url="http://mail.example")
     with pytest.raises(ValidationError):
         NotificationSettings.model_validate({"escalation": {"after_minutes": 0}})
     with pytest.raises(ValidationError):

@@ -11,14 +11,14 @@ import asyncpg
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from services.alerts.notify.channel import Message, WebhookKeys
-from services.alerts.notify.webhooks import (
+from services.domain.webhook_urls import new_secret
+from services.notify.channel import Message, WebhookKeys
+from services.notify.webhooks import (
     BlockedAddress,
     GuardedBackend,
     WebhookSender,
     system_resolver,
 )
-from services.domain.webhook_urls import new_secret
 from tests.notify_support import (
     Reply,
     add_pump,

@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from services.alerts.engine import prepare_connection
 from services.api import keys
 from services.api.web.chart import Chart, Point, RefillMark, render
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 from tests.api_support import api_process, scratch_database
 

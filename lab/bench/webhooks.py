@@ -64,8 +64,8 @@ from lab.bench.replay import (
 )
 from lab.sim.fleet import Fault, Fleet
 from lab.sim.publisher import publish_all
-from services.alerts.notify.routing import message_id
 from services.domain.webhook_urls import new_secret
+from services.notify.routing import message_id
 from services.settings import parse_mqtt_url
 
 GOAL_P99_S = 2.0

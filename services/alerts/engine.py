@@ -7,22 +7,21 @@ announce what did not happen, nor miss what did.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 
 from services.alerts import sql
 from services.alerts.lifecycle import Change, Refresh, StoredAlert, plan
 from services.alerts.metrics import AlertsMetrics
-from services.alerts.snapshots import PumpContext, load
 from services.domain import rules
 from services.domain.alerting import Priority, Rule, RuleSettings, Snapshot
 from services.logs import get
+from services.storage import outbox
 from services.storage.database import Connection
+from services.storage.snapshots import PumpContext, load
 
 log = get(__name__)
 
@@ -35,12 +34,6 @@ _OUTBOX_EVENT = {
 }
 _RECENT_DATA_S = 60.0
 """Changes caused by data this fresh count for the commit-to-alert latency metric."""
-
-
-async def prepare_connection(conn: asyncpg.Connection) -> None:
-    """Pool ``init``: JSON columns as Python values."""
-    for kind in ("json", "jsonb"):
-        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 @dataclass(slots=True)
@@ -210,12 +203,12 @@ class Engine:
             change.reason,
             finding.facts if finding else {},
         )
-        await conn.execute(
-            sql.INSERT_OUTBOX,
+        await outbox.add(
+            conn,
             _OUTBOX_EVENT[change.action],
-            row["id"],
-            row["clinic_id"],
-            _payload(row),
+            outbox.alert_object(row),
+            alert_id=row["id"],
+            clinic_id=row["clinic_id"],
         )
 
     async def _refresh(self, conn: Connection, refreshes: list[tuple[Refresh, datetime]]) -> None:
@@ -251,27 +244,3 @@ class Engine:
             latency = (wall_now - updated).total_seconds()
             if 0 <= latency <= _RECENT_DATA_S:
                 self.metrics.latency_seconds.observe(latency)
-
-
-def _payload(row: asyncpg.Record) -> dict[str, Any]:
-    """The alert object of the HTTP contract."""
-
-    def stamp(value: datetime | None) -> str | None:
-        return None if value is None else value.astimezone(UTC).isoformat()
-
-    return {
-        "id": str(row["id"]),
-        "serial": row["serial"],
-        "patient_id": None if row["patient_id"] is None else str(row["patient_id"]),
-        "clinic_id": None if row["clinic_id"] is None else str(row["clinic_id"]),
-        "rule": row["rule"],
-        "priority": row["priority"],
-        "status": row["status"],
-        "title": row["title"],
-        "detail": row["detail"],
-        "opened_at": stamp(row["opened_at"]),
-        "updated_at": stamp(row["updated_at"]),
-        "acknowledged_at": stamp(row["acknowledged_at"]),
-        "resolved_at": stamp(row["resolved_at"]),
-        "resolution": row["resolution"],
-    }

@@ -7,11 +7,11 @@ lost notification connection, so nothing is missed while the service was away. S
 instances may run: evaluations of a pump are serialised by an advisory lock and the database
 allows one unresolved alert per pump and rule.
 
-The same process delivers the clinics' notifications from the outbox (webhooks, email, MQTT;
-escalation of unacknowledged high alerts; the daily digest) on a thread of its own
-(``services.alerts.notify.runner``), off with ``PUMPWATCH_NOTIFY_ENABLED=false`` — then
-``pumpwatch notify`` (``services.alerts.notify.service``) runs the same worker in a process of
-its own, where the evaluation's CPU-bound batches cannot hold it up.
+The same process may run parts beside the evaluation, each on a thread of its own
+(:mod:`services.parts`): the command line gives it the notification worker
+(``services.notify.runner``) unless ``PUMPWATCH_NOTIFY_ENABLED=false`` — then ``pumpwatch
+notify`` runs the worker in a process of its own, where the evaluation's CPU-bound batches
+cannot hold it up.
 """
 
 from __future__ import annotations
@@ -27,39 +27,42 @@ from datetime import timedelta
 import asyncpg
 
 from services.alerts import sql
-from services.alerts.engine import Engine, prepare_connection
+from services.alerts.engine import Engine
 from services.alerts.metrics import AlertsMetrics
-from services.alerts.notify.runner import NotifyThread
 from services.alerts.settings import AlertsSettings
 from services.errors import FatalError
 from services.health import Health, serve_or_fail
 from services.logs import get
+from services.parts import Part, PartFactory
 from services.settings import ConfigError
-from services.storage import migrate
+from services.storage import channels, migrate
 from services.storage.database import (
     DATABASE_ERRORS,
     Connection,
     DatabaseRejected,
     DatabaseUnavailable,
     connect,
-    create_pool,
+    open_pool,
 )
 
 log = get(__name__)
 
 
-async def run(settings: AlertsSettings) -> None:
+async def run(settings: AlertsSettings, parts: tuple[PartFactory, ...] = ()) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await AlertsService(settings, stop).run()
+    await AlertsService(settings, stop, parts).run()
 
 
 class AlertsService:
-    def __init__(self, settings: AlertsSettings, stop: asyncio.Event) -> None:
+    def __init__(
+        self, settings: AlertsSettings, stop: asyncio.Event, parts: tuple[PartFactory, ...] = ()
+    ) -> None:
         self.settings = settings
         self.stop = stop
+        self.parts = parts
         self.metrics = AlertsMetrics()
         # Pumps to evaluate -> when they were first queued (Unix time); insertion ordered.
         self.pending: dict[str, float] = {}
@@ -118,7 +121,7 @@ class AlertsService:
                 asyncio.create_task(self._heartbeat(), name="heartbeat"),
             ]
             worker = asyncio.create_task(self._work(engine), name="evaluate")
-            notifier = self._start_notifier(database_url)
+            started = self._start_parts()
             stopper = asyncio.create_task(self.stop.wait())
             done, _ = await asyncio.wait(
                 {worker, stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED
@@ -126,12 +129,13 @@ class AlertsService:
             log.info("alerts_stopping", pending=len(self.pending))
             self.stop.set()
             self._wake.set()
-            if notifier is not None:
-                notifier.stop()  # deliveries in flight finish, their outcome recorded
+            for part in started:
+                part.stop()  # e.g. deliveries in flight finish, their outcome recorded
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker), 30)
-            if notifier is not None and not await asyncio.to_thread(notifier.join, 30):
-                log.warning("notify_worker_still_running")
+            for part in started:
+                if not await asyncio.to_thread(part.join, 30):
+                    log.warning("part_still_running", part=type(part).__name__)
             for task in (*tasks, stopper, worker):
                 task.cancel()
             for task in done:
@@ -139,41 +143,30 @@ class AlertsService:
                     task.result()  # re-raise what ended a task early
             log.info("alerts_stopped")
 
-    def _start_notifier(self, database_url: str) -> NotifyThread | None:
-        if not self.settings.notify_enabled:
-            return None
+    def _start_parts(self) -> list[Part]:
         loop = asyncio.get_running_loop()
 
         def failed(problem: str) -> None:
-            loop.call_soon_threadsafe(self.health.check, "notify", False, problem)
+            loop.call_soon_threadsafe(self.health.check, "part", False, problem)
 
-        notifier = NotifyThread(self.settings, self.metrics, database_url, on_failure=failed)
-        notifier.start()
-        return notifier
+        started = []
+        for make in self.parts:
+            part = make(self.metrics.registry, failed)
+            part.start()
+            started.append(part)
+        return started
 
     async def _open_pool(self, url: str) -> asyncpg.Pool | None:
-        delay = 0.2
-        while not self.stop.is_set():
-            try:
-                pool = await create_pool(
-                    url,
-                    application_name="pumpwatch-alerts",
-                    min_size=1,
-                    max_size=3,
-                    init=prepare_connection,
-                )
-            except DatabaseRejected as exc:
-                raise FatalError(f"the database refused the connection: {exc}") from exc
-            except DatabaseUnavailable as exc:
-                log.warning("database_unavailable", error=str(exc), retry_in_s=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
-                continue
+        try:
+            pool = await open_pool(
+                url, application_name="pumpwatch-alerts", stop=self.stop, min_size=1, max_size=3
+            )
+        except DatabaseRejected as exc:
+            raise FatalError(f"the database refused the connection: {exc}") from exc
+        if pool is not None:
             self.health.check("database", True, "")
             self.metrics.database_up.set(1)
-            return pool
-        return None
+        return pool
 
     async def _listen(self, url: str) -> None:
         """Hold a LISTEN connection; after losing one, sweep (notifications may be lost)."""
@@ -189,10 +182,10 @@ class AlertsService:
                 continue
             delay = 0.2
             conn.add_termination_listener(lambda _, lost=lost: lost.set())
-            await conn.add_listener(sql.LISTEN_CHANNEL, self._on_notify)
+            await conn.add_listener(channels.INGEST, self._on_notify)
             self.health.check("listen", True, "")
             self._sweep_now.set()  # anything that changed while we were not listening
-            log.info("listening", channel=sql.LISTEN_CHANNEL)
+            log.info("listening", channel=channels.INGEST)
             try:
                 await lost.wait()
             finally:

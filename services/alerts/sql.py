@@ -1,7 +1,5 @@
 """Every SQL statement of the alert service. Parameters only; nothing is built from input."""
 
-LISTEN_CHANNEL = "pumpwatch_ingest"
-
 # Serialises evaluations of a pump across engines, in a fixed order (no deadlocks).
 LOCK_PUMPS = """
 SELECT pg_advisory_xact_lock(hashtextextended('pumpwatch.alerts:' || serial, 0))
@@ -14,99 +12,12 @@ ALL_SERIALS = "SELECT serial FROM pumps ORDER BY serial"
 
 SERIALS_CHANGED_SINCE = "SELECT serial FROM pump_state WHERE updated_at >= $1"
 
-PUMPS = """
-SELECT p.serial, p.patient_id, p.refill_appointment_at,
-       pt.clinic_id, pt.withdrawal_risk, pt.low_alarm_margin_ml,
-       c.timezone, c.alert_settings,
-       s.updated_at AS state_updated_at,
-       coalesce(s.basis = 'measured' OR s.measured_flow_ml_per_day IS NOT NULL, false)
-           AS measured
-FROM pumps p
-LEFT JOIN patients pt ON pt.id = p.patient_id
-LEFT JOIN clinics c ON c.id = pt.clinic_id
-LEFT JOIN pump_state s ON s.serial = p.serial
-WHERE p.serial = ANY($1::text[])
-"""
-
-_READING = """
-recorded_at, utc_offset_minutes, volume_ml, capacity_ml, low_alarm_ml, basis, drug_name,
-concentration_mcg_per_ml, infusion_mode, rate_ml_per_day, daily_dose_mcg, schedule,
-measured_flow_ml_per_day, battery_pct, battery_status, alarms
-"""
-
-# The last few readings of every pump (alarm hysteresis, the latest reading).
-LAST_READINGS = f"""
-SELECT u.serial, r.*
-FROM unnest($1::text[]) AS u(serial)
-CROSS JOIN LATERAL (
-    SELECT {_READING} FROM readings
-    WHERE serial = u.serial AND recorded_at <= $3
-    ORDER BY recorded_at DESC LIMIT $2
-) AS r
-"""
-
-# A window of readings of the pumps that measure (flow or level): delivery-ratio fits.
-WINDOW_READINGS = f"""
-SELECT serial, {_READING} FROM readings
-WHERE serial = ANY($1::text[]) AND recorded_at > $2 AND recorded_at <= $3
-"""
-
-# The last reading before each refill: the contract's fallback for the expected residual.
-READINGS_BEFORE = f"""
-SELECT u.serial, r.*
-FROM unnest($1::text[], $2::timestamptz[]) AS u(serial, at)
-CROSS JOIN LATERAL (
-    SELECT {_READING} FROM readings
-    WHERE serial = u.serial AND recorded_at < u.at
-    ORDER BY recorded_at DESC LIMIT 1
-) AS r
-"""
-
-LAST_REFILLS = """
-SELECT u.serial, e.recorded_at, e.body
-FROM unnest($1::text[]) AS u(serial)
-CROSS JOIN LATERAL (
-    SELECT recorded_at, body FROM events
-    WHERE serial = u.serial AND type = 'refill' AND recorded_at <= $3
-    ORDER BY recorded_at DESC LIMIT $2
-) AS e
-"""
-
-BOLUSES_SINCE = """
-SELECT b.serial, b.recorded_at, b.body
-FROM events b
-JOIN unnest($1::text[], $2::timestamptz[]) AS u(serial, since) ON u.serial = b.serial
-WHERE b.type = 'bolus' AND b.recorded_at > u.since AND b.recorded_at <= $3
-"""
-
-# Doses within the window, and the one in force when it began.
-DOSES = """
-SELECT serial, at, daily_dose_mcg FROM dose_history
-WHERE serial = ANY($1::text[]) AND at >= $2 AND at <= $3
-UNION ALL
-SELECT u.serial, d.at, d.daily_dose_mcg
-FROM unnest($1::text[]) AS u(serial)
-CROSS JOIN LATERAL (
-    SELECT at, daily_dose_mcg FROM dose_history
-    WHERE serial = u.serial AND at < $2 ORDER BY at DESC LIMIT 1
-) AS d
-"""
-
 INSERT_DOSES = """
 INSERT INTO dose_history (serial, at, daily_dose_mcg, source)
 SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::float8[], $4::text[])
 ON CONFLICT DO NOTHING
 """
 
-OPEN_GAPS = """
-SELECT serial, min(detected_at) AS oldest,
-       sum(last_missing - first_missing + 1) AS missing
-FROM sequence_gaps WHERE serial = ANY($1::text[])
-GROUP BY serial
-"""
-
-# Per (pump, rule): the unresolved alert if there is one, else the last resolved.
-# condition_at is when it resolved on the engine's clock (the data's, in replays).
 ALERTS = """
 SELECT DISTINCT ON (serial, rule)
        id, serial, rule, priority, status, title, detail, resolved_at, condition_at, occurrence
@@ -162,8 +73,4 @@ INSERT_HISTORY = """
 INSERT INTO alert_history (alert_id, at, actor, action, from_status, to_status, from_priority,
                            to_priority, reason, facts)
 VALUES ($1, $2, 'pumpwatch-alerts', $3, $4, $5, $6, $7, $8, $9)
-"""
-
-INSERT_OUTBOX = """
-INSERT INTO outbox (event, alert_id, clinic_id, payload) VALUES ($1, $2, $3, $4)
 """

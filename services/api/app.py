@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
-from services.alerts.engine import prepare_connection
 from services.api import problems, sql
 from services.api.auth import FailureLimiter, Principal
 from services.api.routes import (
@@ -33,7 +32,7 @@ from services.api.routes import (
 from services.api.settings import ApiSettings
 from services.api.web import routes as web_routes
 from services.logs import get
-from services.storage.database import create_pool
+from services.storage.database import create_pool, prepare_connection
 
 log = get(__name__)
 

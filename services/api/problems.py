@@ -147,12 +147,17 @@ def field_error(error: Mapping[str, Any]) -> FieldError:
         message = str(ctx["error"])  # raised by our own validators, in our words
     elif kind in _WORDS:
         try:
-            message = _WORDS[kind].format(**ctx)
+            message = _WORDS[kind].format(**{k: _number(v) for k, v in ctx.items()})
         except (KeyError, IndexError):
             message = _WORDS[kind].split(" {")[0]
     else:
         message = str(error.get("msg", "is invalid"))
     return FieldError(field=_location(loc), message=message)
+
+
+def _number(value: object) -> object:
+    """0.0 as 0: a limit reads as people write it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def validation_problem(exc: RequestValidationError) -> Problem:

@@ -172,7 +172,6 @@ SELECT msg_id, $2, $3, $4, now(), NULL, $5, $6, $7, $8 FROM new
 RETURNING msg_id
 """
 EVENT = "SELECT serial, type, recorded_at FROM events WHERE msg_id = $1"
-NOTIFY = "SELECT pg_notify('pumpwatch_ingest', $1)"
 REFILL_TIMES = """
 SELECT recorded_at FROM events
 WHERE serial = $1 AND type = 'refill' AND ($2::timestamptz IS NULL OR recorded_at < $2)
@@ -222,9 +221,6 @@ INSERT_HISTORY = """
 INSERT INTO alert_history (alert_id, actor, action, from_status, to_status, from_priority,
                            to_priority, reason)
 VALUES ($1, $2, $3, $4, $5, $6, $6, $7)
-"""
-INSERT_OUTBOX = """
-INSERT INTO outbox (event, alert_id, clinic_id, payload) VALUES ($1, $2, $3, $4)
 """
 
 # --- webhooks (delivered by the alert service's notification worker) ----------------------------

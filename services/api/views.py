@@ -8,12 +8,12 @@ from typing import Any
 
 import asyncpg
 
-from services.alerts.snapshots import load as load_snapshots
 from services.api import models
 from services.api.auth import Principal
 from services.domain import rules, therapy
 from services.domain.alerting import RuleSettings, Snapshot
 from services.storage.database import Connection
+from services.storage.snapshots import load as load_snapshots
 
 PROJECTION_DAYS = 30
 

@@ -36,8 +36,7 @@ from services.storage import migrate
 from services.storage.database import (
     DATABASE_ERRORS,
     DatabaseRejected,
-    DatabaseUnavailable,
-    create_pool,
+    open_pool,
 )
 
 log = get(__name__)
@@ -138,28 +137,21 @@ class IngestService:
 
     async def _open_pool(self, url: str) -> asyncpg.Pool | None:
         """Connect, waiting while the database is unavailable; None if stopped meanwhile."""
-        delay = 0.2
-        while not self.stop.is_set():
-            try:
-                pool = await create_pool(
-                    url,
-                    application_name="pumpwatch-ingest",
-                    min_size=1,
-                    max_size=self.settings.ingest_commits_in_flight + 1,
-                    init=prepare_connection,
-                )
-            except DatabaseRejected as exc:
-                raise FatalError(f"the database refused the connection: {exc}") from exc
-            except DatabaseUnavailable as exc:
-                log.warning("database_unavailable", error=str(exc), retry_in_s=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
-                continue
+        try:
+            pool = await open_pool(
+                url,
+                application_name="pumpwatch-ingest",
+                stop=self.stop,
+                min_size=1,
+                max_size=self.settings.ingest_commits_in_flight + 1,
+                init=prepare_connection,
+            )
+        except DatabaseRejected as exc:
+            raise FatalError(f"the database refused the connection: {exc}") from exc
+        if pool is not None:
             self.health.check("database", True, "")
             self.metrics.database_up.set(1)
-            return pool
-        return None
+        return pool
 
     async def _make_writer(self, pool: asyncpg.Pool) -> BatchWriter:
         settings = self.settings

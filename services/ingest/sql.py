@@ -201,10 +201,6 @@ SELECT count(*) AS gaps, coalesce(sum(last_missing - first_missing + 1), 0) AS m
 FROM sequence_gaps
 """
 
-NOTIFY = "SELECT pg_notify('pumpwatch_ingest', $1)"
-"""Channel the alert service listens on; the payload lists the pumps that changed."""
-NOTIFY_CHANNEL = "pumpwatch_ingest"
-
 ENSURE_PARTITION = "SELECT ensure_readings_partition($1)"
 ENSURE_PARTITIONS_AHEAD = "SELECT ensure_readings_partitions_ahead(now(), $1)"
 DROP_PARTITIONS_BEFORE = "SELECT drop_readings_partitions_before($1)"

@@ -10,7 +10,6 @@ until that message is found and quarantined (``store_error``); the rest are stor
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -27,11 +26,11 @@ from services.ingest.backlog import Incoming
 from services.ingest.judge import Accepted, Judged, Quarantined, Rules, judge, quarantine_rows
 from services.ingest.metrics import IngestMetrics
 from services.logs import get
+from services.storage import channels
 from services.storage.database import DATABASE_ERRORS, Connection
 
 log = get(__name__)
 
-_NOTIFY_LIMIT_BYTES = 7000  # PostgreSQL caps a NOTIFY payload at 8000 bytes
 _JUDGE_SLICE = 64
 
 
@@ -233,7 +232,7 @@ class BatchWriter:
                 await conn.execute(sql.UPSERT_QUARANTINE, *_columns(rows))
                 part.quarantined.update(q.reason.value for q in judged.quarantined)
             if fresh:
-                await conn.execute(sql.NOTIFY, _notify_payload({a.message.serial for a in fresh}))
+                await channels.pumps_changed(conn, {a.message.serial for a in fresh})
         self._pumps.update(new_pumps)
         self._streams.update(new_streams)
         self._observe(judged, part, time.perf_counter() - started, fresh)
@@ -324,13 +323,6 @@ class BatchWriter:
         await conn.execute(sql.DELETE_GAPS, [g["id"] for g in hit])
         if remainders:
             await conn.execute(sql.INSERT_GAPS, *_columns(remainders))
-
-
-def _notify_payload(serials: set[str]) -> str:
-    payload = json.dumps({"serials": sorted(serials)})
-    if len(payload) > _NOTIFY_LIMIT_BYTES:
-        payload = json.dumps({"serials": None})  # many pumps changed: re-read them all
-    return payload
 
 
 def _is_data_error(exc: BaseException) -> bool:

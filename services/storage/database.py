@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -45,6 +47,12 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 )
 """What a database round trip can raise when the server or the connection fails (and not the
 data): the work is retried later."""
+
+
+async def prepare_connection(conn: asyncpg.Connection) -> None:
+    """Pool ``init``: JSON columns as Python values."""
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def create_pool(
@@ -106,3 +114,40 @@ async def connect_with_retry(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
+
+
+async def open_pool(
+    url: str,
+    *,
+    application_name: str,
+    stop: asyncio.Event,
+    min_size: int = 1,
+    max_size: int = 4,
+    init: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = prepare_connection,
+    retry_rejected: bool = False,
+    first_delay_s: float = 0.2,
+    max_delay_s: float = 10.0,
+) -> asyncpg.Pool | None:
+    """:func:`create_pool`, waiting with exponential backoff while the database is unavailable;
+    None if ``stop`` is set meanwhile. A refusal (:class:`DatabaseRejected`) is raised, or
+    retried like unavailability when ``retry_rejected``."""
+    delay = first_delay_s
+    while not stop.is_set():
+        try:
+            return await create_pool(
+                url,
+                application_name=application_name,
+                min_size=min_size,
+                max_size=max_size,
+                init=init,
+            )
+        except DatabaseRejected as exc:
+            if not retry_rejected:
+                raise
+            log.warning("database_unavailable", error=str(exc), retry_in_s=round(delay, 2))
+        except DatabaseUnavailable as exc:
+            log.warning("database_unavailable", error=str(exc), retry_in_s=round(delay, 2))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, max_delay_s)
+    return None

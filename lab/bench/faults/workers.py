@@ -40,9 +40,9 @@ from lab.bench.faults.common import (
     wait_until,
 )
 from lab.embedded import free_port
-from services.alerts.engine import prepare_connection
 from services.domain.webhook_urls import new_secret
 from services.settings import parse_mqtt_url
+from services.storage.database import prepare_connection
 
 EVALUATIONS = "pumpwatch_alerts_evaluations_total"
 UNFINISHED = (

@@ -23,6 +23,7 @@ from services.api.common import (
 )
 from services.api.problems import Problem, not_found
 from services.api.routes.pumps import _cursor_time
+from services.storage import outbox
 from services.storage.database import Connection
 
 router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
@@ -128,7 +129,9 @@ async def _change(
             "actor": principal.actor,
             "note": note,
         }
-        await db.execute(sql.INSERT_OUTBOX, f"alert.{action}", alert_id, row["clinic_id"], payload)
+        await outbox.add(
+            db, f"alert.{action}", payload, alert_id=alert_id, clinic_id=row["clinic_id"]
+        )
     return await _detail(db, principal, row)
 
 

@@ -3,7 +3,6 @@ refill worklist."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -25,6 +24,7 @@ from services.api.common import (
 )
 from services.api.problems import FieldError, Problem, not_found
 from services.domain import rules
+from services.storage import channels
 from services.storage.database import Connection
 
 router = APIRouter(tags=["pumps"])
@@ -105,7 +105,7 @@ async def put_pump(
         created = await db.fetchval(
             sql.UPSERT_PUMP, serial, body.model, body.patient_id, body.implanted_on
         )
-        await db.execute(sql.NOTIFY, json.dumps({"serials": [serial]}))
+        await channels.pumps_changed(db, [serial])
     response.status_code = 201 if created else 200
     return await _state(db, principal, serial)
 
@@ -224,7 +224,7 @@ async def put_appointment(
     at = None if body.scheduled_for is None else _body_utc(body.scheduled_for)
     async with db.transaction():
         await db.execute(sql.SET_APPOINTMENT, serial, at)
-        await db.execute(sql.NOTIFY, json.dumps({"serials": [serial]}))
+        await channels.pumps_changed(db, [serial])
     return await _state(db, principal, serial)
 
 

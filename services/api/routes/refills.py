@@ -18,6 +18,7 @@ from services.api.problems import FieldError, Problem, not_found
 from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
 from services.domain import contract, rules
 from services.domain.alerting import RuleSettings
+from services.storage import channels, outbox
 
 router = APIRouter(tags=["refills"])
 
@@ -111,17 +112,16 @@ async def record_refill(
             response.status_code = status.HTTP_200_OK
             recorded_at = existing["recorded_at"]  # the stored one, not this request's default
         else:
-            await db.execute(sql.NOTIFY, json.dumps({"serials": [serial]}))
+            await channels.pumps_changed(db, [serial])
             recorded_at = message.recorded_at
     result = await _reconciled(db, serial, recorded_at)
     result.msg_id = msg_id
     if stored is not None:
-        await db.execute(
-            sql.INSERT_OUTBOX,
+        await outbox.add(
+            db,
             "refill.recorded",
-            None,
-            clinic_id,
             result.model_dump(mode="json") | {"recorded_by": principal.actor},
+            clinic_id=clinic_id,
         )
     return result
 

@@ -1,7 +1,7 @@
 """``pumpwatch notify``: the notification worker alone, in a process of its own.
 
 The same worker ``pumpwatch alerts`` runs on a thread unless ``PUMPWATCH_NOTIFY_ENABLED=false``
-(:func:`services.alerts.notify.runner.work`: outbox fan-out, deliveries, escalation, the daily
+(:func:`services.notify.runner.work`: outbox fan-out, deliveries, escalation, the daily
 digest), here on the process's event loop, so the alert engine's CPU-bound evaluation batches
 cannot hold deliveries up. Several instances may run beside each other and beside alert
 services that deliver: outbox rows are taken with ``FOR UPDATE SKIP LOCKED`` and deliveries
@@ -21,12 +21,12 @@ from contextlib import AsyncExitStack
 
 import asyncpg
 
-from services.alerts.metrics import NotifyMetrics
-from services.alerts.notify.runner import work
-from services.alerts.settings import NotifySettings
 from services.errors import FatalError
 from services.health import Health, serve_or_fail
 from services.logs import get
+from services.notify.metrics import NotifyMetrics
+from services.notify.runner import work
+from services.notify.settings import NotifySettings
 from services.settings import ConfigError
 from services.storage import migrate
 from services.storage.database import DatabaseRejected

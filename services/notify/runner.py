@@ -2,8 +2,9 @@
 told to stop), shared by both places it runs.
 
 ``pumpwatch notify`` runs it on the process's own event loop
-(:mod:`services.alerts.notify.service`). ``pumpwatch alerts`` runs it on an event loop and thread
-of its own (:class:`NotifyThread`) unless ``PUMPWATCH_NOTIFY_ENABLED=false``. Evaluating a batch
+(:mod:`services.notify.service`). ``pumpwatch alerts`` runs it on an event loop and thread
+of its own (:class:`NotifyThread`, a part the command line gives it) unless
+``PUMPWATCH_NOTIFY_ENABLED=false``. Evaluating a batch
 of pumps runs the rules in Python between database round trips; on the alert service's loop those
 stretches would hold up every notification behind them (measured by ``pumpwatch bench webhooks``:
 p50 0.8 s commit → webhook with batches of 200 pumps). On its own thread the worker is scheduled
@@ -21,13 +22,14 @@ import threading
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
-from services.alerts.engine import prepare_connection
-from services.alerts.metrics import NotifyMetrics
-from services.alerts.notify.worker import Notifications
-from services.alerts.settings import NotifySettings
 from services.logs import get
-from services.storage.database import DatabaseRejected, DatabaseUnavailable, create_pool
+from services.notify.metrics import NotifyMetrics
+from services.notify.settings import NotifySettings
+from services.notify.worker import Notifications
+from services.parts import PartFactory
+from services.storage.database import open_pool
 
 log = get(__name__)
 
@@ -45,7 +47,14 @@ async def work(
     database is unavailable), calls ``on_pool`` with it, then runs the worker's loops; returns
     once they finished (deliveries in flight complete, for a while). Raises what ended a loop
     early, and, unless ``retry_rejected``, :class:`DatabaseRejected`."""
-    pool = await _pool(settings, database_url, stop, retry_rejected=retry_rejected)
+    pool = await open_pool(
+        database_url,
+        application_name="pumpwatch-alerts-notify",
+        stop=stop,
+        min_size=2,
+        max_size=max(4, min(settings.notify_concurrency, 10)),
+        retry_rejected=retry_rejected,
+    )
     if pool is None:
         return
     try:
@@ -63,31 +72,6 @@ async def work(
                     raise task.exception()  # type: ignore[misc]
     finally:
         await pool.close()
-
-
-async def _pool(
-    settings: NotifySettings, database_url: str, stop: asyncio.Event, *, retry_rejected: bool
-) -> asyncpg.Pool | None:
-    delay = 0.2
-    while not stop.is_set():
-        try:
-            return await create_pool(
-                database_url,
-                application_name="pumpwatch-alerts-notify",
-                min_size=2,
-                max_size=max(4, min(settings.notify_concurrency, 10)),
-                init=prepare_connection,
-            )
-        except DatabaseRejected as exc:
-            if not retry_rejected:
-                raise
-            log.warning("notify_database_unavailable", error=str(exc))
-        except DatabaseUnavailable as exc:
-            log.warning("notify_database_unavailable", error=str(exc))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, 10.0)
-    return None
 
 
 class NotifyThread:
@@ -139,3 +123,18 @@ class NotifyThread:
         stop = self._stop = asyncio.Event()
         self._started.set()
         await work(self.settings, self.metrics, self.database_url, stop)
+
+
+def part(settings: NotifySettings) -> PartFactory:
+    """The worker as a part of another service's process (``pumpwatch alerts``, which checked
+    the database URL before it builds its parts): its metrics on the host's registry."""
+
+    def make(registry: CollectorRegistry, on_failure: Callable[[str], None]) -> NotifyThread:
+        return NotifyThread(
+            settings,
+            NotifyMetrics(registry),
+            settings.require_database_url(),
+            on_failure=on_failure,
+        )
+
+    return make

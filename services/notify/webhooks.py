@@ -29,10 +29,10 @@ import httpcore
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from services.alerts.notify.channel import Message, Result
 from services.domain.notifications import Channel
 from services.domain.webhook_urls import address_problem, check_registration_url, host_allowed
 from services.logs import get
+from services.notify.channel import Message, Result
 
 log = get(__name__)
 

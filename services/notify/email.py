@@ -1,5 +1,5 @@
 """Email over SMTP (``aiosmtplib``): one message per recipient, plain text with an HTML
-alternative, rendered when the delivery was made (``services.alerts.notify.render``).
+alternative, rendered when the delivery was made (``services.notify.render``).
 
 ``PUMPWATCH_SMTP_URL`` is ``smtp://user:pass@host:port`` (STARTTLS as
 ``PUMPWATCH_SMTP_STARTTLS`` says) or ``smtps://`` (TLS from the start). The Message-ID is the
@@ -15,9 +15,9 @@ from typing import ClassVar, Literal
 
 import aiosmtplib
 
-from services.alerts.notify.channel import Message, Result
-from services.alerts.settings import SmtpTarget
 from services.domain.notifications import Channel
+from services.notify.channel import Message, Result
+from services.notify.settings import SmtpTarget
 
 
 def build(message: Message, sender: str) -> EmailMessage:

@@ -21,10 +21,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from services.alerts.metrics import NotifyMetrics
-from services.alerts.notify.channel import Message, Result
 from services.domain.notifications import Channel
 from services.logs import get
+from services.notify.channel import Message, Result
+from services.notify.metrics import NotifyMetrics
 from services.settings import MqttTarget, default_client_id
 
 log = get(__name__)

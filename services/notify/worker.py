@@ -1,15 +1,15 @@
 """The notification worker: outbox → deliveries → attempts, as tasks of ``pumpwatch notify`` or
-of a thread of ``pumpwatch alerts`` (:mod:`services.alerts.notify.runner`).
+of a thread of ``pumpwatch alerts`` (:mod:`services.notify.runner`).
 
 Fan-out. Outbox rows (written in the transaction of the change they announce) are taken oldest
 first with ``FOR UPDATE SKIP LOCKED`` — several instances take disjoint rows — and turned, in
 the same transaction, into one delivery per channel target by the clinic's routing
-(:mod:`services.alerts.notify.routing`); the row is then marked dispatched. A trigger NOTIFYs
+(:mod:`services.notify.routing`); the row is then marked dispatched. A trigger NOTIFYs
 ``pumpwatch_outbox`` at each commit, so the worker wakes at once; it also polls.
 
 Delivering. Due deliveries are claimed under a lease (``next_attempt_at`` moved to the lease's
 end, committed), sent, and their outcome recorded with the attempt: delivered, retried later
-(exponential backoff with jitter, :mod:`services.alerts.notify.backoff`), or failed when the
+(exponential backoff with jitter, :mod:`services.notify.backoff`), or failed when the
 retry window is over — then the clinic's admin contacts are told (outbox ``delivery.failed``),
 and a webhook failing ``webhook_disable_after_failures`` deliveries in a row is disabled
 (outbox ``webhook.disabled``, its waiting deliveries cancelled). A process that dies
@@ -32,21 +32,22 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
-from services.alerts import notify_sql as sql
-from services.alerts.metrics import NotifyMetrics
-from services.alerts.notify import digest as digests
-from services.alerts.notify.backoff import RetryPolicy, next_attempt
-from services.alerts.notify.channel import Message, Result, Sender, WebhookKeys
-from services.alerts.notify.email import EmailSender
-from services.alerts.notify.escalation import escalate
-from services.alerts.notify.mqtt import MqttSender, alerts_topic
-from services.alerts.notify.render import EmailContent, PatientRef, admin_email, alert_email
-from services.alerts.notify.routing import Event, WebhookTarget, message_id, plan
-from services.alerts.notify.webhooks import Resolver, WebhookSender, url_host
-from services.alerts.settings import NotifySettings
 from services.domain.notifications import ADMIN_EVENTS, ALERT_EVENTS, NotificationSettings
 from services.logs import get
+from services.notify import digest as digests
+from services.notify import sql
+from services.notify.backoff import RetryPolicy, next_attempt
+from services.notify.channel import Message, Result, Sender, WebhookKeys
+from services.notify.email import EmailSender
+from services.notify.escalation import escalate
+from services.notify.metrics import NotifyMetrics
+from services.notify.mqtt import MqttSender, alerts_topic
+from services.notify.render import EmailContent, PatientRef, admin_email, alert_email
+from services.notify.routing import Event, WebhookTarget, message_id, plan
+from services.notify.settings import NotifySettings
+from services.notify.webhooks import Resolver, WebhookSender, url_host
 from services.settings import ConfigError
+from services.storage import channels, outbox
 from services.storage.database import (
     DATABASE_ERRORS,
     Connection,
@@ -383,7 +384,7 @@ class Notifications:
                 continue
             delay = 0.2
             conn.add_termination_listener(lambda _, lost=lost: lost.set())
-            await conn.add_listener(sql.OUTBOX_CHANNEL, self._on_outbox)
+            await conn.add_listener(channels.OUTBOX, self._on_outbox)
             self._outbox_wake.set()  # anything that arrived while we were not listening
             try:
                 stopping = asyncio.ensure_future(self.stop.wait())
@@ -613,11 +614,9 @@ class Notifications:
     ) -> None:
         if d.event in ADMIN_EVENTS or d.clinic_id is None:
             return  # a notice about a notice that failed: logged, not repeated
-        await conn.execute(
-            sql.INSERT_OUTBOX,
+        await outbox.add(
+            conn,
             "delivery.failed",
-            d.alert_id,
-            d.clinic_id,
             {
                 "delivery_id": d.id,
                 "event": d.event,
@@ -630,6 +629,8 @@ class Notifications:
                 "failed_at": _iso(now),
                 "last_error": result.error,
             },
+            alert_id=d.alert_id,
+            clinic_id=d.clinic_id,
         )
 
     async def _count_webhook_failure(
@@ -646,11 +647,9 @@ class Notifications:
         await conn.execute(
             sql.CANCEL_WEBHOOK_DELIVERIES, d.webhook_id, now, "the webhook was disabled"
         )
-        await conn.execute(
-            sql.INSERT_OUTBOX,
+        await outbox.add(
+            conn,
             "webhook.disabled",
-            None,
-            row["clinic_id"],
             {
                 "webhook_id": str(row["id"]),
                 "url": row["url"],
@@ -658,6 +657,7 @@ class Notifications:
                 "reason": row["disabled_reason"],
                 "consecutive_failures": row["consecutive_failures"],
             },
+            clinic_id=row["clinic_id"],
         )
         self.metrics.webhooks_disabled.inc()
         log.warning(

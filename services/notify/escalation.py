@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from services.alerts import notify_sql as sql
-from services.alerts.engine import _payload as alert_object
-from services.alerts.metrics import NotifyMetrics
 from services.domain.notifications import Escalation, NotificationSettings
 from services.logs import get
+from services.notify import sql
+from services.notify.metrics import NotifyMetrics
+from services.storage import outbox
 
 log = get(__name__)
 
@@ -70,15 +70,15 @@ async def escalate(pool: asyncpg.Pool, *, now: datetime, metrics: NotifyMetrics)
                 f"escalation contacts (escalation {count})",
                 facts,
             )
-            payload = alert_object(state) | {
+            payload = outbox.alert_object(state) | {
                 "escalation": facts | {"since": state["since"].isoformat()}
             }
-            await conn.execute(
-                sql.INSERT_OUTBOX,
+            await outbox.add(
+                conn,
                 "alert.unacknowledged",
-                state["id"],
-                state["clinic_id"],
                 payload,
+                alert_id=state["id"],
+                clinic_id=state["clinic_id"],
             )
         done += 1
         metrics.escalations.inc()

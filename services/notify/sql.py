@@ -1,9 +1,6 @@
 """Every SQL statement of the notification worker. Parameters only; nothing is built from
 input."""
 
-OUTBOX_CHANNEL = "pumpwatch_outbox"
-"""NOTIFY'd by a trigger (migration 0003) when outbox rows commit."""
-
 # -- fan-out -------------------------------------------------------------------------------------
 
 # Events not yet fanned out, oldest first; several workers take disjoint rows.
@@ -135,9 +132,6 @@ UPDATE deliveries SET status = 'cancelled', failed_at = $2, claimed_at = NULL, l
 WHERE webhook_id = $1 AND status = 'pending'
 """
 
-INSERT_OUTBOX = """
-INSERT INTO outbox (event, alert_id, clinic_id, payload) VALUES ($1, $2, $3, $4)
-"""
 
 BACKLOG = """
 SELECT (SELECT count(*) FROM outbox WHERE dispatched_at IS NULL) AS events,

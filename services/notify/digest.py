@@ -16,20 +16,20 @@ from typing import Any
 
 import asyncpg
 
-from services.alerts import notify_sql as sql
-from services.alerts.notify.render import (
+from services.domain import rules
+from services.domain.alerting import RuleSettings
+from services.domain.notifications import Digest, NotificationSettings
+from services.notify import sql
+from services.notify.render import (
     DigestAlert,
     DigestRefill,
     EmailContent,
     PatientRef,
     digest_email,
 )
-from services.alerts.notify.routing import message_id
-from services.alerts.snapshots import load
-from services.domain import rules
-from services.domain.alerting import RuleSettings
-from services.domain.notifications import Digest, NotificationSettings
+from services.notify.routing import message_id
 from services.storage.database import Connection
+from services.storage.snapshots import load
 
 _LOAD_BATCH = 500
 

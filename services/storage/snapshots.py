@@ -10,7 +10,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
-from services.alerts import sql
 from services.domain.alerting import (
     Bolus,
     DoseChange,
@@ -23,6 +22,7 @@ from services.domain.alerting import (
     Therapy,
 )
 from services.logs import get
+from services.storage import sql
 from services.storage.database import Connection
 
 log = get(__name__)

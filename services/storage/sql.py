@@ -1,0 +1,90 @@
+"""The SQL of what storage shares between services: the pump snapshot loader's statements.
+Parameters only; nothing is built from input."""
+
+PUMPS = """
+SELECT p.serial, p.patient_id, p.refill_appointment_at,
+       pt.clinic_id, pt.withdrawal_risk, pt.low_alarm_margin_ml,
+       c.timezone, c.alert_settings,
+       s.updated_at AS state_updated_at,
+       coalesce(s.basis = 'measured' OR s.measured_flow_ml_per_day IS NOT NULL, false)
+           AS measured
+FROM pumps p
+LEFT JOIN patients pt ON pt.id = p.patient_id
+LEFT JOIN clinics c ON c.id = pt.clinic_id
+LEFT JOIN pump_state s ON s.serial = p.serial
+WHERE p.serial = ANY($1::text[])
+"""
+
+_READING = """
+recorded_at, utc_offset_minutes, volume_ml, capacity_ml, low_alarm_ml, basis, drug_name,
+concentration_mcg_per_ml, infusion_mode, rate_ml_per_day, daily_dose_mcg, schedule,
+measured_flow_ml_per_day, battery_pct, battery_status, alarms
+"""
+
+# The last few readings of every pump (alarm hysteresis, the latest reading).
+LAST_READINGS = f"""
+SELECT u.serial, r.*
+FROM unnest($1::text[]) AS u(serial)
+CROSS JOIN LATERAL (
+    SELECT {_READING} FROM readings
+    WHERE serial = u.serial AND recorded_at <= $3
+    ORDER BY recorded_at DESC LIMIT $2
+) AS r
+"""
+
+# A window of readings of the pumps that measure (flow or level): delivery-ratio fits.
+WINDOW_READINGS = f"""
+SELECT serial, {_READING} FROM readings
+WHERE serial = ANY($1::text[]) AND recorded_at > $2 AND recorded_at <= $3
+"""
+
+# The last reading before each refill: the contract's fallback for the expected residual.
+READINGS_BEFORE = f"""
+SELECT u.serial, r.*
+FROM unnest($1::text[], $2::timestamptz[]) AS u(serial, at)
+CROSS JOIN LATERAL (
+    SELECT {_READING} FROM readings
+    WHERE serial = u.serial AND recorded_at < u.at
+    ORDER BY recorded_at DESC LIMIT 1
+) AS r
+"""
+
+LAST_REFILLS = """
+SELECT u.serial, e.recorded_at, e.body
+FROM unnest($1::text[]) AS u(serial)
+CROSS JOIN LATERAL (
+    SELECT recorded_at, body FROM events
+    WHERE serial = u.serial AND type = 'refill' AND recorded_at <= $3
+    ORDER BY recorded_at DESC LIMIT $2
+) AS e
+"""
+
+BOLUSES_SINCE = """
+SELECT b.serial, b.recorded_at, b.body
+FROM events b
+JOIN unnest($1::text[], $2::timestamptz[]) AS u(serial, since) ON u.serial = b.serial
+WHERE b.type = 'bolus' AND b.recorded_at > u.since AND b.recorded_at <= $3
+"""
+
+# Doses within the window, and the one in force when it began.
+DOSES = """
+SELECT serial, at, daily_dose_mcg FROM dose_history
+WHERE serial = ANY($1::text[]) AND at >= $2 AND at <= $3
+UNION ALL
+SELECT u.serial, d.at, d.daily_dose_mcg
+FROM unnest($1::text[]) AS u(serial)
+CROSS JOIN LATERAL (
+    SELECT at, daily_dose_mcg FROM dose_history
+    WHERE serial = u.serial AND at < $2 ORDER BY at DESC LIMIT 1
+) AS d
+"""
+
+OPEN_GAPS = """
+SELECT serial, min(detected_at) AS oldest,
+       sum(last_missing - first_missing + 1) AS missing
+FROM sequence_gaps WHERE serial = ANY($1::text[])
+GROUP BY serial
+"""
+
+# Per (pump, rule): the unresolved alert if there is one, else the last resolved.
+# condition_at is when it resolved on the engine's clock (the data's, in replays).
