@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-import asyncpg
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, StringConstraints
 
 from services.api import sql
-from services.api.auth import Principal
 from services.api.common import (
     Auth,
     Db,
@@ -36,54 +32,47 @@ from services.api.common import (
     scope_of,
     visible,
 )
+from services.api.fhir.resources import (
+    ALERT_STATUS_EXTENSION,
+    ALERT_SYSTEM,
+    CATEGORY_SYSTEM,
+    DETAIL_EXTENSION,
+    DEVICE_EXAMPLE,
+    EXAMPLE_ALERT,
+    EXAMPLE_BASE,
+    EXAMPLE_PATIENT,
+    EXAMPLE_SERIAL,
+    FHIR_JSON,
+    FLAG_CATEGORY_SYSTEM,
+    FLAG_EXAMPLE,
+    MEASURES,
+    OBSERVATION_EXAMPLE,
+    OBSERVATION_SYSTEM,
+    PRIORITY_EXTENSION,
+    RULE_SYSTEM,
+    SERIAL_SYSTEM,
+    UCUM,
+    FhirResponse,
+    Measure,
+    device,
+    flag,
+    observation,
+    ok,
+    search_entry,
+    searchset,
+    searchset_example,
+)
 from services.api.problems import MEDIA_TYPE as PROBLEM_JSON
 from services.api.problems import FieldError, Problem, not_found, validation_problem
 from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
 
-FHIR_JSON = "application/fhir+json"
-
-SERIAL_SYSTEM = "urn:pumpwatch:serial"
-ALERT_SYSTEM = "urn:pumpwatch:alert"
-OBSERVATION_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/pump-observation"
-CATEGORY_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/observation-category"
-RULE_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/alert-rule"
-PRIORITY_EXTENSION = "https://pumpwatch.dev/fhir/StructureDefinition/alert-priority"
-ALERT_STATUS_EXTENSION = "https://pumpwatch.dev/fhir/StructureDefinition/alert-status"
-DETAIL_EXTENSION = "https://pumpwatch.dev/fhir/StructureDefinition/alert-detail"
-FLAG_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/flag-category"
-UCUM = "http://unitsofmeasure.org"
 PROBLEM_SYSTEM = "https://pumpwatch.dev/problems"
 
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
 
 
-@dataclass(frozen=True, slots=True)
-class Measure:
-    """One Observation code: which reading column it reports, in which UCUM unit."""
-
-    code: str
-    display: str
-    column: str
-    unit: str
-    """Human-readable unit (``Quantity.unit``)."""
-    ucum: str
-    """UCUM code (``Quantity.code``)."""
-
-
-MEASURES: tuple[Measure, ...] = (
-    Measure("reservoir-volume", "Reservoir volume", "volume_ml", "mL", "mL"),
-    Measure("programmed-rate", "Programmed infusion rate", "rate_ml_per_day", "mL/d", "mL/d"),
-    Measure("programmed-dose", "Programmed daily dose", "daily_dose_mcg", "µg/d", "ug/d"),
-    Measure("battery-remaining", "Battery remaining", "battery_pct", "%", "%"),
-)
-
-
 # --- responses and errors ------------------------------------------------------------------------
-
-
-class FhirResponse(JSONResponse):
-    media_type = FHIR_JSON
 
 
 _PROBLEM = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemDocument"}}}
@@ -175,107 +164,6 @@ class OperationOutcome(BaseModel):
     issue: list[_Issue] = Field(min_length=1)
 
 
-_EXAMPLE_SERIAL = "NGP204519H"
-_EXAMPLE_PATIENT = "6f1c2f4e-8d7a-4a53-9a43-2b1f0c9e7d11"
-_EXAMPLE_ALERT = "0b8e3c52-5f55-4c1e-9a7e-3f0d1c2b4a6e"
-_EXAMPLE_READING = "3d9b7c0a-1e2f-4a5b-8c6d-7e8f9a0b1c2d"
-_BASE = "https://pumpwatch.example.org/fhir"
-
-
-def _resource_schema(resource_type: str) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": f"A FHIR R4 {resource_type} "
-        f"(https://hl7.org/fhir/R4/{resource_type.lower()}.html), JSON format.",
-        "required": ["resourceType"],
-        "properties": {"resourceType": {"type": "string", "enum": [resource_type]}},
-        "additionalProperties": True,
-    }
-
-
-_DEVICE_EXAMPLE: dict[str, Any] = {
-    "resourceType": "Device",
-    "id": _EXAMPLE_SERIAL,
-    "identifier": [{"system": SERIAL_SYSTEM, "value": _EXAMPLE_SERIAL}],
-    "status": "active",
-    "serialNumber": _EXAMPLE_SERIAL,
-    "deviceName": [{"name": "SynchroMed II 8637-40", "type": "model-name"}],
-    "modelNumber": "SynchroMed II 8637-40",
-    "patient": {"reference": f"Patient/{_EXAMPLE_PATIENT}"},
-}
-
-_OBSERVATION_EXAMPLE: dict[str, Any] = {
-    "resourceType": "Observation",
-    "id": f"{_EXAMPLE_READING}-reservoir-volume",
-    "status": "final",
-    "category": [
-        {"coding": [{"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}]}
-    ],
-    "code": {
-        "coding": [
-            {
-                "system": OBSERVATION_SYSTEM,
-                "code": "reservoir-volume",
-                "display": "Reservoir volume",
-            }
-        ],
-        "text": "Reservoir volume",
-    },
-    "subject": {"reference": f"Device/{_EXAMPLE_SERIAL}"},
-    "effectiveDateTime": "2026-11-20T08:30:00Z",
-    "issued": "2026-11-20T08:30:02.113Z",
-    "valueQuantity": {"value": 17.42, "unit": "mL", "system": UCUM, "code": "mL"},
-    "device": {"reference": f"Device/{_EXAMPLE_SERIAL}"},
-}
-
-_FLAG_EXAMPLE: dict[str, Any] = {
-    "resourceType": "Flag",
-    "id": _EXAMPLE_ALERT,
-    "meta": {"lastUpdated": "2026-11-20T08:31:00Z"},
-    "extension": [
-        {"url": PRIORITY_EXTENSION, "valueCode": "medium"},
-        {"url": ALERT_STATUS_EXTENSION, "valueCode": "open"},
-        {"url": DETAIL_EXTENSION, "valueString": "The reservoir reaches its low alarm in 6 days."},
-    ],
-    "identifier": [{"system": ALERT_SYSTEM, "value": _EXAMPLE_ALERT}],
-    "status": "active",
-    "category": [{"coding": [{"system": FLAG_CATEGORY_SYSTEM, "code": "drug", "display": "Drug"}]}],
-    "code": {
-        "coding": [{"system": RULE_SYSTEM, "code": "refill_due"}],
-        "text": "Refill due in 6 days",
-    },
-    "subject": {"reference": f"Patient/{_EXAMPLE_PATIENT}"},
-    "period": {"start": "2026-11-20T08:31:00Z"},
-    "author": {"reference": f"Device/{_EXAMPLE_SERIAL}"},
-}
-
-
-def _searchset_example(resource: dict[str, Any], self_url: str, full_url: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {"resource": resource, "search": {"mode": "match"}}
-    if full_url:
-        entry = {"fullUrl": f"{_BASE}/{resource['resourceType']}/{resource['id']}", **entry}
-    return {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "timestamp": "2026-11-20T09:00:00Z",
-        "link": [
-            {"relation": "self", "url": self_url},
-            {
-                "relation": "next",
-                "url": f"{self_url}&_cursor=WyIyMDI2LTExLTIwVDA4OjMwOjAwKzAwOjAwIl0",
-            },
-        ],
-        "entry": [entry],
-    }
-
-
-def _ok(resource_type: str, example: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {FHIR_JSON: {"schema": _resource_schema(resource_type), "example": example}},
-    }
-
-
 def _error(
     status: int, kind: str, title: str, detail: str, description: str, *, problem_too: bool = False
 ) -> dict[str, Any]:
@@ -300,7 +188,7 @@ def _error(
 
 # Every status the app documents for all routes, as these routes answer it (an OperationOutcome;
 # the 413 of the body limit comes from outside them, as a problem document).
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error(
         400,
         "bad-cursor",
@@ -513,139 +401,15 @@ def wanted_measures(params: Sequence[str]) -> tuple[Measure, ...]:
     return tuple(wanted)
 
 
-def _device_serial(reference: str) -> str:
+def device_serial(reference: str) -> str:
     return reference.removeprefix("Device/")
-
-
-# --- resources -----------------------------------------------------------------------------------
-
-
-def instant(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _reference(kind: str, ident: object) -> dict[str, str]:
-    return {"reference": f"{kind}/{ident}"}
-
-
-def device(row: asyncpg.Record, principal: Principal) -> dict[str, Any]:
-    serial = row["serial"]
-    model = row["model"] or row["registered_model"]
-    resource: dict[str, Any] = {
-        "resourceType": "Device",
-        "id": serial,
-        "identifier": [{"system": SERIAL_SYSTEM, "value": serial}],
-        "status": "active",
-        "serialNumber": serial,
-    }
-    if model and model.strip():  # FHIR strings are never blank
-        resource["deviceName"] = [{"name": model, "type": "model-name"}]
-        resource["modelNumber"] = model
-    if principal.identified and row["patient_id"] is not None:
-        resource["patient"] = _reference("Patient", row["patient_id"])
-    return resource
-
-
-def observation(row: asyncpg.Record, measure: Measure, serial: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "id": f"{row['msg_id']}-{measure.code}",
-        "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}
-                ]
-            }
-        ],
-        "code": {
-            "coding": [
-                {"system": OBSERVATION_SYSTEM, "code": measure.code, "display": measure.display}
-            ],
-            "text": measure.display,
-        },
-        "subject": _reference("Device", serial),
-        "effectiveDateTime": instant(row["recorded_at"]),
-        "issued": instant(row["received_at"]),
-        "valueQuantity": {
-            "value": row[measure.column],
-            "unit": measure.unit,
-            "system": UCUM,
-            "code": measure.ucum,
-        },
-        "device": _reference("Device", serial),
-    }
-
-
-def flag(row: asyncpg.Record, principal: Principal) -> dict[str, Any]:
-    alert_id, serial = str(row["id"]), row["serial"]
-    resolved = row["status"] == "resolved"
-    subject = (
-        _reference("Patient", row["patient_id"])
-        if principal.identified and row["patient_id"] is not None
-        else _reference("Device", serial)
-    )
-    period = {"start": instant(row["opened_at"])}
-    if resolved and row["resolved_at"] is not None:
-        period["end"] = instant(row["resolved_at"])
-    extensions = [
-        {"url": PRIORITY_EXTENSION, "valueCode": row["priority"]},
-        {"url": ALERT_STATUS_EXTENSION, "valueCode": row["status"]},
-    ]
-    if row["detail"].strip():  # FHIR strings are never blank
-        extensions.append({"url": DETAIL_EXTENSION, "valueString": row["detail"]})
-    code: dict[str, Any] = {"coding": [{"system": RULE_SYSTEM, "code": row["rule"]}]}
-    if row["title"].strip():
-        code["text"] = row["title"]
-    return {
-        "resourceType": "Flag",
-        "id": alert_id,
-        "meta": {"lastUpdated": instant(row["updated_at"])},
-        "extension": extensions,
-        "identifier": [{"system": ALERT_SYSTEM, "value": alert_id}],
-        "status": "inactive" if resolved else "active",
-        "category": [
-            {"coding": [{"system": FLAG_CATEGORY_SYSTEM, "code": "drug", "display": "Drug"}]}
-        ],
-        "code": code,
-        "subject": subject,
-        "period": period,
-        "author": _reference("Device", serial),
-    }
 
 
 def _base(request: Request) -> str:
     return f"{str(request.base_url).rstrip('/')}{router.prefix}"
 
 
-def searchset(
-    request: Request, entries: list[dict[str, Any]], next_cursor: str | None
-) -> dict[str, Any]:
-    links = [{"relation": "self", "url": str(request.url)}]
-    if next_cursor is not None:
-        following = request.url.remove_query_params("_cursor").include_query_params(
-            _cursor=next_cursor
-        )
-        links.append({"relation": "next", "url": str(following)})
-    bundle: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "timestamp": instant(datetime.now(UTC)),
-        "link": links,
-    }
-    if entries:  # FHIR JSON has no empty arrays
-        bundle["entry"] = entries
-    return bundle
-
-
-def _entry(resource: dict[str, Any], full_url: str | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"resource": resource, "search": {"mode": "match"}}
-    if full_url is not None:
-        entry = {"fullUrl": full_url, **entry}
-    return entry
-
-
-def _cursor_index(value: str | None) -> int:
+def cursor_index(value: str | None) -> int:
     if value is None or not value.isdigit() or int(value) >= len(MEASURES):
         raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor")
     return int(value)
@@ -665,7 +429,7 @@ def _cursor_index(value: str | None) -> int:
         "assigned, except for the fleet role, which never sees patient references.\n\n" + _TENANCY
     ),
     response_class=FhirResponse,
-    responses={200: _ok("Device", _DEVICE_EXAMPLE, "The pump as a FHIR Device"), **_ERRORS},
+    responses={200: ok("Device", DEVICE_EXAMPLE, "The pump as a FHIR Device"), **ERRORS},
 )
 async def read_device(serial: Serial, principal: Auth, db: Db) -> FhirResponse:
     await pump_clinic(db, principal, serial)
@@ -700,16 +464,16 @@ async def read_device(serial: Serial, principal: Auth, db: Db) -> FhirResponse:
     ),
     response_class=FhirResponse,
     responses={
-        200: _ok(
+        200: ok(
             "Bundle",
-            _searchset_example(
-                _OBSERVATION_EXAMPLE,
-                f"{_BASE}/Observation?device={_EXAMPLE_SERIAL}&_count=1",
+            searchset_example(
+                OBSERVATION_EXAMPLE,
+                f"{EXAMPLE_BASE}/Observation?device={EXAMPLE_SERIAL}&_count=1",
                 full_url=False,
             ),
             "A searchset Bundle of Observations, newest first",
         ),
-        **_ERRORS,
+        **ERRORS,
     },
 )
 async def search_observations(
@@ -722,7 +486,7 @@ async def search_observations(
             alias="device",
             pattern=DEVICE_REFERENCE,
             description="The pump: `{serial}` or `Device/{serial}`.",
-            examples=[_EXAMPLE_SERIAL],
+            examples=[EXAMPLE_SERIAL],
         ),
     ],
     date_param: Annotated[
@@ -746,14 +510,14 @@ async def search_observations(
     count: Count = DEFAULT_COUNT,
     cursor: PageCursor = None,
 ) -> FhirResponse:
-    serial = _device_serial(device_param)
+    serial = device_serial(device_param)
     await pump_clinic(db, principal, serial)
     low, high = date_bounds(date_param or ())
     wanted = wanted_measures(code_param or ())
     after = decode_cursor(cursor, 3)
     at = None if after is None else _cursor_time(after[0])
     msg_id = None if after is None else cursor_uuid(after[1])
-    start_index = 0 if after is None else _cursor_index(after[2])
+    start_index = 0 if after is None else cursor_index(after[2])
     if not wanted or low >= high:
         return FhirResponse(searchset(request, [], None))
     codes = {m.code for m in wanted}
@@ -781,7 +545,7 @@ async def search_observations(
             if len(entries) == count:
                 next_cursor = encode_cursor(row["recorded_at"].isoformat(), row["msg_id"], index)
                 break
-            entries.append(_entry(observation(row, measure, serial), None))
+            entries.append(search_entry(observation(row, measure, serial), None))
         if next_cursor is not None:
             break
     return FhirResponse(searchset(request, entries, next_cursor))
@@ -804,11 +568,11 @@ async def search_observations(
         + _TENANCY
     ),
     response_class=FhirResponse,
-    responses={200: _ok("Flag", _FLAG_EXAMPLE, "The alert as a FHIR Flag"), **_ERRORS},
+    responses={200: ok("Flag", FLAG_EXAMPLE, "The alert as a FHIR Flag"), **ERRORS},
 )
 async def read_flag(
     alert_id: Annotated[
-        UUID, Path(description="The alert's id (the Flag's id)", examples=[_EXAMPLE_ALERT])
+        UUID, Path(description="The alert's id (the Flag's id)", examples=[EXAMPLE_ALERT])
     ],
     principal: Auth,
     db: Db,
@@ -832,14 +596,16 @@ async def read_flag(
     ),
     response_class=FhirResponse,
     responses={
-        200: _ok(
+        200: ok(
             "Bundle",
-            _searchset_example(
-                _FLAG_EXAMPLE, f"{_BASE}/Flag?patient={_EXAMPLE_PATIENT}&_count=1", full_url=True
+            searchset_example(
+                FLAG_EXAMPLE,
+                f"{EXAMPLE_BASE}/Flag?patient={EXAMPLE_PATIENT}&_count=1",
+                full_url=True,
             ),
             "A searchset Bundle of Flags, newest first",
         ),
-        **_ERRORS,
+        **ERRORS,
     },
 )
 async def search_flags(
@@ -851,7 +617,7 @@ async def search_flags(
         Query(
             pattern=PATIENT_REFERENCE,
             description="The patient: `{id}` or `Patient/{id}`.",
-            examples=[_EXAMPLE_PATIENT],
+            examples=[EXAMPLE_PATIENT],
         ),
     ] = None,
     device_param: Annotated[
@@ -860,7 +626,7 @@ async def search_flags(
             alias="device",
             pattern=DEVICE_REFERENCE,
             description="The pump: `{serial}` or `Device/{serial}`.",
-            examples=[_EXAMPLE_SERIAL],
+            examples=[EXAMPLE_SERIAL],
         ),
     ] = None,
     count: Count = DEFAULT_COUNT,
@@ -877,7 +643,7 @@ async def search_flags(
         visible(principal, found["clinic_id"], "patient")
     serial = None
     if device_param is not None:
-        serial = _device_serial(device_param)
+        serial = device_serial(device_param)
         await pump_clinic(db, principal, serial)
     after = decode_cursor(cursor, 2)
     rows = await db.fetch(
@@ -890,7 +656,7 @@ async def search_flags(
         count + 1,
     )
     base = _base(request)
-    entries = [_entry(flag(r, principal), f"{base}/Flag/{r['id']}") for r in rows[:count]]
+    entries = [search_entry(flag(r, principal), f"{base}/Flag/{r['id']}") for r in rows[:count]]
     next_cursor = None
     if len(rows) > count:
         last = rows[count - 1]

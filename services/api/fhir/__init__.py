@@ -1,0 +1,2 @@
+"""FHIR R4 for integrators: ``resources`` maps our rows to FHIR resources (with the examples the
+OpenAPI document shows); the routes are in ``services.api.routes.fhir``."""
