@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from services.api import keys
 from services.api.app import create_app
 from services.api.common import encode_cursor
+from services.api.fhir import search as fhir
 from services.api.problems import Problem
-from services.api.routes import fhir
 from services.api.settings import ApiSettings
 from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx

@@ -19,10 +19,10 @@ from starlette.staticfiles import StaticFiles
 
 from services.api import problems, sql
 from services.api.auth import FailureLimiter, Principal
+from services.api.fhir import routes as fhir_routes
 from services.api.routes import (
     alerts,
     clinics,
-    fhir,
     meta,
     patients,
     pumps,
@@ -130,7 +130,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     for unavailable in problems.DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, problems.on_unavailable)
     app.add_exception_handler(Exception, problems.on_error)
-    for module in (meta, clinics, patients, pumps, refills, alerts, webhooks, fhir):
+    for module in (meta, clinics, patients, pumps, refills, alerts, webhooks, fhir_routes):
         app.include_router(module.router)
     app.include_router(web_routes.router)
     app.mount("/static", StaticFiles(directory=str(web_routes.STATIC_DIR)), name="static")

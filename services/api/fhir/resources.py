@@ -1,0 +1,282 @@
+"""FHIR R4 resources of our rows: ``Device`` (a pump), ``Observation`` (one measure of a
+reading, in UCUM units), ``Flag`` (an alert) and the searchset ``Bundle`` of a search; the code
+systems and extensions they use, and beside each mapping the example the OpenAPI document shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from services.api.auth import Principal
+
+FHIR_JSON = "application/fhir+json"
+
+SERIAL_SYSTEM = "urn:pumpwatch:serial"
+ALERT_SYSTEM = "urn:pumpwatch:alert"
+OBSERVATION_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/pump-observation"
+CATEGORY_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/observation-category"
+RULE_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/alert-rule"
+PRIORITY_EXTENSION = "https://pumpwatch.dev/fhir/StructureDefinition/alert-priority"
+ALERT_STATUS_EXTENSION = "https://pumpwatch.dev/fhir/StructureDefinition/alert-status"
+DETAIL_EXTENSION = "https://pumpwatch.dev/fhir/StructureDefinition/alert-detail"
+FLAG_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/flag-category"
+UCUM = "http://unitsofmeasure.org"
+
+
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """One Observation code: which reading column it reports, in which UCUM unit."""
+
+    code: str
+    display: str
+    column: str
+    unit: str
+    """Human-readable unit (``Quantity.unit``)."""
+    ucum: str
+    """UCUM code (``Quantity.code``)."""
+
+
+MEASURES: tuple[Measure, ...] = (
+    Measure("reservoir-volume", "Reservoir volume", "volume_ml", "mL", "mL"),
+    Measure("programmed-rate", "Programmed infusion rate", "rate_ml_per_day", "mL/d", "mL/d"),
+    Measure("programmed-dose", "Programmed daily dose", "daily_dose_mcg", "µg/d", "ug/d"),
+    Measure("battery-remaining", "Battery remaining", "battery_pct", "%", "%"),
+)
+
+
+class FhirResponse(JSONResponse):
+    media_type = FHIR_JSON
+
+
+# --- OpenAPI: schemas and examples for integrators -----------------------------------------------
+
+EXAMPLE_SERIAL = "NGP204519H"
+EXAMPLE_PATIENT = "6f1c2f4e-8d7a-4a53-9a43-2b1f0c9e7d11"
+EXAMPLE_ALERT = "0b8e3c52-5f55-4c1e-9a7e-3f0d1c2b4a6e"
+_EXAMPLE_READING = "3d9b7c0a-1e2f-4a5b-8c6d-7e8f9a0b1c2d"
+EXAMPLE_BASE = "https://pumpwatch.example.org/fhir"
+
+
+def _resource_schema(resource_type: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": f"A FHIR R4 {resource_type} "
+        f"(https://hl7.org/fhir/R4/{resource_type.lower()}.html), JSON format.",
+        "required": ["resourceType"],
+        "properties": {"resourceType": {"type": "string", "enum": [resource_type]}},
+        "additionalProperties": True,
+    }
+
+
+def ok(resource_type: str, example: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {FHIR_JSON: {"schema": _resource_schema(resource_type), "example": example}},
+    }
+
+
+# --- resources, each followed by the example the OpenAPI document shows of it --------------------
+
+
+def instant(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _reference(kind: str, ident: object) -> dict[str, str]:
+    return {"reference": f"{kind}/{ident}"}
+
+
+def device(row: asyncpg.Record, principal: Principal) -> dict[str, Any]:
+    serial = row["serial"]
+    model = row["model"] or row["registered_model"]
+    resource: dict[str, Any] = {
+        "resourceType": "Device",
+        "id": serial,
+        "identifier": [{"system": SERIAL_SYSTEM, "value": serial}],
+        "status": "active",
+        "serialNumber": serial,
+    }
+    if model and model.strip():  # FHIR strings are never blank
+        resource["deviceName"] = [{"name": model, "type": "model-name"}]
+        resource["modelNumber"] = model
+    if principal.identified and row["patient_id"] is not None:
+        resource["patient"] = _reference("Patient", row["patient_id"])
+    return resource
+
+
+DEVICE_EXAMPLE: dict[str, Any] = {
+    "resourceType": "Device",
+    "id": EXAMPLE_SERIAL,
+    "identifier": [{"system": SERIAL_SYSTEM, "value": EXAMPLE_SERIAL}],
+    "status": "active",
+    "serialNumber": EXAMPLE_SERIAL,
+    "deviceName": [{"name": "SynchroMed II 8637-40", "type": "model-name"}],
+    "modelNumber": "SynchroMed II 8637-40",
+    "patient": {"reference": f"Patient/{EXAMPLE_PATIENT}"},
+}
+
+
+def observation(row: asyncpg.Record, measure: Measure, serial: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": f"{row['msg_id']}-{measure.code}",
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}
+                ]
+            }
+        ],
+        "code": {
+            "coding": [
+                {"system": OBSERVATION_SYSTEM, "code": measure.code, "display": measure.display}
+            ],
+            "text": measure.display,
+        },
+        "subject": _reference("Device", serial),
+        "effectiveDateTime": instant(row["recorded_at"]),
+        "issued": instant(row["received_at"]),
+        "valueQuantity": {
+            "value": row[measure.column],
+            "unit": measure.unit,
+            "system": UCUM,
+            "code": measure.ucum,
+        },
+        "device": _reference("Device", serial),
+    }
+
+
+OBSERVATION_EXAMPLE: dict[str, Any] = {
+    "resourceType": "Observation",
+    "id": f"{_EXAMPLE_READING}-reservoir-volume",
+    "status": "final",
+    "category": [
+        {"coding": [{"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}]}
+    ],
+    "code": {
+        "coding": [
+            {
+                "system": OBSERVATION_SYSTEM,
+                "code": "reservoir-volume",
+                "display": "Reservoir volume",
+            }
+        ],
+        "text": "Reservoir volume",
+    },
+    "subject": {"reference": f"Device/{EXAMPLE_SERIAL}"},
+    "effectiveDateTime": "2026-11-20T08:30:00Z",
+    "issued": "2026-11-20T08:30:02.113Z",
+    "valueQuantity": {"value": 17.42, "unit": "mL", "system": UCUM, "code": "mL"},
+    "device": {"reference": f"Device/{EXAMPLE_SERIAL}"},
+}
+
+
+def flag(row: asyncpg.Record, principal: Principal) -> dict[str, Any]:
+    alert_id, serial = str(row["id"]), row["serial"]
+    resolved = row["status"] == "resolved"
+    subject = (
+        _reference("Patient", row["patient_id"])
+        if principal.identified and row["patient_id"] is not None
+        else _reference("Device", serial)
+    )
+    period = {"start": instant(row["opened_at"])}
+    if resolved and row["resolved_at"] is not None:
+        period["end"] = instant(row["resolved_at"])
+    extensions = [
+        {"url": PRIORITY_EXTENSION, "valueCode": row["priority"]},
+        {"url": ALERT_STATUS_EXTENSION, "valueCode": row["status"]},
+    ]
+    if row["detail"].strip():  # FHIR strings are never blank
+        extensions.append({"url": DETAIL_EXTENSION, "valueString": row["detail"]})
+    code: dict[str, Any] = {"coding": [{"system": RULE_SYSTEM, "code": row["rule"]}]}
+    if row["title"].strip():
+        code["text"] = row["title"]
+    return {
+        "resourceType": "Flag",
+        "id": alert_id,
+        "meta": {"lastUpdated": instant(row["updated_at"])},
+        "extension": extensions,
+        "identifier": [{"system": ALERT_SYSTEM, "value": alert_id}],
+        "status": "inactive" if resolved else "active",
+        "category": [
+            {"coding": [{"system": FLAG_CATEGORY_SYSTEM, "code": "drug", "display": "Drug"}]}
+        ],
+        "code": code,
+        "subject": subject,
+        "period": period,
+        "author": _reference("Device", serial),
+    }
+
+
+FLAG_EXAMPLE: dict[str, Any] = {
+    "resourceType": "Flag",
+    "id": EXAMPLE_ALERT,
+    "meta": {"lastUpdated": "2026-11-20T08:31:00Z"},
+    "extension": [
+        {"url": PRIORITY_EXTENSION, "valueCode": "medium"},
+        {"url": ALERT_STATUS_EXTENSION, "valueCode": "open"},
+        {"url": DETAIL_EXTENSION, "valueString": "The reservoir reaches its low alarm in 6 days."},
+    ],
+    "identifier": [{"system": ALERT_SYSTEM, "value": EXAMPLE_ALERT}],
+    "status": "active",
+    "category": [{"coding": [{"system": FLAG_CATEGORY_SYSTEM, "code": "drug", "display": "Drug"}]}],
+    "code": {
+        "coding": [{"system": RULE_SYSTEM, "code": "refill_due"}],
+        "text": "Refill due in 6 days",
+    },
+    "subject": {"reference": f"Patient/{EXAMPLE_PATIENT}"},
+    "period": {"start": "2026-11-20T08:31:00Z"},
+    "author": {"reference": f"Device/{EXAMPLE_SERIAL}"},
+}
+
+
+def searchset(
+    request: Request, entries: list[dict[str, Any]], next_cursor: str | None
+) -> dict[str, Any]:
+    links = [{"relation": "self", "url": str(request.url)}]
+    if next_cursor is not None:
+        following = request.url.remove_query_params("_cursor").include_query_params(
+            _cursor=next_cursor
+        )
+        links.append({"relation": "next", "url": str(following)})
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "timestamp": instant(datetime.now(UTC)),
+        "link": links,
+    }
+    if entries:  # FHIR JSON has no empty arrays
+        bundle["entry"] = entries
+    return bundle
+
+
+def search_entry(resource: dict[str, Any], full_url: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"resource": resource, "search": {"mode": "match"}}
+    if full_url is not None:
+        entry = {"fullUrl": full_url, **entry}
+    return entry
+
+
+def searchset_example(resource: dict[str, Any], self_url: str, full_url: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"resource": resource, "search": {"mode": "match"}}
+    if full_url:
+        entry = {"fullUrl": f"{EXAMPLE_BASE}/{resource['resourceType']}/{resource['id']}", **entry}
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "timestamp": "2026-11-20T09:00:00Z",
+        "link": [
+            {"relation": "self", "url": self_url},
+            {
+                "relation": "next",
+                "url": f"{self_url}&_cursor=WyIyMDI2LTExLTIwVDA4OjMwOjAwKzAwOjAwIl0",
+            },
+        ],
+        "entry": [entry],
+    }

@@ -1,0 +1,359 @@
+"""FHIR R4 read endpoints for integrators: ``Device`` (a pump), ``Observation`` (its readings:
+reservoir volume, programmed rate and dose, battery, in UCUM units) and ``Flag`` (its unresolved
+alerts), as ``application/fhir+json``.
+
+Tenancy is the API's: the same keys, the same 404 for another clinic's pump, alert or patient,
+and no patient references for the fleet role. Errors are FHIR ``OperationOutcome`` resources with
+the status the rest of the API would answer (400 bad cursor, 401, 403, 404, 422 validation, 429);
+their ``issue.details.coding`` carries the API's problem type. Only failures outside these routes'
+handling (413 from the body limit, 500) stay RFC 9457 problem documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from services.api import sql
+from services.api.common import (
+    Auth,
+    Db,
+    cursor_uuid,
+    decode_cursor,
+    encode_cursor,
+    scope_of,
+    visible,
+)
+from services.api.fhir.errors import ERRORS, outcome
+from services.api.fhir.resources import (
+    ALERT_STATUS_EXTENSION,
+    ALERT_SYSTEM,
+    CATEGORY_SYSTEM,
+    DETAIL_EXTENSION,
+    DEVICE_EXAMPLE,
+    EXAMPLE_ALERT,
+    EXAMPLE_BASE,
+    EXAMPLE_PATIENT,
+    EXAMPLE_SERIAL,
+    FLAG_CATEGORY_SYSTEM,
+    FLAG_EXAMPLE,
+    MEASURES,
+    OBSERVATION_EXAMPLE,
+    OBSERVATION_SYSTEM,
+    PRIORITY_EXTENSION,
+    RULE_SYSTEM,
+    SERIAL_SYSTEM,
+    UCUM,
+    FhirResponse,
+    device,
+    flag,
+    observation,
+    ok,
+    search_entry,
+    searchset,
+    searchset_example,
+)
+from services.api.fhir.search import (
+    DEFAULT_COUNT,
+    DEVICE_REFERENCE,
+    PATIENT_REFERENCE,
+    CodeSearch,
+    Count,
+    DateSearch,
+    PageCursor,
+    cursor_index,
+    date_bounds,
+    device_serial,
+    wanted_measures,
+)
+from services.api.problems import Problem, not_found, validation_problem
+from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
+
+
+class FhirRoute(APIRoute):
+    """Answers this router's errors (auth, tenancy, validation) as OperationOutcomes."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Problem as exc:
+                return outcome(exc)
+            except RequestValidationError as exc:
+                return outcome(validation_problem(exc))
+
+        return route
+
+
+router = APIRouter(prefix="/fhir", tags=["fhir"], route_class=FhirRoute)
+
+
+_TENANCY = (
+    "A pump, alert or patient of another clinic answers 404, exactly as one that does not exist. "
+    "Errors are FHIR `OperationOutcome` resources with the API's usual status codes."
+)
+_PAGING = (
+    "Results are newest first, `_count` per page (1-500, default 50); follow the Bundle's "
+    "`link` with relation `next` (an opaque `_cursor`) for the next page. There is no "
+    "`Bundle.total`."
+)
+
+
+def _base(request: Request) -> str:
+    return f"{str(request.base_url).rstrip('/')}{router.prefix}"
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/Device/{serial}",
+    summary="A pump as a FHIR Device",
+    description=(
+        "The pump with this serial number as a FHIR R4 `Device`: `id` and `serialNumber` are the "
+        f"serial, also as an `identifier` of system `{SERIAL_SYSTEM}`; `deviceName` (type "
+        "`model-name`) and `modelNumber` are the model the pump reports (else the registered "
+        "one); `status` is `active`. `patient` references `Patient/{patient_id}` when the pump is "
+        "assigned, except for the fleet role, which never sees patient references.\n\n" + _TENANCY
+    ),
+    response_class=FhirResponse,
+    responses={200: ok("Device", DEVICE_EXAMPLE, "The pump as a FHIR Device"), **ERRORS},
+)
+async def read_device(serial: Serial, principal: Auth, db: Db) -> FhirResponse:
+    await pump_clinic(db, principal, serial)
+    row = await db.fetchrow(sql.PUMP, serial)
+    if row is None:
+        raise not_found("pump")
+    return FhirResponse(device(row, principal))
+
+
+@router.get(
+    "/Observation",
+    summary="A pump's readings as FHIR Observations (searchset Bundle)",
+    description=(
+        "One `Observation` per reading and measure, `status` `final`, `effectiveDateTime` the "
+        "reading's time, `issued` when it arrived, `subject` and `device` the pump "
+        f"(`Device/{{serial}}`), `category` `device` (system `{CATEGORY_SYSTEM}`). LOINC has no "
+        f"codes for pump telemetry, so `code` is of the system `{OBSERVATION_SYSTEM}`; "
+        f"`valueQuantity` is in UCUM (`system` `{UCUM}`):\n\n"
+        "| code | value | UCUM |\n|---|---|---|\n"
+        "| `reservoir-volume` | drug in the reservoir | `mL` |\n"
+        "| `programmed-rate` | programmed infusion rate | `mL/d` |\n"
+        "| `programmed-dose` | programmed daily dose | `ug/d` |\n"
+        "| `battery-remaining` | battery charge (when the pump reports it) | `%` |\n\n"
+        "Observation ids are `{reading id}-{code}`. Search parameters: `device` (required: "
+        "`{serial}` or `Device/{serial}`), `date` (repeatable, all apply: prefixes `eq` (default), "
+        "`ge`, `gt`, `le`, `lt`, `sa`, `eb`; a year, month or day (UTC) or a date-time with an "
+        "offset; `date=ge2026-11-01&date=lt2026-12-01` is November), `code` (`code`, "
+        "`system|code` or `system|`; a comma means or). Unknown parameters are ignored.\n\n"
+        + _PAGING
+        + "\n\n"
+        + _TENANCY
+    ),
+    response_class=FhirResponse,
+    responses={
+        200: ok(
+            "Bundle",
+            searchset_example(
+                OBSERVATION_EXAMPLE,
+                f"{EXAMPLE_BASE}/Observation?device={EXAMPLE_SERIAL}&_count=1",
+                full_url=False,
+            ),
+            "A searchset Bundle of Observations, newest first",
+        ),
+        **ERRORS,
+    },
+)
+async def search_observations(
+    request: Request,
+    principal: Auth,
+    db: Db,
+    device_param: Annotated[
+        str,
+        Query(
+            alias="device",
+            pattern=DEVICE_REFERENCE,
+            description="The pump: `{serial}` or `Device/{serial}`.",
+            examples=[EXAMPLE_SERIAL],
+        ),
+    ],
+    date_param: Annotated[
+        list[DateSearch] | None,
+        Query(
+            alias="date",
+            description="`effectiveDateTime` bounds (repeatable; all apply), e.g. "
+            "`ge2026-11-01T00:00:00Z`.",
+            examples=[["ge2026-11-01", "lt2026-12-01"]],
+        ),
+    ] = None,
+    code_param: Annotated[
+        list[CodeSearch] | None,
+        Query(
+            alias="code",
+            description="Measures: `reservoir-volume`, `programmed-rate`, `programmed-dose`, "
+            "`battery-remaining`, optionally as `system|code`; a comma means or.",
+            examples=[["reservoir-volume,battery-remaining"]],
+        ),
+    ] = None,
+    count: Count = DEFAULT_COUNT,
+    cursor: PageCursor = None,
+) -> FhirResponse:
+    serial = device_serial(device_param)
+    await pump_clinic(db, principal, serial)
+    low, high = date_bounds(date_param or ())
+    wanted = wanted_measures(code_param or ())
+    after = decode_cursor(cursor, 3)
+    at = None if after is None else _cursor_time(after[0])
+    msg_id = None if after is None else cursor_uuid(after[1])
+    start_index = 0 if after is None else cursor_index(after[2])
+    if not wanted or low >= high:
+        return FhirResponse(searchset(request, [], None))
+    codes = {m.code for m in wanted}
+    rows = await db.fetch(
+        sql.FHIR_READINGS,
+        serial,
+        low,
+        high,
+        at,
+        msg_id,
+        bool(codes & {"reservoir-volume", "programmed-rate"}),
+        "programmed-dose" in codes,
+        "battery-remaining" in codes,
+        count + 2,  # every row has an Observation wanted; the cursor's may have none left
+    )
+    entries: list[dict[str, Any]] = []
+    next_cursor = None
+    for row in rows:
+        resumed = row["recorded_at"] == at and row["msg_id"] == msg_id
+        for index, measure in enumerate(MEASURES):
+            if measure not in wanted or row[measure.column] is None:
+                continue
+            if resumed and index < start_index:
+                continue
+            if len(entries) == count:
+                next_cursor = encode_cursor(row["recorded_at"].isoformat(), row["msg_id"], index)
+                break
+            entries.append(search_entry(observation(row, measure, serial), None))
+        if next_cursor is not None:
+            break
+    return FhirResponse(searchset(request, entries, next_cursor))
+
+
+@router.get(
+    "/Flag/{alert_id}",
+    summary="An alert as a FHIR Flag",
+    description=(
+        "The alert as a FHIR R4 `Flag`: `status` `active` until it is resolved, then "
+        "`inactive` with `period.end`; `period.start` is when it opened; `code.text` is its "
+        f"title and `code.coding` its rule (system `{RULE_SYSTEM}`: `refill_due`, "
+        "`reservoir_low`, `battery_eos`, … the API's stable rule codes); `category` is `drug` "
+        f"({FLAG_CATEGORY_SYSTEM}). Extensions carry the priority "
+        f"(`{PRIORITY_EXTENSION}`: `high`, `medium`, `low`), the alert's own status "
+        f"(`{ALERT_STATUS_EXTENSION}`: `open`, `acknowledged`, `resolved`) and its detail text "
+        f"(`{DETAIL_EXTENSION}`); `identifier` (system `{ALERT_SYSTEM}`) is the alert id. "
+        "`subject` is the patient (`Patient/{patient_id}`), or the pump (`Device/{serial}`) for "
+        "the fleet role and for pumps without a patient; `author` is always the pump.\n\n"
+        + _TENANCY
+    ),
+    response_class=FhirResponse,
+    responses={200: ok("Flag", FLAG_EXAMPLE, "The alert as a FHIR Flag"), **ERRORS},
+)
+async def read_flag(
+    alert_id: Annotated[
+        UUID, Path(description="The alert's id (the Flag's id)", examples=[EXAMPLE_ALERT])
+    ],
+    principal: Auth,
+    db: Db,
+) -> FhirResponse:
+    row = await db.fetchrow(sql.ALERT, alert_id)
+    if row is None:
+        raise not_found("alert")
+    visible(principal, row["clinic_id"], "alert")
+    return FhirResponse(flag(row, principal))
+
+
+@router.get(
+    "/Flag",
+    summary="Unresolved alerts as FHIR Flags (searchset Bundle)",
+    description=(
+        "The alerts not yet resolved (open or acknowledged), newest first, as `Flag` resources "
+        "(see `GET /fhir/Flag/{alert_id}` for their content). Search parameters: `patient` "
+        "(`{id}` or `Patient/{id}`; not for the fleet role) and `device` (`{serial}` or "
+        "`Device/{serial}`); both apply when both are given; without either, every unresolved "
+        "alert the key may see. Unknown parameters are ignored.\n\n" + _PAGING + "\n\n" + _TENANCY
+    ),
+    response_class=FhirResponse,
+    responses={
+        200: ok(
+            "Bundle",
+            searchset_example(
+                FLAG_EXAMPLE,
+                f"{EXAMPLE_BASE}/Flag?patient={EXAMPLE_PATIENT}&_count=1",
+                full_url=True,
+            ),
+            "A searchset Bundle of Flags, newest first",
+        ),
+        **ERRORS,
+    },
+)
+async def search_flags(
+    request: Request,
+    principal: Auth,
+    db: Db,
+    patient: Annotated[
+        str | None,
+        Query(
+            pattern=PATIENT_REFERENCE,
+            description="The patient: `{id}` or `Patient/{id}`.",
+            examples=[EXAMPLE_PATIENT],
+        ),
+    ] = None,
+    device_param: Annotated[
+        str | None,
+        Query(
+            alias="device",
+            pattern=DEVICE_REFERENCE,
+            description="The pump: `{serial}` or `Device/{serial}`.",
+            examples=[EXAMPLE_SERIAL],
+        ),
+    ] = None,
+    count: Count = DEFAULT_COUNT,
+    cursor: PageCursor = None,
+) -> FhirResponse:
+    patient_id = None
+    if patient is not None:
+        if principal.role == "fleet":
+            raise Problem(403, "the fleet role cannot search by patient", kind="forbidden")
+        patient_id = UUID(patient.removeprefix("Patient/"))
+        found = await db.fetchrow(sql.PATIENT, patient_id)
+        if found is None:
+            raise not_found("patient")
+        visible(principal, found["clinic_id"], "patient")
+    serial = None
+    if device_param is not None:
+        serial = device_serial(device_param)
+        await pump_clinic(db, principal, serial)
+    after = decode_cursor(cursor, 2)
+    rows = await db.fetch(
+        sql.FHIR_UNRESOLVED_ALERTS,
+        scope_of(principal),
+        serial,
+        patient_id,
+        None if after is None else _cursor_time(after[0]),
+        None if after is None else cursor_uuid(after[1]),
+        count + 1,
+    )
+    base = _base(request)
+    entries = [search_entry(flag(r, principal), f"{base}/Flag/{r['id']}") for r in rows[:count]]
+    next_cursor = None
+    if len(rows) > count:
+        last = rows[count - 1]
+        next_cursor = encode_cursor(last["opened_at"].isoformat(), last["id"])
+    return FhirResponse(searchset(request, entries, next_cursor))
