@@ -26,9 +26,8 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import datetime, tzinfo
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
@@ -38,6 +37,7 @@ from services.notify import digest as digests
 from services.notify import sql
 from services.notify.backoff import RetryPolicy, next_attempt
 from services.notify.channel import Message, Result, Sender, WebhookKeys
+from services.notify.clinic import clinic_settings, zone
 from services.notify.email import EmailSender
 from services.notify.escalation import escalate
 from services.notify.metrics import NotifyMetrics
@@ -45,6 +45,7 @@ from services.notify.mqtt import MqttSender, alerts_topic
 from services.notify.render import EmailContent, PatientRef, admin_email, alert_email
 from services.notify.routing import Event, WebhookTarget, message_id, plan
 from services.notify.settings import NotifySettings
+from services.notify.timing import Clock, iso, pause, wait, wall_clock
 from services.notify.webhooks import Resolver, WebhookSender, url_host
 from services.settings import ConfigError
 from services.storage import channels, outbox
@@ -56,39 +57,13 @@ from services.storage.database import (
     connect,
 )
 
+__all__ = ["Clock", "Notifications", "wall_clock"]  # Clock: what tests pass as ``clock``
+
 log = get(__name__)
 
 _MIN_WAIT_S = 0.02
 _RECORD_TRIES = 5
 _DRAIN_S = 15.0
-Clock = Callable[[], datetime]
-
-
-def wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
-def zone(name: str | None) -> tzinfo:
-    if name:
-        try:
-            return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
-            log.error("clinic_timezone_unknown", timezone=name)
-    return UTC
-
-
-def clinic_settings(value: dict[str, Any] | None, clinic_id: object) -> NotificationSettings:
-    """The clinic's routing; invalid stored JSON falls back to the defaults (and is logged):
-    webhooks and MQTT still go out."""
-    try:
-        return NotificationSettings.stored(value)
-    except ValueError as exc:
-        log.error("notification_settings_invalid", clinic_id=str(clinic_id), error=str(exc))
-        return NotificationSettings()
-
-
-def _iso(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat()
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +292,7 @@ class Notifications:
             payload: dict[str, Any] = {
                 "id": key,
                 "type": event.event,
-                "created_at": _iso(event.created_at),
+                "created_at": iso(event.created_at),
                 "data": event.payload,
             }
             if p.channel == "email":
@@ -362,13 +337,13 @@ class Notifications:
                 taken = await self.fanout_once()
             except DATABASE_ERRORS as exc:
                 log.warning("notify_fanout_failed", error=str(exc), retry_in_s=round(delay, 2))
-                await self._pause(delay)
+                await pause(self.stop, delay)
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.1
             if taken >= self.settings.notify_batch_max_events:
                 continue
-            await self._wait(self._outbox_wake, self.settings.notify_poll_interval_s)
+            await wait(self._outbox_wake, self.stop, self.settings.notify_poll_interval_s)
 
     async def _listen(self, url: str) -> None:
         """Wake the fan-out when outbox rows commit (the trigger's NOTIFY)."""
@@ -379,7 +354,7 @@ class Notifications:
                 conn = await connect(url, application_name="pumpwatch-alerts-notify-listen")
             except (DatabaseUnavailable, DatabaseRejected) as exc:
                 log.warning("notify_listen_unavailable", error=str(exc))
-                await self._pause(delay)
+                await pause(self.stop, delay)
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.2
@@ -439,13 +414,13 @@ class Notifications:
                     wait_s = await self._until_next_due()
                 except DATABASE_ERRORS as exc:
                     log.warning("notify_claim_failed", error=str(exc), retry_in_s=round(delay, 2))
-                    await self._pause(delay)
+                    await pause(self.stop, delay)
                     delay = min(delay * 2, 10.0)
                     continue
                 delay = 0.1
                 if free > 0 and claimed == free:
                     continue  # more may be due
-                await self._wait(self._deliver_wake, wait_s)
+                await wait(self._deliver_wake, self.stop, wait_s)
         finally:
             if self._inflight:
                 await asyncio.wait(set(self._inflight), timeout=_DRAIN_S)
@@ -625,8 +600,8 @@ class Notifications:
                 "webhook_id": d.webhook_id,
                 "alert_id": d.alert_id,
                 "attempts": d.attempts,
-                "due_at": _iso(d.due_at),
-                "failed_at": _iso(now),
+                "due_at": iso(d.due_at),
+                "failed_at": iso(now),
                 "last_error": result.error,
             },
             alert_id=d.alert_id,
@@ -653,7 +628,7 @@ class Notifications:
             {
                 "webhook_id": str(row["id"]),
                 "url": row["url"],
-                "disabled_at": _iso(row["disabled_at"]),
+                "disabled_at": iso(row["disabled_at"]),
                 "reason": row["disabled_reason"],
                 "consecutive_failures": row["consecutive_failures"],
             },
@@ -720,7 +695,7 @@ class Notifications:
                     {
                         "id": key,
                         "type": "digest.daily",
-                        "created_at": _iso(now),
+                        "created_at": iso(now),
                         "data": message.data,
                         "email": message.content.as_json(),
                     }
@@ -775,22 +750,4 @@ class Notifications:
                 log.warning("notify_step_failed", step=name, error=str(exc))
             except Exception:  # a bug must not stop alert evaluation: logged, tried again
                 log.exception("notify_step_crashed", step=name)
-            await self._pause(interval_s)
-
-    # -- waiting -------------------------------------------------------------------------------
-
-    async def _wait(self, event: asyncio.Event, timeout_s: float) -> None:
-        """Until ``event`` or ``stop`` is set, or the timeout."""
-        waiters = {
-            asyncio.ensure_future(event.wait()),
-            asyncio.ensure_future(self.stop.wait()),
-        }
-        _, pending = await asyncio.wait(
-            waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-        for waiter in pending:
-            waiter.cancel()
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
+            await pause(self.stop, interval_s)
