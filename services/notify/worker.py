@@ -1,11 +1,8 @@
 """The notification worker: outbox → deliveries → attempts, as tasks of ``pumpwatch notify`` or
 of a thread of ``pumpwatch alerts`` (:mod:`services.notify.runner`).
 
-Fan-out. Outbox rows (written in the transaction of the change they announce) are taken oldest
-first with ``FOR UPDATE SKIP LOCKED`` — several instances take disjoint rows — and turned, in
-the same transaction, into one delivery per channel target by the clinic's routing
-(:mod:`services.notify.routing`); the row is then marked dispatched. A trigger NOTIFYs
-``pumpwatch_outbox`` at each commit, so the worker wakes at once; it also polls.
+Fan-out (:mod:`services.notify.fanout`): outbox events become one delivery per channel target by
+the clinic's routing; the worker wakes on the outbox trigger's NOTIFY, and also polls.
 
 Delivering. Due deliveries are claimed under a lease (``next_attempt_at`` moved to the lease's
 end, committed), sent, and their outcome recorded with the attempt: delivered, retried later
@@ -26,35 +23,30 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.domain.notifications import ADMIN_EVENTS, ALERT_EVENTS, NotificationSettings
+from services.domain.notifications import ADMIN_EVENTS
 from services.logs import get
 from services.notify import digest as digests
-from services.notify import sql
+from services.notify import fanout, sql
 from services.notify.backoff import RetryPolicy, next_attempt
 from services.notify.channel import Message, Result, Sender, WebhookKeys
 from services.notify.clinic import clinic_settings, zone
 from services.notify.email import EmailSender
 from services.notify.escalation import escalate
 from services.notify.metrics import NotifyMetrics
-from services.notify.mqtt import MqttSender, alerts_topic
-from services.notify.render import EmailContent, PatientRef, admin_email, alert_email
-from services.notify.routing import Event, WebhookTarget, message_id, plan
+from services.notify.mqtt import MqttSender
 from services.notify.settings import NotifySettings
 from services.notify.timing import Clock, iso, pause, wait, wall_clock
 from services.notify.webhooks import Resolver, WebhookSender, url_host
 from services.settings import ConfigError
-from services.storage import channels, outbox
+from services.storage import outbox
 from services.storage.database import (
     DATABASE_ERRORS,
     Connection,
-    DatabaseRejected,
-    DatabaseUnavailable,
-    connect,
 )
 
 __all__ = ["Clock", "Notifications", "wall_clock"]  # Clock: what tests pass as ``clock``
@@ -203,7 +195,7 @@ class Notifications:
         finished first, for a while). ``scheduled``: with the escalation and digest checks
         (tests run those steps themselves, on their own clock)."""
         loops = [
-            self._fanout_loop(),
+            fanout.loop(self.fanout_once, self.settings, wake=self._outbox_wake, stop=self.stop),
             self._deliver_loop(),
             self._every(self.settings.notify_gauge_interval_s, self.count_backlog, "gauges"),
         ]
@@ -213,7 +205,7 @@ class Notifications:
                 self._every(self.settings.notify_digest_check_s, self._digests, "digest"),
             ]
         if self.database_url:
-            loops.append(self._listen(self.database_url))
+            loops.append(fanout.listen(self.database_url, wake=self._outbox_wake, stop=self.stop))
         return loops
 
     def wake(self) -> None:
@@ -225,154 +217,14 @@ class Notifications:
     async def fanout_once(self) -> int:
         """Turn up to a batch of outbox events into deliveries (one transaction); returns how
         many events were taken."""
-        now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(sql.CLAIM_OUTBOX, self.settings.notify_batch_max_events)
-            if not rows:
-                return 0
-            clinic_ids = list({r["clinic_id"] for r in rows if r["clinic_id"] is not None})
-            hooks: dict[str, list[WebhookTarget]] = {}
-            if clinic_ids:
-                for h in await conn.fetch(sql.ACTIVE_WEBHOOKS, clinic_ids):
-                    hooks.setdefault(str(h["clinic_id"]), []).append(
-                        WebhookTarget(str(h["id"]), h["url"], frozenset(h["events"]))
-                    )
-            alert_ids = list({r["alert_id"] for r in rows if r["alert_id"] is not None})
-            patients = {
-                str(r["id"]): PatientRef(r["display_name"], r["mrn"])
-                for r in (await conn.fetch(sql.ALERT_PATIENTS, alert_ids) if alert_ids else [])
-            }
-            columns: list[list[Any]] = [[] for _ in range(10)]
-            for row in rows:
-                try:
-                    planned = self._deliveries(row, hooks, patients, now)
-                except Exception:  # a bug with one event must not hold up the others
-                    log.exception("notify_fanout_event_failed", outbox_id=row["id"])
-                    continue
-                for values in planned:
-                    for column, value in zip(columns, values, strict=True):
-                        column.append(value)
-            if columns[0]:
-                await conn.execute(sql.INSERT_DELIVERIES, *columns, now)
-            await conn.execute(sql.MARK_DISPATCHED, [r["id"] for r in rows], now)
-        self.metrics.events_dispatched.inc(len(rows))
-        if columns[0]:
-            self._deliver_wake.set()
-        return len(rows)
-
-    def _deliveries(
-        self,
-        row: asyncpg.Record,
-        hooks: dict[str, list[WebhookTarget]],
-        patients: dict[str, PatientRef],
-        now: datetime,
-    ) -> list[tuple[Any, ...]]:
-        if row["clinic_id"] is None:
-            return []  # an unassigned pump's alert: no clinic to tell
-        clinic_id = str(row["clinic_id"])
-        event = Event(
-            outbox_id=row["id"],
-            created_at=row["created_at"],
-            event=row["event"],
-            alert_id=None if row["alert_id"] is None else str(row["alert_id"]),
-            clinic_id=clinic_id,
-            payload=row["payload"],
+        return await fanout.fan_out(
+            self.pool,
+            self.settings,
+            self.metrics,
+            now=self.clock(),
+            mqtt_enabled=self.mqtt_enabled,
+            deliveries_wake=self._deliver_wake,
         )
-        settings = clinic_settings(row["notification_settings"], clinic_id)
-        tz = zone(row["timezone"])
-        topic = (
-            alerts_topic(clinic_id, self.settings.mqtt_topic_prefix) if self.mqtt_enabled else None
-        )
-        planned = plan(
-            event, settings, webhooks=hooks.get(clinic_id, []), mqtt_topic=topic, tz=tz, now=now
-        )
-        out = []
-        for p in planned:
-            key = message_id("outbox", event.outbox_id, p.channel, p.target, p.webhook_id)
-            payload: dict[str, Any] = {
-                "id": key,
-                "type": event.event,
-                "created_at": iso(event.created_at),
-                "data": event.payload,
-            }
-            if p.channel == "email":
-                payload["email"] = self._email(
-                    event, settings, tz, row["clinic_name"], patients
-                ).as_json()
-            out.append(
-                (
-                    event.outbox_id,
-                    event.alert_id,
-                    clinic_id,
-                    event.event,
-                    p.channel,
-                    p.target,
-                    p.webhook_id,
-                    key,
-                    payload,
-                    p.due_at,
-                )
-            )
-        return out
-
-    def _email(
-        self,
-        event: Event,
-        settings: NotificationSettings,
-        tz: tzinfo,
-        clinic_name: str | None,
-        patients: dict[str, PatientRef],
-    ) -> EmailContent:
-        name = clinic_name or "your clinic"
-        if event.event in ALERT_EVENTS:
-            patient = patients.get(event.alert_id or "") if settings.email.patient_names else None
-            return alert_email(event.event, event.payload, clinic_name=name, tz=tz, patient=patient)
-        return admin_email(event.event, event.payload, clinic_name=name, tz=tz)
-
-    async def _fanout_loop(self) -> None:
-        delay = 0.1
-        while not self.stop.is_set():
-            self._outbox_wake.clear()
-            try:
-                taken = await self.fanout_once()
-            except DATABASE_ERRORS as exc:
-                log.warning("notify_fanout_failed", error=str(exc), retry_in_s=round(delay, 2))
-                await pause(self.stop, delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            delay = 0.1
-            if taken >= self.settings.notify_batch_max_events:
-                continue
-            await wait(self._outbox_wake, self.stop, self.settings.notify_poll_interval_s)
-
-    async def _listen(self, url: str) -> None:
-        """Wake the fan-out when outbox rows commit (the trigger's NOTIFY)."""
-        delay = 0.2
-        while not self.stop.is_set():
-            lost = asyncio.Event()
-            try:
-                conn = await connect(url, application_name="pumpwatch-alerts-notify-listen")
-            except (DatabaseUnavailable, DatabaseRejected) as exc:
-                log.warning("notify_listen_unavailable", error=str(exc))
-                await pause(self.stop, delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            delay = 0.2
-            conn.add_termination_listener(lambda _, lost=lost: lost.set())
-            await conn.add_listener(channels.OUTBOX, self._on_outbox)
-            self._outbox_wake.set()  # anything that arrived while we were not listening
-            try:
-                stopping = asyncio.ensure_future(self.stop.wait())
-                losing = asyncio.ensure_future(lost.wait())
-                await asyncio.wait({stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                losing.cancel()
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-
-    def _on_outbox(self, conn: Connection, pid: int, channel: str, payload: object) -> None:
-        self._outbox_wake.set()
 
     # -- delivering ----------------------------------------------------------------------------
 
