@@ -8,6 +8,9 @@ Delivering (:mod:`services.notify.delivery`): due deliveries are claimed under a
 sent; their outcome (:mod:`services.notify.outcome`) is recorded with the attempt — delivered,
 retried later with backoff, or failed, when the clinic's admins are told and a webhook failing
 too often is disabled. Every delivery is made at least once; receivers dedupe on its id.
+
+Schedules (:mod:`services.notify.schedules`): the escalation check, the daily digests and the
+backlog gauges, each run at its interval.
 """
 
 from __future__ import annotations
@@ -21,11 +24,9 @@ from typing import Any
 import asyncpg
 
 from services.logs import get
-from services.notify import digest as digests
-from services.notify import fanout, sql
+from services.notify import fanout, schedules
 from services.notify.backoff import RetryPolicy
 from services.notify.channel import Sender
-from services.notify.clinic import clinic_settings, zone
 from services.notify.delivery import Deliveries
 from services.notify.email import EmailSender
 from services.notify.escalation import escalate
@@ -33,10 +34,9 @@ from services.notify.metrics import NotifyMetrics
 from services.notify.mqtt import MqttSender
 from services.notify.outcome import Outcomes
 from services.notify.settings import NotifySettings
-from services.notify.timing import Clock, iso, pause, wall_clock
+from services.notify.timing import Clock, wall_clock
 from services.notify.webhooks import Resolver, WebhookSender
 from services.settings import ConfigError
-from services.storage.database import DATABASE_ERRORS
 
 __all__ = ["Clock", "Notifications", "wall_clock"]  # Clock: what tests pass as ``clock``
 
@@ -76,7 +76,6 @@ class Notifications:
         self.mqtt_enabled = False
         self._outbox_wake = asyncio.Event()
         self._deliver_wake = asyncio.Event()
-        self._digests_done: set[tuple[str, str]] = set()
         self.outcomes = Outcomes(
             pool, settings, metrics, policy=self.policy, clock=clock, rand=rand
         )
@@ -89,6 +88,9 @@ class Notifications:
             clock=clock,
             wake=self._deliver_wake,
             stop=stop,
+        )
+        self.digests = schedules.Digests(
+            pool, settings, metrics, clock=clock, wake=self._deliver_wake
         )
 
     async def __aenter__(self) -> Notifications:
@@ -134,15 +136,25 @@ class Notifications:
         """The worker's tasks; they return when ``stop`` is set (deliveries in flight are
         finished first, for a while). ``scheduled``: with the escalation and digest checks
         (tests run those steps themselves, on their own clock)."""
+        every = schedules.every
         loops = [
             fanout.loop(self.fanout_once, self.settings, wake=self._outbox_wake, stop=self.stop),
             self.deliveries.loop(),
-            self._every(self.settings.notify_gauge_interval_s, self.count_backlog, "gauges"),
+            every(
+                self.settings.notify_gauge_interval_s, self.count_backlog, "gauges", stop=self.stop
+            ),
         ]
         if scheduled:
             loops += [
-                self._every(self.settings.notify_escalation_check_s, self._escalate, "escalation"),
-                self._every(self.settings.notify_digest_check_s, self._digests, "digest"),
+                every(
+                    self.settings.notify_escalation_check_s,
+                    self.escalate_now,
+                    "escalation",
+                    stop=self.stop,
+                ),
+                every(
+                    self.settings.notify_digest_check_s, self.make_digests, "digest", stop=self.stop
+                ),
             ]
         if self.database_url:
             loops.append(fanout.listen(self.database_url, wake=self._outbox_wake, stop=self.stop))
@@ -179,99 +191,12 @@ class Notifications:
 
     # -- escalation, digests, gauges -----------------------------------------------------------
 
-    async def _escalate(self) -> None:
-        await escalate(self.pool, now=self.clock(), metrics=self.metrics)
-
     async def escalate_now(self) -> int:
         return await escalate(self.pool, now=self.clock(), metrics=self.metrics)
 
-    async def _digests(self) -> None:
-        await self.make_digests()
-
     async def make_digests(self) -> int:
         """Make the digests due now that are not made yet; returns how many clinics got one."""
-        now = self.clock()
-        made = 0
-        for clinic in await self.pool.fetch(sql.CLINICS):
-            clinic_id = str(clinic["id"])
-            settings = clinic_settings(clinic["notification_settings"], clinic_id)
-            tz = zone(clinic["timezone"])
-            day = digests.digest_day(settings.digest, now, tz)
-            if day is None or (clinic_id, day.isoformat()) in self._digests_done:
-                continue
-            recipients = list(dict.fromkeys(settings.digest.to(settings.email)))
-            keys = [digests.digest_key(clinic_id, day, r) for r in recipients]
-            if not recipients or await digests.made(self.pool, keys):
-                self._digests_done.add((clinic_id, day.isoformat()))
-                continue
-            async with self.pool.acquire() as conn, conn.transaction():
-                message = await digests.compose(
-                    conn,
-                    clinic_id=clinic_id,
-                    clinic_name=clinic["name"],
-                    settings=settings,
-                    tz=tz,
-                    day=day,
-                    now=now,
-                    rule_settings=self.settings.rules,
-                )
-                payloads = [
-                    {
-                        "id": key,
-                        "type": "digest.daily",
-                        "created_at": iso(now),
-                        "data": message.data,
-                        "email": message.content.as_json(),
-                    }
-                    for key in keys
-                ]
-                n = len(recipients)
-                await conn.execute(
-                    sql.INSERT_DELIVERIES,
-                    [None] * n,
-                    [None] * n,
-                    [clinic["id"]] * n,
-                    ["digest.daily"] * n,
-                    ["email"] * n,
-                    recipients,
-                    [None] * n,
-                    keys,
-                    payloads,
-                    [now] * n,
-                    now,
-                )
-            self._digests_done.add((clinic_id, day.isoformat()))
-            self.metrics.digests.inc()
-            made += 1
-            log.info(
-                "digest_made",
-                clinic_id=clinic_id,
-                day=day.isoformat(),
-                recipients=n,
-                refills=len(message.data["refills"]),
-                low_alerts=len(message.data["low_alerts"]),
-            )
-        if made:
-            self._deliver_wake.set()
-        return made
+        return await self.digests.make()
 
     async def count_backlog(self) -> None:
-        row = await self.pool.fetchrow(sql.BACKLOG)
-        assert row is not None
-        self.metrics.outbox_backlog.set(row["events"])
-        oldest = row["oldest"]
-        age = 0.0 if oldest is None else max(0.0, (self.clock() - oldest).total_seconds())
-        self.metrics.outbox_oldest_age.set(age)
-        self.metrics.pending_deliveries.set(row["pending"])
-
-    async def _every(
-        self, interval_s: float, step: Callable[[], Coroutine[Any, Any, Any]], name: str
-    ) -> None:
-        while not self.stop.is_set():
-            try:
-                await step()
-            except DATABASE_ERRORS as exc:
-                log.warning("notify_step_failed", step=name, error=str(exc))
-            except Exception:  # a bug must not stop alert evaluation: logged, tried again
-                log.exception("notify_step_crashed", step=name)
-            await pause(self.stop, interval_s)
+        await schedules.count_backlog(self.pool, self.metrics, self.clock)
