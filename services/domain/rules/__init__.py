@@ -4,13 +4,9 @@
 :func:`resolution` says why a rule no longer holds, for alerts resolved automatically. Pure: no
 I/O, the clock is ``snapshot.now``. Thresholds come from ``snapshot.settings`` (the domain
 table's defaults, with the clinic's overrides applied by the caller); the clinical background is
-../shared/domain.md. The decisions where the table leaves room:
+../shared/domain.md. How the reservoir is projected, and the snapshot as every rule sees it:
+:mod:`.common`. The decisions where the table leaves room:
 
-- The reservoir is projected from the latest reading at the programmed rate (flex steps
-  integrated in the pump's zone). A refill recorded after the latest reading restarts the
-  projection from its ``added_ml`` at the refill's time (the reading's reservoir alarms are then
-  stale). The low alarm is the larger of the pump's (else ``default_low_alarm_ml``) and the
-  patient's personal margin. An unassigned pump counts as standard risk.
 - refill_due: the low-alarm date is at most ``refill_due_low_days`` ahead and no visit is booked
   at or before it (a visit in the past counts as none). Low; medium at ``refill_due_medium_days``;
   high at ``refill_due_high_days``; one higher for high withdrawal risk. Only while the low-alarm
@@ -59,10 +55,9 @@ short and name no one (a snapshot holds no patient identity).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta, tzinfo
-from functools import cached_property
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
@@ -70,7 +65,6 @@ from services.domain import therapy
 from services.domain.alerting import (
     DoseChange,
     Finding,
-    Patient,
     Priority,
     Reading,
     Refill,
@@ -79,8 +73,16 @@ from services.domain.alerting import (
     Snapshot,
 )
 from services.domain.contract import DOSE_TOLERANCE
+from services.domain.rules.common import (
+    EPS,
+    WITHDRAWAL,
+    View,
+    finding,
+    iso,
+    rounded,
+    span,
+)
 
-_EPS = 1e-9
 STOPPING_ALARMS: dict[str, str] = {
     "motor_stall": "motor stall",
     "empty_reservoir": "empty reservoir",
@@ -92,11 +94,6 @@ STOPPING_ALARMS: dict[str, str] = {
 """Alarm codes that mean no drug is flowing, with their words for clinicians."""
 STANDARD_CONCENTRATIONS_MCG_PER_ML = (50.0, 500.0, 1000.0, 2000.0)
 DOSE_STEP_WINDOW = timedelta(hours=24)
-_STANDARD = Patient()
-_WITHDRAWAL = (
-    "Without baclofen, withdrawal usually begins within 1-3 days: high fever, confusion, "
-    "rebound spasticity and rigidity, which can progress to organ failure and death."
-)
 _OVERDOSE = (
     "Too much intrathecal baclofen causes drowsiness, respiratory depression, seizures and coma."
 )
@@ -104,7 +101,7 @@ _OVERDOSE = (
 
 def evaluate(snapshot: Snapshot) -> list[Finding]:
     """Every condition that holds at ``snapshot.now``: at most one finding per rule."""
-    view = _View(snapshot)
+    view = View(snapshot)
     findings = [found for check in _CHECKS.values() if (found := check(view)) is not None]
     kept = [f for f in findings if _kept(f, snapshot.settings)]
     return sorted(kept, key=lambda f: f.rule.value)
@@ -113,33 +110,33 @@ def evaluate(snapshot: Snapshot) -> list[Finding]:
 def pump_forecast(snapshot: Snapshot) -> therapy.Forecast | None:
     """The reservoir forecast the rules use (latest reading, or a later refill; the patient's
     margin applied): the API's forecast object."""
-    return _View(snapshot).nominal
+    return View(snapshot).nominal
 
 
 def projection_state(snapshot: Snapshot) -> Reading | None:
     """What projections start from: the latest reading, or a refill recorded after it."""
-    return _View(snapshot).state
+    return View(snapshot).state
 
 
 def volume_now_ml(snapshot: Snapshot) -> float | None:
     """The reservoir projected to ``snapshot.now`` at the programmed rate."""
-    return _View(snapshot).volume_now_ml
+    return View(snapshot).volume_now_ml
 
 
 def effective_low_alarm_ml(snapshot: Snapshot) -> float:
-    return _View(snapshot).low_alarm_ml
+    return View(snapshot).low_alarm_ml
 
 
 def reconciliations(snapshot: Snapshot) -> list[tuple[Refill, Reconciliation | None]]:
     """Each refill of the snapshot, oldest first, with its discrepancy when anything says what
     was expected (the refill_discrepancy rule's arithmetic)."""
-    view = _View(snapshot)
+    view = View(snapshot)
     return [(refill, _reconcile(view, i)) for i, refill in enumerate(view.refills)]
 
 
 def resolution(rule: Rule, snapshot: Snapshot) -> str:
     """Why ``rule`` no longer holds (said when its alert is resolved automatically)."""
-    view = _View(snapshot)
+    view = View(snapshot)
     found = _CHECKS[rule](view)
     if found is not None and not _kept(found, snapshot.settings):
         return "the clinic switched this rule off"
@@ -150,162 +147,32 @@ def _kept(finding: Finding, settings: RuleSettings) -> bool:
     return finding.rule not in settings.disabled_rules or finding.priority is Priority.HIGH
 
 
-# --- what the rules share ------------------------------------------------------------------------
-
-
-class _View:
-    """The snapshot with the derived values several rules use, each computed once."""
-
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.settings = snapshot.settings
-        self.now = snapshot.now
-        self.tz: tzinfo = snapshot.timezone
-        self.patient = snapshot.patient or _STANDARD
-        self.high_risk = self.patient.withdrawal_risk == "high"
-
-    @cached_property
-    def readings(self) -> list[Reading]:
-        """Recent readings and the latest, oldest first, one per instant."""
-        every = [*self.snapshot.recent]
-        if self.snapshot.latest is not None:
-            every.append(self.snapshot.latest)
-        by_time = {r.recorded_at.astimezone(UTC): r for r in every}
-        return [by_time[at] for at in sorted(by_time)]
-
-    @property
-    def latest(self) -> Reading | None:
-        return self.readings[-1] if self.readings else None
-
-    @cached_property
-    def refills(self) -> list[Refill]:
-        return sorted(self.snapshot.refills, key=lambda r: r.recorded_at)
-
-    @property
-    def last_refill(self) -> Refill | None:
-        return self.refills[-1] if self.refills else None
-
-    @cached_property
-    def state(self) -> Reading | None:
-        """What the reservoir projection starts from: the latest reading, or a refill recorded
-        after it (a full reservoir, its alarms gone)."""
-        latest, refill = self.latest, self.last_refill
-        if latest is None or refill is None or refill.recorded_at <= latest.recorded_at:
-            return latest
-        return replace(latest, recorded_at=refill.recorded_at, volume_ml=refill.added_ml, alarms=())
-
-    @cached_property
-    def low_alarm_ml(self) -> float:
-        state = self.state
-        if state is None:
-            return self.settings.default_low_alarm_ml
-        return therapy.effective_low_alarm_ml(state, self.patient, self.settings)
-
-    def forecast(self, factor: float = 1.0) -> therapy.Forecast | None:
-        if self.state is None:
-            return None
-        return therapy.forecast(
-            self.state, low_alarm_ml=self.low_alarm_ml, tz=self.tz, factor=factor
-        )
-
-    @cached_property
-    def nominal(self) -> therapy.Forecast | None:
-        return self.forecast()
-
-    @cached_property
-    def volume_now_ml(self) -> float | None:
-        return None if self.state is None else therapy.volume_now(self.state, self.now, self.tz)
-
-    @cached_property
-    def empty(self) -> bool:
-        state, volume = self.state, self.volume_now_ml
-        if state is None or volume is None:
-            return False
-        return volume <= _EPS or "empty_reservoir" in state.alarms
-
-    @cached_property
-    def at_low_alarm(self) -> bool:
-        """At or past the low alarm (empty included)."""
-        state, volume, nominal = self.state, self.volume_now_ml, self.nominal
-        if state is None or volume is None or nominal is None:
-            return False
-        reached = nominal.low_alarm_at is not None and nominal.low_alarm_at <= self.now
-        return (
-            self.empty
-            or reached
-            or volume <= self.low_alarm_ml + _EPS
-            or "low_reservoir" in state.alarms
-        )
-
-    def raised(self, priority: Priority) -> Priority:
-        return priority.raised() if self.high_risk else priority
-
-    def day(self, at: datetime) -> str:
-        return f"{at.astimezone(self.tz):%Y-%m-%d}"
-
-    def minute(self, at: datetime) -> str:
-        return f"{at.astimezone(self.tz):%Y-%m-%d %H:%M}"
-
-
-def _iso(at: datetime | None) -> str | None:
-    return None if at is None else at.astimezone(UTC).isoformat()
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(float(value), digits)
-
-
-def _span(duration: timedelta) -> str:
-    """A duration in words, whole units: "6 days", "30 hours", "45 minutes" (days from two
-    days on, hours from two hours on)."""
-    seconds = duration.total_seconds()
-    for unit, size in (("day", 86400), ("hour", 3600)):
-        if seconds >= 2 * size:
-            return f"{round(seconds / size)} {unit}s"
-    count = max(round(seconds / 60), 0)
-    return f"{count} minute" + ("" if count == 1 else "s")
-
-
-def _finding(
-    rule: Rule,
-    priority: Priority,
-    title: str,
-    detail: Iterable[str],
-    facts: dict[str, Any],
-    *,
-    occurrence: str | None = None,
-) -> Finding:
-    return Finding(
-        rule, priority, title, " ".join(part for part in detail if part), facts, occurrence
-    )
-
-
 # --- reservoir -----------------------------------------------------------------------------------
 
 
-def _reservoir_facts(view: _View) -> dict[str, Any]:
+def _reservoir_facts(view: View) -> dict[str, Any]:
     state, nominal = view.state, view.nominal
     assert state is not None
     assert nominal is not None
     return {
-        "volume_ml": _round(state.volume_ml),
-        "volume_at": _iso(state.recorded_at),
-        "volume_now_ml": _round(view.volume_now_ml),
-        "low_alarm_ml": _round(view.low_alarm_ml),
-        "rate_ml_per_day": _round(nominal.rate_ml_per_day, 4),
-        "low_alarm_at": _iso(nominal.low_alarm_at),
-        "empty_at": _iso(nominal.empty_at),
-        "refill_appointment_at": _iso(view.snapshot.refill_appointment_at),
+        "volume_ml": rounded(state.volume_ml),
+        "volume_at": iso(state.recorded_at),
+        "volume_now_ml": rounded(view.volume_now_ml),
+        "low_alarm_ml": rounded(view.low_alarm_ml),
+        "rate_ml_per_day": rounded(nominal.rate_ml_per_day, 4),
+        "low_alarm_at": iso(nominal.low_alarm_at),
+        "empty_at": iso(nominal.empty_at),
+        "refill_appointment_at": iso(view.snapshot.refill_appointment_at),
         "withdrawal_risk": view.patient.withdrawal_risk,
     }
 
 
-def _booked_in_time(view: _View, deadline: datetime) -> bool:
+def _booked_in_time(view: View, deadline: datetime) -> bool:
     visit = view.snapshot.refill_appointment_at
     return visit is not None and view.now <= visit <= deadline
 
 
-def _refill_due(view: _View) -> Finding | None:
+def _refill_due(view: View) -> Finding | None:
     nominal, settings = view.nominal, view.settings
     if nominal is None or nominal.low_alarm_at is None or view.at_low_alarm:
         return None
@@ -328,18 +195,18 @@ def _refill_due(view: _View) -> Finding | None:
         else "No refill visit is booked."
     )
     facts = _reservoir_facts(view) | {
-        "days_to_low_alarm": _round(therapy.days_until(low_at, view.now), 2)
+        "days_to_low_alarm": rounded(therapy.days_until(low_at, view.now), 2)
     }
-    return _finding(
+    return finding(
         Rule.REFILL_DUE,
         view.raised(priority),
-        f"Refill due in {_span(left)}",
+        f"Refill due in {span(left)}",
         (
             f"At the programmed {nominal.rate_ml_per_day:.3g} mL/day the reservoir reaches its "
             f"low-alarm volume of {view.low_alarm_ml:g} mL on {view.day(low_at)} and is empty "
             f"on {view.day(nominal.empty_at or low_at)}.",
             booked,
-            _WITHDRAWAL,
+            WITHDRAWAL,
             "Patient at high withdrawal risk: raised one priority." if view.high_risk else "",
             f"Action: book a refill visit before {view.day(low_at)}.",
         ),
@@ -347,7 +214,7 @@ def _refill_due(view: _View) -> Finding | None:
     )
 
 
-def _refill_due_worst_case(view: _View) -> Finding | None:
+def _refill_due_worst_case(view: View) -> Finding | None:
     visit, nominal = view.snapshot.refill_appointment_at, view.nominal
     if visit is None or visit <= view.now or nominal is None or view.at_low_alarm:
         return None
@@ -359,10 +226,10 @@ def _refill_due_worst_case(view: _View) -> Finding | None:
         return None
     facts = _reservoir_facts(view) | {
         "worst_case_factor": factor,
-        "worst_case_low_alarm_at": _iso(worst.low_alarm_at),
-        "worst_case_empty_at": _iso(worst.empty_at),
+        "worst_case_low_alarm_at": iso(worst.low_alarm_at),
+        "worst_case_empty_at": iso(worst.empty_at),
     }
-    return _finding(
+    return finding(
         Rule.REFILL_DUE_WORST_CASE,
         Priority.MEDIUM,
         "Refill visit may come too late",
@@ -373,14 +240,14 @@ def _refill_due_worst_case(view: _View) -> Finding | None:
             f"{view.day(worst.low_alarm_at)}, before the visit.",
             "A calculated reservoir volume cannot show this: the pump's own alarm would not "
             "sound in time.",
-            _WITHDRAWAL,
+            WITHDRAWAL,
             f"Action: bring the refill visit forward to before {view.day(worst.low_alarm_at)}.",
         ),
         facts,
     )
 
 
-def _reservoir_low(view: _View) -> Finding | None:
+def _reservoir_low(view: View) -> Finding | None:
     if not view.at_low_alarm or view.empty:
         return None
     nominal, volume = view.nominal, view.volume_now_ml
@@ -389,7 +256,7 @@ def _reservoir_low(view: _View) -> Finding | None:
     empty_on = (
         f"It runs empty on {view.minute(nominal.empty_at)}." if nominal.empty_at is not None else ""
     )
-    return _finding(
+    return finding(
         Rule.RESERVOIR_LOW,
         Priority.HIGH,
         "Reservoir at its low-alarm volume",
@@ -397,7 +264,7 @@ def _reservoir_low(view: _View) -> Finding | None:
             f"About {volume:.1f} mL is left now (low alarm at {view.low_alarm_ml:g} mL).",
             empty_on,
             "A pump that over-infuses holds less than its calculated volume shows.",
-            _WITHDRAWAL,
+            WITHDRAWAL,
             "Action: refill as soon as possible, before the reservoir is empty; make sure the "
             "patient and carers know the signs of withdrawal.",
         ),
@@ -405,20 +272,20 @@ def _reservoir_low(view: _View) -> Finding | None:
     )
 
 
-def _reservoir_empty(view: _View) -> Finding | None:
+def _reservoir_empty(view: View) -> Finding | None:
     if not view.empty:
         return None
     state = view.state
     assert state is not None
     reported = "The pump reports an empty reservoir." if "empty_reservoir" in state.alarms else ""
-    return _finding(
+    return finding(
         Rule.RESERVOIR_EMPTY,
         Priority.HIGH,
         "Reservoir empty: no drug is delivered",
         (
             reported,
             "At the programmed rate the reservoir holds no drug now, so none reaches the spine.",
-            _WITHDRAWAL,
+            WITHDRAWAL,
             "Action: contact the patient now, assess for withdrawal and treat it as an "
             "emergency; refill the pump today.",
         ),
@@ -426,7 +293,7 @@ def _reservoir_empty(view: _View) -> Finding | None:
     )
 
 
-def _drug_age(view: _View) -> Finding | None:
+def _drug_age(view: View) -> Finding | None:
     refill, settings = view.last_refill, view.settings
     if refill is None:
         return None
@@ -438,7 +305,7 @@ def _drug_age(view: _View) -> Finding | None:
     else:
         return None
     replace_by = refill.recorded_at + timedelta(days=settings.drug_age_medium_days)
-    return _finding(
+    return finding(
         Rule.DRUG_AGE,
         priority,
         f"Drug in the pump is {age.days} days old",
@@ -449,9 +316,9 @@ def _drug_age(view: _View) -> Finding | None:
             f"Action: book a refill to replace the drug by {view.day(replace_by)}.",
         ),
         {
-            "last_refill_at": _iso(refill.recorded_at),
-            "days_since_refill": _round(age / timedelta(days=1), 2),
-            "replace_by": _iso(replace_by),
+            "last_refill_at": iso(refill.recorded_at),
+            "days_since_refill": rounded(age / timedelta(days=1), 2),
+            "replace_by": iso(replace_by),
         },
     )
 
@@ -463,7 +330,7 @@ def _stopping(reading: Reading) -> list[str]:
     return [alarm for alarm in reading.alarms if alarm in STOPPING_ALARMS]
 
 
-def _flow_stopped(view: _View) -> Finding | None:
+def _flow_stopped(view: View) -> Finding | None:
     window = view.readings[-view.settings.flow_stopped_clear_readings :]
     offending = [r for r in window if _stopping(r)]
     if not offending:
@@ -472,7 +339,7 @@ def _flow_stopped(view: _View) -> Finding | None:
     alarms = _stopping(last)
     words = ", ".join(STOPPING_ALARMS[a] for a in alarms)
     cleared = last is not window[-1]
-    return _finding(
+    return finding(
         Rule.FLOW_STOPPED,
         Priority.HIGH,
         f"Drug delivery stopped: {words}",
@@ -482,16 +349,16 @@ def _flow_stopped(view: _View) -> Finding | None:
             f"after {view.settings.flow_stopped_clear_readings} clean readings in a row."
             if cleared
             else "",
-            _WITHDRAWAL,
+            WITHDRAWAL,
             "Action: contact the patient today and check for signs of withdrawal; interrogate "
             "the pump (a motor stall needs an X-ray rotor study, a closed valve a reset); be "
             "ready to give baclofen by another route.",
         ),
-        {"alarms": alarms, "reported_at": _iso(last.recorded_at), "still_reported": not cleared},
+        {"alarms": alarms, "reported_at": iso(last.recorded_at), "still_reported": not cleared},
     )
 
 
-def _measured(view: _View, hours: float) -> therapy.Ratio | None:
+def _measured(view: View, hours: float) -> therapy.Ratio | None:
     """The delivery ratio over the last ``hours`` up to the latest reading, if data covers all
     of it and the program delivers something."""
     latest = view.latest
@@ -505,18 +372,18 @@ def _measured(view: _View, hours: float) -> therapy.Ratio | None:
         tz=view.tz,
         boluses=view.snapshot.boluses,
     )
-    if found is None or found.hours < hours - _EPS:
+    if found is None or found.hours < hours - EPS:
         return None
     return found
 
 
 def _ratio_facts(found: therapy.Ratio) -> dict[str, Any]:
     return {
-        "ratio": _round(found.ratio, 4),
-        "hours": _round(found.hours, 2),
+        "ratio": rounded(found.ratio, 4),
+        "hours": rounded(found.hours, 2),
         "method": found.method,
-        "delivered_ml": _round(found.delivered_ml, 4),
-        "programmed_ml": _round(found.programmed_ml, 4),
+        "delivered_ml": rounded(found.delivered_ml, 4),
+        "programmed_ml": rounded(found.programmed_ml, 4),
     }
 
 
@@ -524,12 +391,12 @@ def _source(found: therapy.Ratio) -> str:
     return "flow sensor" if found.method == "flow" else "reservoir level sensor"
 
 
-def _under_infusion(view: _View) -> Finding | None:
+def _under_infusion(view: View) -> Finding | None:
     hours = view.settings.under_infusion_min_hours
     found = _measured(view, hours)
-    if found is None or found.ratio >= view.settings.under_infusion_ratio - _EPS:
+    if found is None or found.ratio >= view.settings.under_infusion_ratio - EPS:
         return None
-    return _finding(
+    return finding(
         Rule.UNDER_INFUSION,
         view.raised(Priority.HIGH),
         f"Measured delivery {found.ratio:.0%} of programmed",
@@ -537,7 +404,7 @@ def _under_infusion(view: _View) -> Finding | None:
             f"Over the last {hours:g} hours the pump's {_source(found)} shows "
             f"{found.delivered_ml:.2f} mL delivered where {found.programmed_ml:.2f} mL was "
             "programmed: a blocked, kinked or leaking catheter, or a failing pump.",
-            _WITHDRAWAL,
+            WITHDRAWAL,
             "Action: contact the patient today and check for signs of withdrawal; check the "
             "catheter and interrogate the pump.",
         ),
@@ -545,12 +412,12 @@ def _under_infusion(view: _View) -> Finding | None:
     )
 
 
-def _over_infusion(view: _View) -> Finding | None:
+def _over_infusion(view: View) -> Finding | None:
     hours = view.settings.over_infusion_min_hours
     found = _measured(view, hours)
-    if found is None or found.ratio <= view.settings.over_infusion_ratio + _EPS:
+    if found is None or found.ratio <= view.settings.over_infusion_ratio + EPS:
         return None
-    return _finding(
+    return finding(
         Rule.OVER_INFUSION,
         Priority.MEDIUM,
         f"Measured delivery {found.ratio:.0%} of programmed",
@@ -580,12 +447,12 @@ class Reconciliation:
     should_have_delivered_ml: float | None
 
 
-def _reading_before(view: _View, at: datetime) -> Reading | None:
+def _reading_before(view: View, at: datetime) -> Reading | None:
     before = [r for r in view.readings if r.recorded_at < at]
     return before[-1] if before else None
 
 
-def _reconcile(view: _View, index: int) -> Reconciliation | None:
+def _reconcile(view: View, index: int) -> Reconciliation | None:
     """The discrepancy of ``view.refills[index]``, if anything says what was expected."""
     refill = view.refills[index]
     previous = view.refills[index - 1] if index > 0 else None
@@ -614,7 +481,7 @@ def _reconcile(view: _View, index: int) -> Reconciliation | None:
     return Reconciliation(refill, found, source, should_have)
 
 
-def _refill_discrepancy(view: _View) -> Finding | None:
+def _refill_discrepancy(view: View) -> Finding | None:
     if not view.refills:
         return None
     latest = _reconcile(view, len(view.refills) - 1)
@@ -628,7 +495,7 @@ def _refill_discrepancy(view: _View) -> Finding | None:
     delta = abs(latest.found.delta_ml)
     over = kind == "over_delivery"
     title = f"Refill: {delta:.1f} mL {'less' if over else 'more'} left than expected"
-    return _finding(
+    return finding(
         Rule.REFILL_DISCREPANCY,
         Priority.HIGH if repeated else Priority.MEDIUM,
         title + (" again" if repeated else ""),
@@ -650,70 +517,70 @@ def _refill_discrepancy(view: _View) -> Finding | None:
             "stalls and have the catheter checked.",
         ),
         {
-            "refill_at": _iso(latest.refill.recorded_at),
-            "expected_residual_ml": _round(latest.found.expected_residual_ml),
-            "actual_residual_ml": _round(latest.found.actual_residual_ml),
-            "delta_ml": _round(latest.found.delta_ml),
-            "relative": _round(latest.found.relative, 4),
-            "should_have_delivered_ml": _round(latest.should_have_delivered_ml),
+            "refill_at": iso(latest.refill.recorded_at),
+            "expected_residual_ml": rounded(latest.found.expected_residual_ml),
+            "actual_residual_ml": rounded(latest.found.actual_residual_ml),
+            "delta_ml": rounded(latest.found.delta_ml),
+            "relative": rounded(latest.found.relative, 4),
+            "should_have_delivered_ml": rounded(latest.should_have_delivered_ml),
             "expected_from": latest.source,
             "kind": kind,
-            "previous_delta_ml": None if before is None else _round(before.found.delta_ml),
+            "previous_delta_ml": None if before is None else rounded(before.found.delta_ml),
         },
-        occurrence=f"refill {_iso(latest.refill.recorded_at)}",
+        occurrence=f"refill {iso(latest.refill.recorded_at)}",
     )
 
 
 # --- battery -------------------------------------------------------------------------------------
 
 
-def _battery_flag(view: _View, code: str) -> bool:
+def _battery_flag(view: View, code: str) -> bool:
     latest = view.latest
     return latest is not None and (latest.battery_status == code or code in latest.alarms)
 
 
-def _battery_eri(view: _View) -> Finding | None:
+def _battery_eri(view: View) -> Finding | None:
     if not _battery_flag(view, "eri") or _battery_flag(view, "eos"):
         return None
     latest = view.latest
     assert latest is not None
-    return _finding(
+    return finding(
         Rule.BATTERY_ERI,
         Priority.MEDIUM,
         "Battery low: replace the pump within 90 days",
         (
             "The pump reports its elective replacement indicator: its battery runs out and the "
             "pump stops within 90 days.",
-            _WITHDRAWAL,
+            WITHDRAWAL,
             "Action: schedule the pump replacement within 90 days.",
         ),
-        {"battery_pct": latest.battery_pct, "reported_at": _iso(latest.recorded_at)},
+        {"battery_pct": latest.battery_pct, "reported_at": iso(latest.recorded_at)},
     )
 
 
-def _battery_eos(view: _View) -> Finding | None:
+def _battery_eos(view: View) -> Finding | None:
     if not _battery_flag(view, "eos"):
         return None
     latest = view.latest
     assert latest is not None
-    return _finding(
+    return finding(
         Rule.BATTERY_EOS,
         Priority.HIGH,
         "Battery at end of service: the pump has stopped",
         (
             "The pump reports end of service: it no longer delivers the drug.",
-            _WITHDRAWAL,
+            WITHDRAWAL,
             "Action: contact the patient now, assess for withdrawal, give baclofen by another "
             "route and replace the pump urgently.",
         ),
-        {"battery_pct": latest.battery_pct, "reported_at": _iso(latest.recorded_at)},
+        {"battery_pct": latest.battery_pct, "reported_at": iso(latest.recorded_at)},
     )
 
 
 # --- data ----------------------------------------------------------------------------------------
 
 
-def _silent_limit(view: _View, last_at: datetime) -> timedelta:
+def _silent_limit(view: View, last_at: datetime) -> timedelta:
     settings = view.settings
     limit = timedelta(days=settings.silent_max_days)
     nominal = view.nominal
@@ -722,7 +589,7 @@ def _silent_limit(view: _View, last_at: datetime) -> timedelta:
     return max(limit, timedelta(hours=settings.silent_min_hours))
 
 
-def _pump_silent(view: _View) -> Finding | None:
+def _pump_silent(view: View) -> Finding | None:
     latest = view.latest
     if latest is None:
         return None
@@ -739,10 +606,10 @@ def _pump_silent(view: _View) -> Finding | None:
         else f"At the programmed rate the reservoir {'reached' if passed else 'reaches'} its "
         f"low-alarm volume on {view.day(low_at)}."
     )
-    return _finding(
+    return finding(
         Rule.PUMP_SILENT,
         view.raised(Priority.MEDIUM if passed else Priority.LOW),
-        f"No reading for {_span(silence)}",
+        f"No reading for {span(silence)}",
         (
             f"The last reading came at {view.minute(latest.recorded_at)}.",
             low_words,
@@ -751,45 +618,45 @@ def _pump_silent(view: _View) -> Finding | None:
             "interrogation.",
         ),
         {
-            "last_reading_at": _iso(latest.recorded_at),
-            "silent_hours": _round(silence / timedelta(hours=1), 2),
-            "limit_hours": _round(limit / timedelta(hours=1), 2),
-            "low_alarm_at": _iso(low_at),
+            "last_reading_at": iso(latest.recorded_at),
+            "silent_hours": rounded(silence / timedelta(hours=1), 2),
+            "limit_hours": rounded(limit / timedelta(hours=1), 2),
+            "low_alarm_at": iso(low_at),
         },
     )
 
 
-def _telemetry_gap(view: _View) -> Finding | None:
+def _telemetry_gap(view: View) -> Finding | None:
     age = view.snapshot.open_gap_minutes
-    if age is None or age < view.settings.telemetry_gap_min_minutes - _EPS:
+    if age is None or age < view.settings.telemetry_gap_min_minutes - EPS:
         return None
     missing = view.snapshot.missing_messages
-    return _finding(
+    return finding(
         Rule.TELEMETRY_GAP,
         Priority.LOW,
         f"Telemetry gap: {missing} messages missing",
         (
             f"{missing} messages from this pump's sources have not arrived for "
-            f"{_span(timedelta(minutes=age))}.",
+            f"{span(timedelta(minutes=age))}.",
             "An alarm may have been among them.",
             "Action: check the pump's home hub connection; review the pump at its next "
             "interrogation if the gap does not close.",
         ),
-        {"missing_messages": missing, "open_gap_minutes": _round(age, 1)},
+        {"missing_messages": missing, "open_gap_minutes": rounded(age, 1)},
     )
 
 
 # --- programming ---------------------------------------------------------------------------------
 
 
-def _dose_mismatch(view: _View) -> str | None:
+def _dose_mismatch(view: View) -> str | None:
     latest = view.latest
     if latest is None or latest.therapy.daily_dose_mcg is None:
         return None
     program = latest.therapy
     expected = therapy.mcg_per_day(program.rate_ml_per_day, program.concentration_mcg_per_ml)
     assert program.daily_dose_mcg is not None
-    if abs(program.daily_dose_mcg - expected) <= DOSE_TOLERANCE * expected + _EPS:
+    if abs(program.daily_dose_mcg - expected) <= DOSE_TOLERANCE * expected + EPS:
         return None
     return (
         f"The programmed dose of {program.daily_dose_mcg:g} mcg/day is not rate x "
@@ -798,25 +665,25 @@ def _dose_mismatch(view: _View) -> str | None:
     )
 
 
-def _odd_concentration(view: _View) -> str | None:
+def _odd_concentration(view: View) -> str | None:
     latest = view.latest
     if latest is None:
         return None
     concentration = latest.therapy.concentration_mcg_per_ml
-    if any(abs(concentration - c) <= _EPS * c for c in STANDARD_CONCENTRATIONS_MCG_PER_ML):
+    if any(abs(concentration - c) <= EPS * c for c in STANDARD_CONCENTRATIONS_MCG_PER_ML):
         return None
     return (
         f"The concentration of {concentration:g} mcg/mL is not one of 50, 500, 1000 or 2000 mcg/mL."
     )
 
 
-def _refill_concentration(view: _View) -> str | None:
+def _refill_concentration(view: View) -> str | None:
     refill, latest = view.last_refill, view.latest
     if refill is None or latest is None or latest.recorded_at < refill.recorded_at:
         return None
     programmed = latest.therapy.concentration_mcg_per_ml
     filled = refill.concentration_mcg_per_ml
-    if abs(programmed - filled) <= _EPS * filled:
+    if abs(programmed - filled) <= EPS * filled:
         return None
     return (
         f"The pump is programmed for {programmed:g} mcg/mL but was refilled on "
@@ -833,7 +700,7 @@ def _in_force(changes: list[DoseChange], since: datetime, until: datetime) -> li
     return before[-1:] + during
 
 
-def _largest_step(view: _View) -> tuple[float, DoseChange, DoseChange] | None:
+def _largest_step(view: View) -> tuple[float, DoseChange, DoseChange] | None:
     changes = sorted(view.snapshot.dose_changes, key=lambda c: c.at)
     doses = _in_force(changes, view.now - DOSE_STEP_WINDOW, view.now)
     steps = [
@@ -849,9 +716,9 @@ def _largest_step(view: _View) -> tuple[float, DoseChange, DoseChange] | None:
     return max(steps, key=lambda s: s[0], default=None)
 
 
-def _dose_step(view: _View) -> str | None:
+def _dose_step(view: View) -> str | None:
     step = _largest_step(view)
-    if step is None or step[0] <= view.settings.dose_step_max_fraction + _EPS:
+    if step is None or step[0] <= view.settings.dose_step_max_fraction + EPS:
         return None
     fraction, earlier, later = step
     return (
@@ -861,7 +728,7 @@ def _dose_step(view: _View) -> str | None:
     )
 
 
-def _programming_check(view: _View) -> Finding | None:
+def _programming_check(view: View) -> Finding | None:
     issues = [
         found
         for check in (_dose_mismatch, _odd_concentration, _refill_concentration, _dose_step)
@@ -869,7 +736,7 @@ def _programming_check(view: _View) -> Finding | None:
     ]
     if not issues:
         return None
-    return _finding(
+    return finding(
         Rule.PROGRAMMING_CHECK,
         Priority.MEDIUM,
         "Check the pump programming",
@@ -892,7 +759,7 @@ class _Escalation:
     facts: dict[str, Any]
 
 
-def _escalation(view: _View) -> _Escalation | None:
+def _escalation(view: View) -> _Escalation | None:
     settings = view.settings
     changes = sorted(view.snapshot.dose_changes, key=lambda c: c.at)
     window_days = settings.dose_escalation_window_days
@@ -905,12 +772,12 @@ def _escalation(view: _View) -> _Escalation | None:
     facts: dict[str, Any] = {
         "daily_dose_mcg": current.daily_dose_mcg,
         "lowest_daily_dose_mcg": lowest.daily_dose_mcg,
-        "lowest_at": _iso(lowest.at),
-        "rise": _round(rise, 4),
+        "lowest_at": iso(lowest.at),
+        "rise": rounded(rise, 4),
         "increases_in_a_row": run,
         "window_days": window_days,
     }
-    if rise >= settings.dose_escalation_fraction - _EPS:
+    if rise >= settings.dose_escalation_fraction - EPS:
         return _Escalation(f"Dose up {rise:.0%} in {window_days:g} days", current, lowest, facts)
     if run >= settings.dose_escalation_increases:
         return _Escalation(f"Dose raised {run} times in a row", current, lowest, facts)
@@ -930,11 +797,11 @@ def _increases_in_a_row(doses: list[DoseChange]) -> int:
     return run
 
 
-def _dose_escalation(view: _View) -> Finding | None:
+def _dose_escalation(view: View) -> Finding | None:
     found = _escalation(view)
     if found is None:
         return None
-    return _finding(
+    return finding(
         Rule.DOSE_ESCALATION,
         Priority.LOW,
         found.title,
@@ -958,14 +825,14 @@ _RECENT_REFILL = timedelta(days=7)
 """A refill this recent is named as the reason a reservoir rule stopped holding."""
 
 
-def _refilled(view: _View) -> str | None:
+def _refilled(view: View) -> str | None:
     refill = view.last_refill
     if refill is None or not timedelta(0) <= view.now - refill.recorded_at <= _RECENT_REFILL:
         return None
     return f"a refill was recorded on {view.day(refill.recorded_at)}"
 
 
-def _resolve_refill_due(view: _View) -> str:
+def _resolve_refill_due(view: View) -> str:
     nominal = view.nominal
     refilled = _refilled(view)
     if refilled is not None:
@@ -983,7 +850,7 @@ def _resolve_refill_due(view: _View) -> str:
     return f"the reservoir now reaches its low-alarm volume on {view.day(low_at)}"
 
 
-def _resolve_worst_case(view: _View) -> str:
+def _resolve_worst_case(view: View) -> str:
     refilled = _refilled(view)
     if refilled is not None:
         return refilled
@@ -995,7 +862,7 @@ def _resolve_worst_case(view: _View) -> str:
     return f"the visit on {view.day(visit)} now comes before the worst-case low-alarm date"
 
 
-def _resolve_reservoir(view: _View) -> str:
+def _resolve_reservoir(view: View) -> str:
     refilled = _refilled(view)
     if refilled is not None:
         return refilled
@@ -1007,7 +874,7 @@ def _resolve_reservoir(view: _View) -> str:
     return f"the reservoir holds {volume:.1f} mL, above its low-alarm volume"
 
 
-def _resolve_empty(view: _View) -> str:
+def _resolve_empty(view: View) -> str:
     refilled = _refilled(view)
     if refilled is not None:
         return refilled
@@ -1017,14 +884,14 @@ def _resolve_empty(view: _View) -> str:
     return f"the reservoir holds {volume:.1f} mL and the pump reports no empty reservoir"
 
 
-def _resolve_drug_age(view: _View) -> str:
+def _resolve_drug_age(view: View) -> str:
     refill = view.last_refill
     if refill is None:
         return "no refill is on record any more"
     return f"a refill was recorded on {view.day(refill.recorded_at)}"
 
 
-def _resolve_flow_stopped(view: _View) -> str:
+def _resolve_flow_stopped(view: View) -> str:
     count = view.settings.flow_stopped_clear_readings
     earlier = [r for r in view.readings if _stopping(r)]
     alarms = ", ".join(STOPPING_ALARMS[a] for a in _stopping(earlier[-1])) if earlier else None
@@ -1032,28 +899,28 @@ def _resolve_flow_stopped(view: _View) -> str:
     return f"the pump reported no {what} in {count} reading" + ("" if count == 1 else "s")
 
 
-def _resolve_ratio(view: _View, hours: float) -> str:
+def _resolve_ratio(view: View, hours: float) -> str:
     found = _measured(view, hours)
     if found is None:
         return f"no measured data covers the last {hours:g} hours any more"
     return f"measured delivery is {found.ratio:.0%} of programmed over the last {hours:g} hours"
 
 
-def _resolve_discrepancy(view: _View) -> str:
+def _resolve_discrepancy(view: View) -> str:
     refill = view.last_refill
     if refill is None:
         return "no refill is on record any more"
     return f"the refill on {view.day(refill.recorded_at)} matched the expected residual"
 
 
-def _resolve_silent(view: _View) -> str:
+def _resolve_silent(view: View) -> str:
     latest = view.latest
     if latest is None:
         return "no reading is on record any more"
     return f"readings arrive again (the last at {view.minute(latest.recorded_at)})"
 
 
-_CHECKS: dict[Rule, Callable[[_View], Finding | None]] = {
+_CHECKS: dict[Rule, Callable[[View], Finding | None]] = {
     Rule.REFILL_DUE: _refill_due,
     Rule.REFILL_DUE_WORST_CASE: _refill_due_worst_case,
     Rule.RESERVOIR_LOW: _reservoir_low,
@@ -1071,7 +938,7 @@ _CHECKS: dict[Rule, Callable[[_View], Finding | None]] = {
     Rule.TELEMETRY_GAP: _telemetry_gap,
 }
 
-_RESOLUTIONS: dict[Rule, Callable[[_View], str]] = {
+_RESOLUTIONS: dict[Rule, Callable[[View], str]] = {
     Rule.REFILL_DUE: _resolve_refill_due,
     Rule.REFILL_DUE_WORST_CASE: _resolve_worst_case,
     Rule.RESERVOIR_LOW: _resolve_reservoir,
