@@ -11,13 +11,11 @@ them, in the docstring of each module:
 - :mod:`.reservoir`: refill_due, refill_due_worst_case, reservoir_low, reservoir_empty,
   drug_age.
 - :mod:`.delivery`: flow_stopped, under_infusion, over_infusion.
+- :mod:`.reconciliation`: refill_discrepancy, and :func:`reconciliations` (its arithmetic,
+  refill by refill).
 
 The rules still here:
 
-- refill_discrepancy: the latest refill's expected residual (the refill's own, else computed
-  from the refill before and the programmed delivery plus boluses, else the last reading
-  before the refill advanced to it) against its residual. Medium; high when the refill before
-  also had a discrepancy of the same sign. Holds until a later refill shows none.
 - battery_eri: status or alarm ``eri`` without EOS (medium); battery_eos: status or alarm
   ``eos`` (high).
 - pump_silent: no reading for longer than min(``silent_max_days``, half the time from the last
@@ -59,7 +57,7 @@ from services.domain.alerting import (
     Snapshot,
 )
 from services.domain.contract import DOSE_TOLERANCE
-from services.domain.rules import delivery, reservoir
+from services.domain.rules import delivery, reconciliation, reservoir
 from services.domain.rules.common import (
     EPS,
     WITHDRAWAL,
@@ -72,6 +70,7 @@ from services.domain.rules.common import (
     span,
 )
 from services.domain.rules.delivery import STOPPING_ALARMS
+from services.domain.rules.reconciliation import Reconciliation, reconcile
 
 STANDARD_CONCENTRATIONS_MCG_PER_ML = (50.0, 500.0, 1000.0, 2000.0)
 DOSE_STEP_WINDOW = timedelta(hours=24)
@@ -123,7 +122,7 @@ def reconciliations(snapshot: Snapshot) -> list[tuple[Refill, Reconciliation | N
     """Each refill of the snapshot, oldest first, with its discrepancy when anything says what
     was expected (the refill_discrepancy rule's arithmetic)."""
     view = View(snapshot)
-    return [(refill, _reconcile(view, i)) for i, refill in enumerate(view.refills)]
+    return [(refill, reconcile(view, i)) for i, refill in enumerate(view.refills)]
 
 
 def resolution(rule: Rule, snapshot: Snapshot) -> str:
@@ -137,102 +136,6 @@ def resolution(rule: Rule, snapshot: Snapshot) -> str:
 
 def _kept(finding: Finding, settings: RuleSettings) -> bool:
     return finding.rule not in settings.disabled_rules or finding.priority is Priority.HIGH
-
-
-# --- refills -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reconciliation:
-    refill: Refill
-    found: therapy.Discrepancy
-    source: str
-    """Where the expected residual came from: "pump", "computed" or "last_reading"."""
-    should_have_delivered_ml: float | None
-
-
-def _reading_before(view: View, at: datetime) -> Reading | None:
-    before = [r for r in view.readings if r.recorded_at < at]
-    return before[-1] if before else None
-
-
-def _reconcile(view: View, index: int) -> Reconciliation | None:
-    """The discrepancy of ``view.refills[index]``, if anything says what was expected."""
-    refill = view.refills[index]
-    previous = view.refills[index - 1] if index > 0 else None
-    reading = _reading_before(view, refill.recorded_at)
-    program = reading.therapy if reading is not None else None
-    if program is None and view.latest is not None:
-        program = view.latest.therapy
-    boluses = view.snapshot.boluses
-    should_have = None
-    if previous is not None and program is not None:
-        should_have = therapy.should_have_delivered_ml(
-            program, previous.recorded_at, refill.recorded_at, view.tz, boluses
-        )
-    if refill.expected_residual_ml is not None:
-        expected, source = refill.expected_residual_ml, "pump"
-    elif previous is not None and should_have is not None:
-        expected, source = max(0.0, previous.added_ml - should_have), "computed"
-    elif reading is not None:
-        expected = therapy.expected_residual_from_reading(
-            reading, refill.recorded_at, view.tz, boluses
-        )
-        source = "last_reading"
-    else:
-        return None
-    found = therapy.discrepancy(expected, refill.residual_ml, should_have)
-    return Reconciliation(refill, found, source, should_have)
-
-
-def _refill_discrepancy(view: View) -> Finding | None:
-    if not view.refills:
-        return None
-    latest = _reconcile(view, len(view.refills) - 1)
-    if latest is None:
-        return None
-    kind = latest.found.classify(view.settings)
-    if kind == "none":
-        return None
-    before = _reconcile(view, len(view.refills) - 2) if len(view.refills) > 1 else None
-    repeated = before is not None and before.found.classify(view.settings) == kind
-    delta = abs(latest.found.delta_ml)
-    over = kind == "over_delivery"
-    title = f"Refill: {delta:.1f} mL {'less' if over else 'more'} left than expected"
-    return finding(
-        Rule.REFILL_DISCREPANCY,
-        Priority.HIGH if repeated else Priority.MEDIUM,
-        title + (" again" if repeated else ""),
-        (
-            f"At the refill on {view.day(latest.refill.recorded_at)}, "
-            f"{latest.refill.residual_ml:.1f} mL was withdrawn where "
-            f"{latest.found.expected_residual_ml:.1f} mL was expected.",
-            "The refill before showed the same." if repeated else "",
-            "Less drug left than expected means the pump delivered more than programmed "
-            "(over-infusion), an earlier refill went partly into the pocket, or boluses were "
-            "not logged: overdose now, and an early empty reservoir."
-            if over
-            else "More drug left than expected means less reached the patient: a motor stall "
-            "or a blocked catheter, with withdrawal to follow.",
-            "Action: check the patient for signs of overdose, interrogate the pump and review "
-            "the bolus log; bring the next refill forward."
-            if over
-            else "Action: check the patient for signs of withdrawal, interrogate the pump for "
-            "stalls and have the catheter checked.",
-        ),
-        {
-            "refill_at": iso(latest.refill.recorded_at),
-            "expected_residual_ml": rounded(latest.found.expected_residual_ml),
-            "actual_residual_ml": rounded(latest.found.actual_residual_ml),
-            "delta_ml": rounded(latest.found.delta_ml),
-            "relative": rounded(latest.found.relative, 4),
-            "should_have_delivered_ml": rounded(latest.should_have_delivered_ml),
-            "expected_from": latest.source,
-            "kind": kind,
-            "previous_delta_ml": None if before is None else rounded(before.found.delta_ml),
-        },
-        occurrence=f"refill {iso(latest.refill.recorded_at)}",
-    )
 
 
 # --- battery -------------------------------------------------------------------------------------
@@ -525,13 +428,6 @@ def _dose_escalation(view: View) -> Finding | None:
 # --- resolutions ---------------------------------------------------------------------------------
 
 
-def _resolve_discrepancy(view: View) -> str:
-    refill = view.last_refill
-    if refill is None:
-        return "no refill is on record any more"
-    return f"the refill on {view.day(refill.recorded_at)} matched the expected residual"
-
-
 def _resolve_silent(view: View) -> str:
     latest = view.latest
     if latest is None:
@@ -542,7 +438,7 @@ def _resolve_silent(view: View) -> str:
 _CHECKS: dict[Rule, Check] = {
     **reservoir.CHECKS,
     **delivery.CHECKS,
-    Rule.REFILL_DISCREPANCY: _refill_discrepancy,
+    **reconciliation.CHECKS,
     Rule.BATTERY_ERI: _battery_eri,
     Rule.BATTERY_EOS: _battery_eos,
     Rule.PUMP_SILENT: _pump_silent,
@@ -554,7 +450,7 @@ _CHECKS: dict[Rule, Check] = {
 _RESOLUTIONS: dict[Rule, Resolve] = {
     **reservoir.RESOLUTIONS,
     **delivery.RESOLUTIONS,
-    Rule.REFILL_DISCREPANCY: _resolve_discrepancy,
+    **reconciliation.RESOLUTIONS,
     Rule.BATTERY_ERI: lambda v: "the pump no longer reports its elective replacement indicator",
     Rule.BATTERY_EOS: lambda v: "the pump no longer reports end of service",
     Rule.PUMP_SILENT: _resolve_silent,
