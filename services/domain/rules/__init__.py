@@ -13,11 +13,10 @@ them, in the docstring of each module:
 - :mod:`.delivery`: flow_stopped, under_infusion, over_infusion.
 - :mod:`.reconciliation`: refill_discrepancy, and :func:`reconciliations` (its arithmetic,
   refill by refill).
+- :mod:`.battery`: battery_eri, battery_eos.
 
 The rules still here:
 
-- battery_eri: status or alarm ``eri`` without EOS (medium); battery_eos: status or alarm
-  ``eos`` (high).
 - pump_silent: no reading for longer than min(``silent_max_days``, half the time from the last
   reading to its low-alarm date), never less than ``silent_min_hours`` (a pump at its low alarm
   would otherwise be silent between two readings). Low; medium once the low-alarm date has
@@ -57,10 +56,9 @@ from services.domain.alerting import (
     Snapshot,
 )
 from services.domain.contract import DOSE_TOLERANCE
-from services.domain.rules import delivery, reconciliation, reservoir
+from services.domain.rules import battery, delivery, reconciliation, reservoir
 from services.domain.rules.common import (
     EPS,
-    WITHDRAWAL,
     Check,
     Resolve,
     View,
@@ -136,52 +134,6 @@ def resolution(rule: Rule, snapshot: Snapshot) -> str:
 
 def _kept(finding: Finding, settings: RuleSettings) -> bool:
     return finding.rule not in settings.disabled_rules or finding.priority is Priority.HIGH
-
-
-# --- battery -------------------------------------------------------------------------------------
-
-
-def _battery_flag(view: View, code: str) -> bool:
-    latest = view.latest
-    return latest is not None and (latest.battery_status == code or code in latest.alarms)
-
-
-def _battery_eri(view: View) -> Finding | None:
-    if not _battery_flag(view, "eri") or _battery_flag(view, "eos"):
-        return None
-    latest = view.latest
-    assert latest is not None
-    return finding(
-        Rule.BATTERY_ERI,
-        Priority.MEDIUM,
-        "Battery low: replace the pump within 90 days",
-        (
-            "The pump reports its elective replacement indicator: its battery runs out and the "
-            "pump stops within 90 days.",
-            WITHDRAWAL,
-            "Action: schedule the pump replacement within 90 days.",
-        ),
-        {"battery_pct": latest.battery_pct, "reported_at": iso(latest.recorded_at)},
-    )
-
-
-def _battery_eos(view: View) -> Finding | None:
-    if not _battery_flag(view, "eos"):
-        return None
-    latest = view.latest
-    assert latest is not None
-    return finding(
-        Rule.BATTERY_EOS,
-        Priority.HIGH,
-        "Battery at end of service: the pump has stopped",
-        (
-            "The pump reports end of service: it no longer delivers the drug.",
-            WITHDRAWAL,
-            "Action: contact the patient now, assess for withdrawal, give baclofen by another "
-            "route and replace the pump urgently.",
-        ),
-        {"battery_pct": latest.battery_pct, "reported_at": iso(latest.recorded_at)},
-    )
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -439,8 +391,7 @@ _CHECKS: dict[Rule, Check] = {
     **reservoir.CHECKS,
     **delivery.CHECKS,
     **reconciliation.CHECKS,
-    Rule.BATTERY_ERI: _battery_eri,
-    Rule.BATTERY_EOS: _battery_eos,
+    **battery.CHECKS,
     Rule.PUMP_SILENT: _pump_silent,
     Rule.PROGRAMMING_CHECK: _programming_check,
     Rule.DOSE_ESCALATION: _dose_escalation,
@@ -451,8 +402,7 @@ _RESOLUTIONS: dict[Rule, Resolve] = {
     **reservoir.RESOLUTIONS,
     **delivery.RESOLUTIONS,
     **reconciliation.RESOLUTIONS,
-    Rule.BATTERY_ERI: lambda v: "the pump no longer reports its elective replacement indicator",
-    Rule.BATTERY_EOS: lambda v: "the pump no longer reports end of service",
+    **battery.RESOLUTIONS,
     Rule.PUMP_SILENT: _resolve_silent,
     Rule.PROGRAMMING_CHECK: lambda v: (
         "the programming checks pass: dose matches rate x concentration, a standard "
