@@ -14,13 +14,10 @@ them, in the docstring of each module:
 - :mod:`.reconciliation`: refill_discrepancy, and :func:`reconciliations` (its arithmetic,
   refill by refill).
 - :mod:`.battery`: battery_eri, battery_eos.
+- :mod:`.telemetry`: pump_silent, telemetry_gap.
 
 The rules still here:
 
-- pump_silent: no reading for longer than min(``silent_max_days``, half the time from the last
-  reading to its low-alarm date), never less than ``silent_min_hours`` (a pump at its low alarm
-  would otherwise be silent between two readings). Low; medium once the low-alarm date has
-  passed; one higher for high withdrawal risk. Nothing without any reading.
 - programming_check (medium): the programmed daily dose disagrees with rate x concentration by
   more than 1 %; the concentration is not 50, 500, 1000 or 2000 mcg/mL; the pump is programmed
   for another concentration than the drug of its last refill (a 500 mcg/mL program on a
@@ -29,7 +26,6 @@ The rules still here:
 - dose_escalation (low): the current dose is >= (1 + ``dose_escalation_fraction``) x the lowest
   in force during the last ``dose_escalation_window_days``, or the last
   ``dose_escalation_increases`` changes were all increases, within the window.
-- telemetry_gap (low): an open sequence gap at least ``telemetry_gap_min_minutes`` old.
 - A rule in ``disabled_rules`` yields nothing unless its finding is high.
 
 Thresholds are compared with a margin of 1e-9 so that floating-point rounding never decides.
@@ -56,7 +52,7 @@ from services.domain.alerting import (
     Snapshot,
 )
 from services.domain.contract import DOSE_TOLERANCE
-from services.domain.rules import battery, delivery, reconciliation, reservoir
+from services.domain.rules import battery, delivery, reconciliation, reservoir, telemetry
 from services.domain.rules.common import (
     EPS,
     Check,
@@ -65,7 +61,6 @@ from services.domain.rules.common import (
     finding,
     iso,
     rounded,
-    span,
 )
 from services.domain.rules.delivery import STOPPING_ALARMS
 from services.domain.rules.reconciliation import Reconciliation, reconcile
@@ -134,75 +129,6 @@ def resolution(rule: Rule, snapshot: Snapshot) -> str:
 
 def _kept(finding: Finding, settings: RuleSettings) -> bool:
     return finding.rule not in settings.disabled_rules or finding.priority is Priority.HIGH
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-def _silent_limit(view: View, last_at: datetime) -> timedelta:
-    settings = view.settings
-    limit = timedelta(days=settings.silent_max_days)
-    nominal = view.nominal
-    if nominal is not None and nominal.low_alarm_at is not None:
-        limit = min(limit, (nominal.low_alarm_at - last_at) / 2)
-    return max(limit, timedelta(hours=settings.silent_min_hours))
-
-
-def _pump_silent(view: View) -> Finding | None:
-    latest = view.latest
-    if latest is None:
-        return None
-    silence = view.now - latest.recorded_at
-    limit = _silent_limit(view, latest.recorded_at)
-    if silence <= limit:
-        return None
-    nominal = view.nominal
-    low_at = None if nominal is None else nominal.low_alarm_at
-    passed = low_at is not None and low_at <= view.now
-    low_words = (
-        ""
-        if low_at is None
-        else f"At the programmed rate the reservoir {'reached' if passed else 'reaches'} its "
-        f"low-alarm volume on {view.day(low_at)}."
-    )
-    return finding(
-        Rule.PUMP_SILENT,
-        view.raised(Priority.MEDIUM if passed else Priority.LOW),
-        f"No reading for {span(silence)}",
-        (
-            f"The last reading came at {view.minute(latest.recorded_at)}.",
-            low_words,
-            "Until readings arrive, alarms such as a motor stall or an empty reservoir go unseen.",
-            "Action: contact the patient to check the home hub or bring the pump in for an "
-            "interrogation.",
-        ),
-        {
-            "last_reading_at": iso(latest.recorded_at),
-            "silent_hours": rounded(silence / timedelta(hours=1), 2),
-            "limit_hours": rounded(limit / timedelta(hours=1), 2),
-            "low_alarm_at": iso(low_at),
-        },
-    )
-
-
-def _telemetry_gap(view: View) -> Finding | None:
-    age = view.snapshot.open_gap_minutes
-    if age is None or age < view.settings.telemetry_gap_min_minutes - EPS:
-        return None
-    missing = view.snapshot.missing_messages
-    return finding(
-        Rule.TELEMETRY_GAP,
-        Priority.LOW,
-        f"Telemetry gap: {missing} messages missing",
-        (
-            f"{missing} messages from this pump's sources have not arrived for "
-            f"{span(timedelta(minutes=age))}.",
-            "An alarm may have been among them.",
-            "Action: check the pump's home hub connection; review the pump at its next "
-            "interrogation if the gap does not close.",
-        ),
-        {"missing_messages": missing, "open_gap_minutes": rounded(age, 1)},
-    )
 
 
 # --- programming ---------------------------------------------------------------------------------
@@ -380,22 +306,14 @@ def _dose_escalation(view: View) -> Finding | None:
 # --- resolutions ---------------------------------------------------------------------------------
 
 
-def _resolve_silent(view: View) -> str:
-    latest = view.latest
-    if latest is None:
-        return "no reading is on record any more"
-    return f"readings arrive again (the last at {view.minute(latest.recorded_at)})"
-
-
 _CHECKS: dict[Rule, Check] = {
     **reservoir.CHECKS,
     **delivery.CHECKS,
     **reconciliation.CHECKS,
     **battery.CHECKS,
-    Rule.PUMP_SILENT: _pump_silent,
+    **telemetry.CHECKS,
     Rule.PROGRAMMING_CHECK: _programming_check,
     Rule.DOSE_ESCALATION: _dose_escalation,
-    Rule.TELEMETRY_GAP: _telemetry_gap,
 }
 
 _RESOLUTIONS: dict[Rule, Resolve] = {
@@ -403,11 +321,10 @@ _RESOLUTIONS: dict[Rule, Resolve] = {
     **delivery.RESOLUTIONS,
     **reconciliation.RESOLUTIONS,
     **battery.RESOLUTIONS,
-    Rule.PUMP_SILENT: _resolve_silent,
+    **telemetry.RESOLUTIONS,
     Rule.PROGRAMMING_CHECK: lambda v: (
         "the programming checks pass: dose matches rate x concentration, a standard "
         "concentration, no large dose step in 24 hours"
     ),
     Rule.DOSE_ESCALATION: lambda v: "the programmed dose no longer shows an escalation",
-    Rule.TELEMETRY_GAP: lambda v: "the missing messages arrived or the gap was closed",
 }
