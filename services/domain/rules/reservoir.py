@@ -1,0 +1,296 @@
+"""Reservoir rules: the drug runs low or out before a refill, or has been in the pump too long.
+
+- refill_due: the low-alarm date is at most ``refill_due_low_days`` ahead and no visit is booked
+  at or before it (a visit in the past counts as none). Low; medium at ``refill_due_medium_days``;
+  high at ``refill_due_high_days``; one higher for high withdrawal risk. Only while the low-alarm
+  date is ahead: at or past it reservoir_low holds instead.
+- refill_due_worst_case: a future visit is booked in time for the low-alarm date at the
+  programmed rate, but the date at rate x ``worst_case_delivery_factor`` is before it. Medium.
+  Not when the visit is late even at the programmed rate (refill_due says so), nor once the low
+  alarm has been reached (reservoir_low or reservoir_empty, both high, say more).
+- reservoir_low: projected volume at or below the low alarm, or a ``low_reservoir`` alarm; not
+  when empty. reservoir_empty: projected volume 0 or an ``empty_reservoir`` alarm. Both high.
+- drug_age: days since the last refill >= ``drug_age_low_days`` (low) / ``drug_age_medium_days``
+  (medium). Nothing without a known refill.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from services.domain import therapy
+from services.domain.alerting import Finding, Priority, Rule
+from services.domain.rules.common import (
+    WITHDRAWAL,
+    Check,
+    Resolve,
+    View,
+    finding,
+    iso,
+    rounded,
+    span,
+)
+
+
+def _reservoir_facts(view: View) -> dict[str, Any]:
+    state, nominal = view.state, view.nominal
+    assert state is not None
+    assert nominal is not None
+    return {
+        "volume_ml": rounded(state.volume_ml),
+        "volume_at": iso(state.recorded_at),
+        "volume_now_ml": rounded(view.volume_now_ml),
+        "low_alarm_ml": rounded(view.low_alarm_ml),
+        "rate_ml_per_day": rounded(nominal.rate_ml_per_day, 4),
+        "low_alarm_at": iso(nominal.low_alarm_at),
+        "empty_at": iso(nominal.empty_at),
+        "refill_appointment_at": iso(view.snapshot.refill_appointment_at),
+        "withdrawal_risk": view.patient.withdrawal_risk,
+    }
+
+
+def _booked_in_time(view: View, deadline: datetime) -> bool:
+    visit = view.snapshot.refill_appointment_at
+    return visit is not None and view.now <= visit <= deadline
+
+
+def _refill_due(view: View) -> Finding | None:
+    nominal, settings = view.nominal, view.settings
+    if nominal is None or nominal.low_alarm_at is None or view.at_low_alarm:
+        return None
+    low_at = nominal.low_alarm_at
+    left = low_at - view.now  # positive: at or past the low alarm, reservoir_low holds instead
+    if _booked_in_time(view, low_at):
+        return None
+    if left <= timedelta(days=settings.refill_due_high_days):
+        priority = Priority.HIGH
+    elif left <= timedelta(days=settings.refill_due_medium_days):
+        priority = Priority.MEDIUM
+    elif left <= timedelta(days=settings.refill_due_low_days):
+        priority = Priority.LOW
+    else:
+        return None
+    visit = view.snapshot.refill_appointment_at
+    booked = (
+        f"The visit booked for {view.day(visit)} comes after that date."
+        if visit is not None and visit > view.now
+        else "No refill visit is booked."
+    )
+    facts = _reservoir_facts(view) | {
+        "days_to_low_alarm": rounded(therapy.days_until(low_at, view.now), 2)
+    }
+    return finding(
+        Rule.REFILL_DUE,
+        view.raised(priority),
+        f"Refill due in {span(left)}",
+        (
+            f"At the programmed {nominal.rate_ml_per_day:.3g} mL/day the reservoir reaches its "
+            f"low-alarm volume of {view.low_alarm_ml:g} mL on {view.day(low_at)} and is empty "
+            f"on {view.day(nominal.empty_at or low_at)}.",
+            booked,
+            WITHDRAWAL,
+            "Patient at high withdrawal risk: raised one priority." if view.high_risk else "",
+            f"Action: book a refill visit before {view.day(low_at)}.",
+        ),
+        facts,
+    )
+
+
+def _refill_due_worst_case(view: View) -> Finding | None:
+    visit, nominal = view.snapshot.refill_appointment_at, view.nominal
+    if visit is None or visit <= view.now or nominal is None or view.at_low_alarm:
+        return None
+    if nominal.low_alarm_at is not None and visit > nominal.low_alarm_at:
+        return None  # late even at the programmed rate: refill_due says so
+    factor = view.settings.worst_case_delivery_factor
+    worst = view.forecast(factor)
+    if worst is None or worst.low_alarm_at is None or worst.low_alarm_at >= visit:
+        return None
+    facts = _reservoir_facts(view) | {
+        "worst_case_factor": factor,
+        "worst_case_low_alarm_at": iso(worst.low_alarm_at),
+        "worst_case_empty_at": iso(worst.empty_at),
+    }
+    return finding(
+        Rule.REFILL_DUE_WORST_CASE,
+        Priority.MEDIUM,
+        "Refill visit may come too late",
+        (
+            f"A refill visit is booked for {view.day(visit)}. If the pump delivers "
+            f"{factor - 1:.1%} more than programmed (within its labelled accuracy), the "
+            f"reservoir reaches its low-alarm volume of {view.low_alarm_ml:g} mL on "
+            f"{view.day(worst.low_alarm_at)}, before the visit.",
+            "A calculated reservoir volume cannot show this: the pump's own alarm would not "
+            "sound in time.",
+            WITHDRAWAL,
+            f"Action: bring the refill visit forward to before {view.day(worst.low_alarm_at)}.",
+        ),
+        facts,
+    )
+
+
+def _reservoir_low(view: View) -> Finding | None:
+    if not view.at_low_alarm or view.empty:
+        return None
+    nominal, volume = view.nominal, view.volume_now_ml
+    assert nominal is not None
+    assert volume is not None
+    empty_on = (
+        f"It runs empty on {view.minute(nominal.empty_at)}." if nominal.empty_at is not None else ""
+    )
+    return finding(
+        Rule.RESERVOIR_LOW,
+        Priority.HIGH,
+        "Reservoir at its low-alarm volume",
+        (
+            f"About {volume:.1f} mL is left now (low alarm at {view.low_alarm_ml:g} mL).",
+            empty_on,
+            "A pump that over-infuses holds less than its calculated volume shows.",
+            WITHDRAWAL,
+            "Action: refill as soon as possible, before the reservoir is empty; make sure the "
+            "patient and carers know the signs of withdrawal.",
+        ),
+        _reservoir_facts(view),
+    )
+
+
+def _reservoir_empty(view: View) -> Finding | None:
+    if not view.empty:
+        return None
+    state = view.state
+    assert state is not None
+    reported = "The pump reports an empty reservoir." if "empty_reservoir" in state.alarms else ""
+    return finding(
+        Rule.RESERVOIR_EMPTY,
+        Priority.HIGH,
+        "Reservoir empty: no drug is delivered",
+        (
+            reported,
+            "At the programmed rate the reservoir holds no drug now, so none reaches the spine.",
+            WITHDRAWAL,
+            "Action: contact the patient now, assess for withdrawal and treat it as an "
+            "emergency; refill the pump today.",
+        ),
+        _reservoir_facts(view),
+    )
+
+
+def _drug_age(view: View) -> Finding | None:
+    refill, settings = view.last_refill, view.settings
+    if refill is None:
+        return None
+    age = view.now - refill.recorded_at
+    if age >= timedelta(days=settings.drug_age_medium_days):
+        priority = Priority.MEDIUM
+    elif age >= timedelta(days=settings.drug_age_low_days):
+        priority = Priority.LOW
+    else:
+        return None
+    replace_by = refill.recorded_at + timedelta(days=settings.drug_age_medium_days)
+    return finding(
+        Rule.DRUG_AGE,
+        priority,
+        f"Drug in the pump is {age.days} days old",
+        (
+            f"The last refill was on {view.day(refill.recorded_at)}.",
+            f"Baclofen in the reservoir must be replaced at least every "
+            f"{settings.drug_age_medium_days:g} days, even if the reservoir is not empty.",
+            f"Action: book a refill to replace the drug by {view.day(replace_by)}.",
+        ),
+        {
+            "last_refill_at": iso(refill.recorded_at),
+            "days_since_refill": rounded(age / timedelta(days=1), 2),
+            "replace_by": iso(replace_by),
+        },
+    )
+
+
+# --- resolutions ---------------------------------------------------------------------------------
+
+
+_RECENT_REFILL = timedelta(days=7)
+"""A refill this recent is named as the reason a reservoir rule stopped holding."""
+
+
+def _refilled(view: View) -> str | None:
+    refill = view.last_refill
+    if refill is None or not timedelta(0) <= view.now - refill.recorded_at <= _RECENT_REFILL:
+        return None
+    return f"a refill was recorded on {view.day(refill.recorded_at)}"
+
+
+def _resolve_refill_due(view: View) -> str:
+    nominal = view.nominal
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    if nominal is None:
+        return "no reading to forecast from"
+    low_at = nominal.low_alarm_at
+    if low_at is None:
+        return "the program delivers nothing, so the reservoir does not run low"
+    if view.at_low_alarm:
+        return "the reservoir reached its low-alarm volume (the reservoir-low alert takes over)"
+    visit = view.snapshot.refill_appointment_at
+    if visit is not None and _booked_in_time(view, low_at):
+        return f"a refill visit is booked for {view.day(visit)}, before the low-alarm date"
+    return f"the reservoir now reaches its low-alarm volume on {view.day(low_at)}"
+
+
+def _resolve_worst_case(view: View) -> str:
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    visit = view.snapshot.refill_appointment_at
+    if visit is None or visit <= view.now:
+        return "no future refill visit is booked any more (refill-due watches the date)"
+    if view.at_low_alarm:
+        return "the reservoir reached its low-alarm volume (the reservoir-low alert takes over)"
+    return f"the visit on {view.day(visit)} now comes before the worst-case low-alarm date"
+
+
+def _resolve_reservoir(view: View) -> str:
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    if view.empty:
+        return "the reservoir is empty (the reservoir-empty alert takes over)"
+    volume = view.volume_now_ml
+    if volume is None:
+        return "no reading to project the reservoir from"
+    return f"the reservoir holds {volume:.1f} mL, above its low-alarm volume"
+
+
+def _resolve_empty(view: View) -> str:
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    volume = view.volume_now_ml
+    if volume is None:
+        return "no reading to project the reservoir from"
+    return f"the reservoir holds {volume:.1f} mL and the pump reports no empty reservoir"
+
+
+def _resolve_drug_age(view: View) -> str:
+    refill = view.last_refill
+    if refill is None:
+        return "no refill is on record any more"
+    return f"a refill was recorded on {view.day(refill.recorded_at)}"
+
+
+CHECKS: dict[Rule, Check] = {
+    Rule.REFILL_DUE: _refill_due,
+    Rule.REFILL_DUE_WORST_CASE: _refill_due_worst_case,
+    Rule.RESERVOIR_LOW: _reservoir_low,
+    Rule.RESERVOIR_EMPTY: _reservoir_empty,
+    Rule.DRUG_AGE: _drug_age,
+}
+
+RESOLUTIONS: dict[Rule, Resolve] = {
+    Rule.REFILL_DUE: _resolve_refill_due,
+    Rule.REFILL_DUE_WORST_CASE: _resolve_worst_case,
+    Rule.RESERVOIR_LOW: _resolve_reservoir,
+    Rule.RESERVOIR_EMPTY: _resolve_empty,
+    Rule.DRUG_AGE: _resolve_drug_age,
+}
