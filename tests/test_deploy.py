@@ -23,6 +23,7 @@ from services.cli import app
 from services.domain.alerting import RuleSettings
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import IngestSettings
+from services.notify.metrics import NotifyMetrics
 from services.notify.settings import NotifySettings
 from tests.deploy_support import (
     COMPOSE_SECRETS,
@@ -307,7 +308,7 @@ def test_the_readme_documents_every_setting_and_metric() -> None:
                 assert f"`PUMPWATCH_{field.upper()}`" in readme, field
     for field in RuleSettings.model_fields:
         assert f"`{field}`" in readme, field
-    for metrics in (IngestMetrics(), AlertsMetrics(), ApiMetrics()):
+    for metrics in (IngestMetrics(), AlertsMetrics(), NotifyMetrics(), ApiMetrics()):
         for metric in metrics.registry.collect():
             short = (
                 metric.name.removeprefix("pumpwatch_ingest_")

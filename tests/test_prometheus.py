@@ -23,6 +23,7 @@ from lab.embedded import EmbeddedBroker, free_port
 from services.alerts.metrics import AlertsMetrics
 from services.api.app import Metrics as ApiMetrics
 from services.ingest.metrics import IngestMetrics
+from services.notify.metrics import NotifyMetrics
 from tests.support import IngestProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def dashboard_expressions() -> list[str]:
 def known_series() -> set[str]:
     """Every series name the services export (and Prometheus's own `up`)."""
     names = {"up"}
-    for metrics in (IngestMetrics(), AlertsMetrics(), ApiMetrics()):
+    for metrics in (IngestMetrics(), AlertsMetrics(), NotifyMetrics(), ApiMetrics()):
         for family in metrics.registry.collect():
             if family.type == "counter":
                 names.add(f"{family.name}_total")
