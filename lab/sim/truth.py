@@ -5,7 +5,7 @@ stall or occlusion spell, a refill that reveals a discrepancy, a reservoir reach
 alarm, a battery reaching ERI, a pump falling silent — read from the pump simulations' own state
 (pure, deterministic, the simulation itself untouched: it runs copies ahead where it must).
 
-The definitions (domain: ../shared/domain.md; harm times: baclofen withdrawal usually begins
+The definitions (domain: docs/clinical-background.md; harm times: baclofen withdrawal usually begins
 within 1-3 days of an interruption, so the earliest harm is 24 h after delivery stops):
 
 - ``onset``: when the fault's signature first appears in the data. Stall and occlusion: the

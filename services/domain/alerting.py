@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Rule(StrEnum):
-    """Stable codes: integrators route on them (../shared/contract/http.md)."""
+    """Stable codes: integrators route on them (docs/contract/http.md)."""
 
     REFILL_DUE = "refill_due"
     REFILL_DUE_WORST_CASE = "refill_due_worst_case"

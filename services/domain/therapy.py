@@ -20,7 +20,7 @@ zone and year (fixed-offset zones have none); zones shift at most once a day.
 A program with a flex schedule delivers what its steps say (``rate_ml_per_day``, their 24-hour
 average, is then not used); without one, the constant rate.
 
-Forecasts follow ../shared/contract/http.md: ``low_alarm_at`` is when the reservoir reaches its
+Forecasts follow docs/contract/http.md: ``low_alarm_at`` is when the reservoir reaches its
 low-alarm volume at ``factor`` x the programmed delivery, projected from one reading; None when
 the program delivers nothing.
 """

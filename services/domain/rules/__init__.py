@@ -3,9 +3,9 @@
 :func:`evaluate` returns at most one :class:`Finding` per rule, sorted by rule code;
 :func:`resolution` says why a rule no longer holds, for alerts resolved automatically. Pure: no
 I/O, the clock is ``snapshot.now``. Thresholds come from ``snapshot.settings`` (the domain
-table's defaults, with the clinic's overrides applied by the caller); the clinical background is
-../shared/domain.md. The decisions where the table leaves room are told with the rules that make
-them, in the docstring of each module:
+table's defaults, with the clinic's overrides applied by the caller); the clinical background
+is docs/clinical-background.md. The decisions where the table leaves room are told with the
+rules that make them, in the docstring of each module:
 
 - :mod:`.common`: the reservoir projection and the snapshot as every rule sees it.
 - :mod:`.reservoir`: refill_due, refill_due_worst_case, reservoir_low, reservoir_empty,
