@@ -115,13 +115,11 @@ async def _clinic(api: Api, conn: asyncpg.Connection, name: str, serial: str) ->
             conn, serial, now - timedelta(hours=hours), volume_ml=20.0 - 2.0 - (48 - hours) / 120
         )
     alert_id = await conn.fetchval(
-        """INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status, title,
-               detail, opened_at, updated_at, condition_at)
-           VALUES ($1, $2, $3, 'refill_due', 'medium', 'open', 'Refill due in 6 days',
-               'detail', now(), now(), now()) RETURNING id""",
+        """INSERT INTO alerts (serial, rule, priority, status, title, detail, opened_at,
+               updated_at, condition_at)
+           VALUES ($1, 'refill_due', 'medium', 'open', 'Refill due in 6 days', 'detail', now(),
+               now(), now()) RETURNING id""",
         serial,
-        uuid.UUID(patient_id),
-        uuid.UUID(clinic_id),
     )
     found = Clinic(clinic_id, patient_id, serial, str(alert_id), refill_at=refill_at)
     found.clinician = await api.key("clinician", clinic_id)

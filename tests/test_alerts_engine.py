@@ -39,7 +39,9 @@ def engine(pool: asyncpg.Pool, *, flap_hours: float = 6.0) -> Engine:
 
 async def alerts(pool: asyncpg.Pool, rule: str | None = None) -> list[asyncpg.Record]:
     return await pool.fetch(
-        "SELECT * FROM alerts WHERE ($1::text IS NULL OR rule = $1) ORDER BY opened_at", rule
+        "SELECT *, alert_clinic(serial, resolved_at) AS clinic_id FROM alerts "
+        "WHERE ($1::text IS NULL OR rule = $1) ORDER BY opened_at",
+        rule,
     )
 
 

@@ -87,13 +87,30 @@ async def test_an_admin_sets_up_a_clinic_with_keys_patients_and_pumps(api: Api) 
     assert again.status_code == 409
     problem(again)
 
+    # Contract 1.1: a clinic cannot pre-register a serial no pump has reported with; an
+    # administrator provisions it to the clinic, which then assigns it.
+    unknown = await api.call(
+        "PUT",
+        "/v1/pumps/NGP000777A",
+        key,
+        json={"patient_id": patient.json()["id"], "implanted_on": "2024-03-01"},
+    )
+    assert unknown.status_code == 403, unknown.text
+    assert "claim code" in problem(unknown)["detail"]
+    assert (await api.call("GET", "/v1/pumps/NGP000777A", ADMIN_TOKEN)).status_code == 404
+    provisioned = await api.call(
+        "PUT", "/v1/pumps/NGP000777A", ADMIN_TOKEN, json={"clinic_id": clinic_id}
+    )
+    assert provisioned.status_code == 201, provisioned.text
+    assert provisioned.json()["clinic_id"] == clinic_id
+    assert provisioned.json()["patient_id"] is None
     pump = await api.call(
         "PUT",
         "/v1/pumps/NGP000777A",
         key,
         json={"patient_id": patient.json()["id"], "implanted_on": "2024-03-01"},
     )
-    assert pump.status_code == 201, pump.text
+    assert pump.status_code == 200, pump.text
     assert pump.json()["patient_id"] == patient.json()["id"]
     moved = await api.call(
         "PUT", "/v1/pumps/NGP000777A", key, json={"patient_id": patient.json()["id"]}

@@ -104,8 +104,6 @@ class World:
 async def _alert(
     conn: asyncpg.Connection,
     serial: str,
-    patient_id: str | None,
-    clinic_id: str | None,
     *,
     rule: str,
     priority: str,
@@ -114,15 +112,13 @@ async def _alert(
     opened_at: datetime,
 ) -> str:
     alert_id = await conn.fetchval(
-        """INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status, title,
-               detail, opened_at, updated_at, acknowledged_at, resolved_at, condition_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, 'What happened and what to do.', $8::timestamptz,
-               $8, CASE WHEN $6 = 'acknowledged' THEN $8 + interval '5 minutes' END,
-               CASE WHEN $6 = 'resolved' THEN $8 + interval '30 minutes' END, $8)
+        """INSERT INTO alerts (serial, rule, priority, status, title, detail, opened_at,
+               updated_at, acknowledged_at, resolved_at, condition_at)
+           VALUES ($1, $2, $3, $4, $5, 'What happened and what to do.', $6::timestamptz,
+               $6, CASE WHEN $4 = 'acknowledged' THEN $6 + interval '5 minutes' END,
+               CASE WHEN $4 = 'resolved' THEN $6 + interval '30 minutes' END, $6)
            RETURNING id""",
         serial,
-        None if patient_id is None else uuid.UUID(patient_id),
-        None if clinic_id is None else uuid.UUID(clinic_id),
         rule,
         priority,
         status,
@@ -190,8 +186,6 @@ async def _seed(conn: asyncpg.Connection, client: httpx.AsyncClient, url: str) -
         open_alert=await _alert(
             conn,
             serial_a,
-            patient_a,
-            clinic_a,
             rule="refill_due",
             priority="medium",
             status="open",
@@ -201,8 +195,6 @@ async def _seed(conn: asyncpg.Connection, client: httpx.AsyncClient, url: str) -
         acknowledged_alert=await _alert(
             conn,
             serial_a,
-            patient_a,
-            clinic_a,
             rule="battery_eri",
             priority="low",
             status="acknowledged",
@@ -212,8 +204,6 @@ async def _seed(conn: asyncpg.Connection, client: httpx.AsyncClient, url: str) -
         resolved_alert=await _alert(
             conn,
             serial_a,
-            patient_a,
-            clinic_a,
             rule="pump_silent",
             priority="high",
             status="resolved",
@@ -223,8 +213,6 @@ async def _seed(conn: asyncpg.Connection, client: httpx.AsyncClient, url: str) -
         alert_b=await _alert(
             conn,
             serial_b,
-            patient_b,
-            clinic_b,
             rule="reservoir_low",
             priority="high",
             status="open",
@@ -234,8 +222,6 @@ async def _seed(conn: asyncpg.Connection, client: httpx.AsyncClient, url: str) -
         unassigned_alert=await _alert(
             conn,
             unassigned,
-            None,
-            None,
             rule="telemetry_gap",
             priority="low",
             status="open",

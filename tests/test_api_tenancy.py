@@ -111,13 +111,11 @@ async def _tenant(api: Api, tag: str, birth: date) -> tuple[Tenant, str, str]:
             )
         alert = str(
             await conn.fetchval(
-                """INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status,
-                       title, detail, opened_at, updated_at, condition_at)
-                   VALUES ($1, $2, $3, 'pump_silent', 'high', 'open', 'No reading for 9 h',
-                       'detail', now(), now(), now()) RETURNING id""",
+                """INSERT INTO alerts (serial, rule, priority, status, title, detail, opened_at,
+                       updated_at, condition_at)
+                   VALUES ($1, 'pump_silent', 'high', 'open', 'No reading for 9 h', 'detail',
+                       now(), now(), now()) RETURNING id""",
                 serial,
-                uuid.UUID(patient),
-                uuid.UUID(clinic),
             )
         )
         webhook = str(

@@ -91,20 +91,16 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
         )
         other = await _patient(conn, b, "Cy Other", mrn="MRN-B1", serial="NGPWEBB01", start_ml=30.0)
         high = await conn.fetchval(
-            """INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status, title,
-                   detail, opened_at, updated_at, condition_at)
-               VALUES ('NGPWEBA01', $1, $2, 'reservoir_low', 'high', 'open',
-                   'Reservoir at low alarm', 'Refill today.', now(), now(), now()) RETURNING id""",
-            uuid.UUID(soon),
-            uuid.UUID(a),
+            """INSERT INTO alerts (serial, rule, priority, status, title, detail, opened_at,
+                   updated_at, condition_at)
+               VALUES ('NGPWEBA01', 'reservoir_low', 'high', 'open',
+                   'Reservoir at low alarm', 'Refill today.', now(), now(), now()) RETURNING id"""
         )
         await conn.execute(
-            """INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status, title,
-                   detail, opened_at, updated_at, condition_at)
-               VALUES ('NGPWEBA02', $1, $2, 'drug_age', 'low', 'open',
-                   'Drug 60 days in the reservoir', 'Plan the refill.', now(), now(), now())""",
-            uuid.UUID(later),
-            uuid.UUID(a),
+            """INSERT INTO alerts (serial, rule, priority, status, title, detail, opened_at,
+                   updated_at, condition_at)
+               VALUES ('NGPWEBA02', 'drug_age', 'low', 'open',
+                   'Drug 60 days in the reservoir', 'Plan the refill.', now(), now(), now())"""
         )
         await conn.execute(ROLLUP)
         made = {}

@@ -147,8 +147,6 @@ class Engine:
             row = await conn.fetchrow(
                 sql.INSERT_ALERT,
                 context.serial,
-                context.patient_id,
-                context.clinic_id,
                 change.rule.value,
                 change.to_priority.label,
                 finding.title,

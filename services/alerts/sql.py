@@ -25,15 +25,17 @@ FROM alerts WHERE serial = ANY($1::text[])
 ORDER BY serial, rule, (status = 'resolved'), resolved_at DESC NULLS LAST
 """
 
+# The owner is the pump's holder (migration 0008): now, or when the alert resolved.
 _ALERT_ROW = """
-id, serial, patient_id, clinic_id, rule, priority, status, title, detail, facts, opened_at,
-updated_at, acknowledged_at, resolved_at, resolution
+id, serial, alert_patient(serial, resolved_at) AS patient_id,
+alert_clinic(serial, resolved_at) AS clinic_id, rule, priority, status, title, detail, facts,
+opened_at, updated_at, acknowledged_at, resolved_at, resolution
 """
 
 INSERT_ALERT = f"""
-INSERT INTO alerts (serial, patient_id, clinic_id, rule, priority, status, title, detail,
-                    facts, opened_at, updated_at, condition_at, occurrence)
-VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $8, $9, $9, $10, $11)
+INSERT INTO alerts (serial, rule, priority, status, title, detail, facts, opened_at, updated_at,
+                    condition_at, occurrence)
+VALUES ($1, $2, $3, 'open', $4, $5, $6, $7, $7, $8, $9)
 ON CONFLICT (serial, rule) WHERE status <> 'resolved' DO NOTHING
 RETURNING {_ALERT_ROW}
 """

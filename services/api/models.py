@@ -115,8 +115,27 @@ class Patient(BaseModel):
 
 
 class PumpIn(_In):
+    """Custody of a pump (contract 1.1). Admin and fleet keys provision it to a clinic
+    (``clinic_id``, optionally ``patient_id``; both null: nobody's). A clinician assigns or
+    moves a pump their clinic holds, or claims one nobody holds with the ``claim_code`` its
+    programmer shows."""
+
     patient_id: UUID | None = Field(
-        description="The patient the pump is implanted in; null unassigns it."
+        default=None,
+        description="The patient the pump is implanted in (a patient of the pump's clinic); "
+        "null: none.",
+    )
+    clinic_id: UUID | None = Field(
+        default=None,
+        description="Admin and fleet: the clinic the pump is provisioned to (implied by "
+        "`patient_id` when absent). Clinicians: their own clinic, or absent.",
+    )
+    claim_code: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9]{6,12}$",
+        description="The code the pump's programmer shows while it interrogates the pump "
+        "(a `claim` event): how a clinic takes custody of a pump nobody holds.",
+        examples=["K7Q2M9"],
     )
     model: Text | None = Field(default=None, max_length=100, examples=["SynchroMed II 8637-40"])
     implanted_on: date | None = None
@@ -346,6 +365,7 @@ WebhookEvent = Literal[
     "alert.acknowledged",
     "alert.resolved",
     "alert.unacknowledged",
+    "alert.assigned",
     "refill.recorded",
     "webhook.disabled",
     "delivery.failed",

@@ -25,6 +25,11 @@ class ApiSettings(CommonSettings):
     """Database connections of one API process."""
     api_key_touch_interval_s: float = Field(default=60.0, ge=0)
     """``last_used_at`` of a key is written at most this often."""
+    api_claim_max_failures: int = Field(default=5, ge=1)
+    """Wrong claim codes for one pump, within ``api_claim_failure_window_s``, after which the
+    pump takes no claim (429) until the window has passed: a short code cannot be guessed."""
+    api_claim_failure_window_s: float = Field(default=900.0, gt=0)
+    """…the window, in seconds."""
     web_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     """A dashboard sign-in lasts this long (then the key is asked for again)."""
     webhook_allow_hosts: str = ""

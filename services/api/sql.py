@@ -1,7 +1,9 @@
 """Every SQL statement of the HTTP API. Parameters only; nothing is built from input.
 
 Tenancy is in the statements: ``$scope`` parameters are a clinic id, or NULL for the roles that
-see every clinic (admin, fleet); a row of another clinic is simply not found.
+see every clinic (admin, fleet); a row of another clinic is simply not found. A pump's history
+(readings, events, refills, resolved alerts) is a clinic's only for the periods in which the clinic
+held the pump (``held_by``, migration 0008); an unresolved alert is its pump's holder's now.
 """
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ LIMIT $5
 
 _PUMP = """
 SELECT p.serial, p.model AS registered_model, p.patient_id, p.implanted_on, p.first_seen_at,
-       p.refill_appointment_at, pt.clinic_id, s.msg_id,
+       p.refill_appointment_at, p.clinic_id, s.msg_id,
        s.recorded_at, s.received_at, s.model, s.volume_ml, s.capacity_ml, s.low_alarm_ml,
        s.basis, s.drug_name, s.concentration_mcg_per_ml, s.infusion_mode, s.rate_ml_per_day,
        s.daily_dose_mcg, s.schedule, s.measured_flow_ml_per_day, s.battery_pct,
@@ -86,23 +88,66 @@ LEFT JOIN patients pt ON pt.id = p.patient_id
 LEFT JOIN pump_state s ON s.serial = p.serial
 """
 PUMP = f"{_PUMP}{_PUMP_JOINS} WHERE p.serial = $1"
-PUMP_CLINIC = """
-SELECT pt.clinic_id, true AS found FROM pumps p
-LEFT JOIN patients pt ON pt.id = p.patient_id WHERE p.serial = $1
+PUMP_CLINIC = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1"
+PUMP_FOR_CUSTODY = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1 FOR UPDATE"
+# Who changes custody and how, for the history the pumps triggers write (migration 0008).
+CUSTODY_CHANGE = """
+SELECT set_config('pumpwatch.actor', $1, true), set_config('pumpwatch.custody', $2, true)
 """
+# $3 clinic (NULL: nobody's), $4 patient (NULL: none) - the pump's holder from now on.
 UPSERT_PUMP = """
-INSERT INTO pumps (serial, model, patient_id, implanted_on) VALUES ($1, $2, $3, $4)
+INSERT INTO pumps (serial, model, clinic_id, patient_id, implanted_on)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (serial) DO UPDATE SET
+    clinic_id = EXCLUDED.clinic_id,
     patient_id = EXCLUDED.patient_id,
     model = coalesce(EXCLUDED.model, pumps.model),
     implanted_on = coalesce(EXCLUDED.implanted_on, pumps.implanted_on)
 RETURNING (xmax = 0) AS created
 """
+# The pump's unresolved alerts, locked: a custody change hands them over (history, outbox).
+UNRESOLVED_ALERTS_FOR_CUSTODY = """
+SELECT id, serial, rule, priority, status, title, detail, facts, opened_at, updated_at,
+       acknowledged_at, resolved_at, resolution
+FROM alerts WHERE serial = $1 AND status <> 'resolved' ORDER BY opened_at, id FOR UPDATE
+"""
+# A clinic that takes a pump must look at its alerts again: acknowledged ones open again.
+REOPEN_FOR_NEW_HOLDER = """
+UPDATE alerts SET status = 'open', acknowledged_at = NULL, acknowledged_by = NULL,
+       updated_at = $2
+WHERE id = $1 AND status = 'acknowledged'
+"""
+INSERT_CUSTODY_HISTORY = """
+INSERT INTO alert_history (alert_id, actor, action, from_status, to_status, from_priority,
+                           to_priority, reason, facts)
+VALUES ($1, $2, 'custody', $3, $3, $4, $4, $5, $6)
+"""
+# A claim code the pump's programmer showed: the newest claim event with this code, if it has
+# not expired and was not used. $1 serial, $2 code, $3 now.
+VALID_CLAIM = """
+SELECT e.msg_id FROM events e
+WHERE e.serial = $1 AND e.type = 'claim'
+  AND upper(e.body -> 'claim' ->> 'code') = upper($2)
+  AND (e.body -> 'claim' ->> 'expires_at')::timestamptz > $3
+  AND NOT EXISTS (SELECT 1 FROM pump_claims c WHERE c.msg_id = e.msg_id)
+ORDER BY e.recorded_at DESC
+LIMIT 1
+"""
+USE_CLAIM = """
+INSERT INTO pump_claims (msg_id, serial, used_at, clinic_id, actor) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (msg_id) DO NOTHING
+RETURNING msg_id
+"""
+CLAIM_FAILURES = """
+SELECT count(*) FROM claim_failures WHERE serial = $1 AND at > $2 - make_interval(secs => $3)
+"""
+INSERT_CLAIM_FAILURE = """
+INSERT INTO claim_failures (serial, at, clinic_id, actor) VALUES ($1, $2, $3, $4)
+"""
 SET_APPOINTMENT = "UPDATE pumps SET refill_appointment_at = $2 WHERE serial = $1"
 # Pumps of a scope (NULL: every clinic's, assigned or not) for the worklist.
 SCOPE_PUMPS = """
-SELECT p.serial FROM pumps p LEFT JOIN patients pt ON pt.id = p.patient_id
-WHERE ($1::uuid IS NULL OR pt.clinic_id = $1) ORDER BY p.serial
+SELECT p.serial FROM pumps p WHERE ($1::uuid IS NULL OR p.clinic_id = $1) ORDER BY p.serial
 """
 PUMPS_OF = """
 SELECT p.serial, coalesce(s.model, p.model) AS model, p.patient_id
@@ -123,10 +168,16 @@ READINGS = f"""
 SELECT {_READING} FROM readings
 WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
   AND ($4::timestamptz IS NULL OR (recorded_at, msg_id) < ($4, $5::uuid))
+  AND ($7::uuid IS NULL OR held_by(serial, recorded_at, $7, NULL))
 ORDER BY recorded_at DESC, msg_id DESC
 LIMIT $6
 """
-HOURLY = """
+# An hourly bucket is a holder's when the whole hour was theirs.
+_WHOLE_HOUR_HELD = """
+held_by(serial, hour, {clinic}, {patient})
+AND held_by(serial, hour + interval '1 hour' - interval '1 microsecond', {clinic}, {patient})
+"""
+HOURLY = f"""
 SELECT hour, readings, volume_ml_sum / readings AS volume_ml, volume_ml_min, volume_ml_max,
        last_volume_ml,
        CASE WHEN flow_readings > 0 THEN flow_ml_per_day_sum / flow_readings END
@@ -134,6 +185,7 @@ SELECT hour, readings, volume_ml_sum / readings AS volume_ml, volume_ml_min, vol
        rate_ml_per_day_sum / readings AS rate_ml_per_day
 FROM readings_hourly
 WHERE serial = $1 AND hour >= $2 AND hour < $3 AND ($4::timestamptz IS NULL OR hour < $4)
+  AND ($6::uuid IS NULL OR ({_WHOLE_HOUR_HELD.format(clinic="$6", patient="NULL")}))
 ORDER BY hour DESC
 LIMIT $5
 """
@@ -141,14 +193,18 @@ LIMIT $5
 # more CPU (720 rows decoded, validated and serialised) than the rest of the dashboard.
 # The same format as the API's models: RFC 3339 UTC ``Z`` times, mL rounded to 3 decimals
 # (float8 arithmetic and text: half the cost of json_agg with numeric rounding).
-_SERIES_JSON = """
+_SERIES_JSON = (
+    """
 SELECT '[' || coalesce(string_agg(
     '{"at":"' || to_char(h.hour AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
     || '","volume_ml":' || (round(h.volume_ml_sum / h.readings * 1000) / 1000)::text || '}',
     ',' ORDER BY h.hour
 ), '') || ']'
 FROM readings_hourly h WHERE h.serial = p.serial AND h.hour >= $2 AND h.hour <= $3
-"""
+  AND ("""
+    + _WHOLE_HOUR_HELD.format(clinic="p.clinic_id", patient="$1")
+    + ")\n"
+)
 # The dashboard's pump: the patient's ($1) most recently reporting one, with its series from
 # $2 to $3. One round trip.
 DASHBOARD_PUMP = f"""
@@ -175,24 +231,32 @@ EVENT = "SELECT serial, type, recorded_at FROM events WHERE msg_id = $1"
 REFILL_TIMES = """
 SELECT recorded_at FROM events
 WHERE serial = $1 AND type = 'refill' AND ($2::timestamptz IS NULL OR recorded_at < $2)
+  AND ($4::uuid IS NULL OR held_by(serial, recorded_at, $4, NULL))
 ORDER BY recorded_at DESC LIMIT $3
 """
 
 # --- alerts --------------------------------------------------------------------------------------
 
+# The owner of an alert is its pump's holder: now while unresolved, when it resolved after.
 _ALERT = """
-id, serial, patient_id, clinic_id, rule, priority, status, title, detail, facts, opened_at,
-updated_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by, resolution
+id, serial, alert_patient(serial, resolved_at) AS patient_id,
+alert_clinic(serial, resolved_at) AS clinic_id, rule, priority, status, title, detail, facts,
+opened_at, updated_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by, resolution
+"""
+# Alerts a clinic may hold: of pumps it held at some time (the index narrows, the owner decides).
+_CLINIC_ALERTS = """
+($1::uuid IS NULL OR (serial IN (SELECT serial FROM pump_assignments WHERE clinic_id = $1)
+                      AND alert_clinic(serial, resolved_at) = $1))
 """
 ALERT = f"SELECT {_ALERT} FROM alerts WHERE id = $1"
 # $1 scope (NULL: every alert, unassigned pumps' included), filters $2..$5, cursor $6/$7, $8 limit.
 LIST_ALERTS = f"""
 SELECT {_ALERT} FROM alerts
-WHERE ($1::uuid IS NULL OR clinic_id = $1)
+WHERE {_CLINIC_ALERTS}
   AND ($2::text IS NULL OR status = $2)
   AND ($3::text IS NULL OR priority = $3)
   AND ($4::text IS NULL OR serial = $4)
-  AND ($5::uuid IS NULL OR patient_id = $5)
+  AND ($5::uuid IS NULL OR alert_patient(serial, resolved_at) = $5)
   AND ($6::timestamptz IS NULL OR (opened_at, id) < ($6, $7::uuid))
 ORDER BY opened_at DESC, id DESC
 LIMIT $8
@@ -282,6 +346,7 @@ WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
   AND ($4::timestamptz IS NULL OR (recorded_at, msg_id) <= ($4, $5::uuid))
   AND ($6::boolean OR ($7::boolean AND daily_dose_mcg IS NOT NULL)
        OR ($8::boolean AND battery_pct IS NOT NULL))
+  AND ($10::uuid IS NULL OR held_by(serial, recorded_at, $10, NULL))
 ORDER BY recorded_at DESC, msg_id DESC
 LIMIT $9
 """
@@ -290,9 +355,9 @@ LIMIT $9
 FHIR_UNRESOLVED_ALERTS = f"""
 SELECT {_ALERT} FROM alerts
 WHERE status <> 'resolved'
-  AND ($1::uuid IS NULL OR clinic_id = $1)
+  AND {_CLINIC_ALERTS}
   AND ($2::text IS NULL OR serial = $2)
-  AND ($3::uuid IS NULL OR patient_id = $3)
+  AND ($3::uuid IS NULL OR alert_patient(serial, resolved_at) = $3)
   AND ($4::timestamptz IS NULL OR (opened_at, id) < ($4, $5::uuid))
 ORDER BY opened_at DESC, id DESC
 LIMIT $6

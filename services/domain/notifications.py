@@ -31,10 +31,13 @@ ALERT_EVENTS: frozenset[str] = frozenset(
         "alert.acknowledged",
         "alert.resolved",
         "alert.unacknowledged",
+        "alert.assigned",
     }
 )
 """Events about one alert; the outbox row carries the alert object as payload.
-``alert.unacknowledged``: a high alert nobody acknowledged in time, re-sent (escalation)."""
+``alert.unacknowledged``: a high alert nobody acknowledged in time, re-sent (escalation).
+``alert.assigned``: an unresolved alert is now this clinic's and patient's, because its pump was
+provisioned, claimed, assigned or moved to them."""
 WEBHOOK_EVENTS: frozenset[str] = ALERT_EVENTS | {
     "refill.recorded",
     "webhook.disabled",
@@ -73,7 +76,12 @@ class EmailRouting(BaseModel):
         "daily digest, see `digest.fold_low_priority`).",
     )
     events: list[str] = Field(
-        default_factory=lambda: ["alert.opened", "alert.escalated", "alert.unacknowledged"],
+        default_factory=lambda: [
+            "alert.opened",
+            "alert.escalated",
+            "alert.unacknowledged",
+            "alert.assigned",
+        ],
         description="Which alert events are emailed. `alert.unacknowledged` (a high alert "
         "not acknowledged in time) goes to the high-priority addresses and the escalation "
         "contacts.",

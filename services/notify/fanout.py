@@ -62,10 +62,10 @@ async def fan_out(
                 hooks.setdefault(str(h["clinic_id"]), []).append(
                     WebhookTarget(str(h["id"]), h["url"], frozenset(h["events"]))
                 )
-        alert_ids = list({r["alert_id"] for r in rows if r["alert_id"] is not None})
+        alert_events = [r["id"] for r in rows if r["alert_id"] is not None]
         patients = {
             str(r["id"]): PatientRef(r["display_name"], r["mrn"])
-            for r in (await conn.fetch(sql.ALERT_PATIENTS, alert_ids) if alert_ids else [])
+            for r in (await conn.fetch(sql.ALERT_PATIENTS, alert_events) if alert_events else [])
         }
         columns: list[list[Any]] = [[] for _ in range(10)]
         for row in rows:
@@ -150,7 +150,7 @@ def _email(
 ) -> EmailContent:
     name = clinic_name or "your clinic"
     if event.event in ALERT_EVENTS:
-        patient = patients.get(event.alert_id or "") if settings.email.patient_names else None
+        patient = patients.get(str(event.outbox_id)) if settings.email.patient_names else None
         return alert_email(event.event, event.payload, clinic_name=name, tz=tz, patient=patient)
     return admin_email(event.event, event.payload, clinic_name=name, tz=tz)
 

@@ -56,6 +56,7 @@ _VERBS = {
     "alert.acknowledged": "alert acknowledged",
     "alert.resolved": "alert resolved",
     "alert.unacknowledged": "alert NOT ACKNOWLEDGED",
+    "alert.assigned": "alert now yours",
 }
 _FOOTER = "Sent by pumpwatch. Acknowledge or resolve alerts in pumpwatch, not by replying."
 

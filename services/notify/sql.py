@@ -21,10 +21,15 @@ WHERE clinic_id = ANY($1::uuid[]) AND deleted_at IS NULL AND disabled_at IS NULL
 ORDER BY created_at, id
 """
 
+# The patient of each alert event, as the pump's holder was when the event happened (a pump
+# moved since must not put its new patient's name in the old clinic's email).
 ALERT_PATIENTS = """
-SELECT a.id, p.display_name, p.mrn
-FROM alerts a JOIN patients p ON p.id = a.patient_id
-WHERE a.id = ANY($1::uuid[])
+SELECT o.id, p.display_name, p.mrn
+FROM outbox o
+JOIN alerts a ON a.id = o.alert_id
+CROSS JOIN LATERAL pump_holder(a.serial, o.created_at) h
+JOIN patients p ON p.id = h.patient_id AND p.clinic_id = o.clinic_id
+WHERE o.id = ANY($1::bigint[])
 """
 
 INSERT_DELIVERIES = """
@@ -142,7 +147,7 @@ SELECT (SELECT count(*) FROM outbox WHERE dispatched_at IS NULL) AS events,
 # -- escalation ----------------------------------------------------------------------------------
 
 _ALERT_ROW = """
-a.id, a.serial, a.patient_id, a.clinic_id, a.rule, a.priority, a.status, a.title, a.detail,
+a.id, a.serial, pu.patient_id, pu.clinic_id, a.rule, a.priority, a.status, a.title, a.detail,
 a.facts, a.opened_at, a.updated_at, a.acknowledged_at, a.resolved_at, a.resolution
 """
 
@@ -152,10 +157,11 @@ _ESCALATION_STATE = f"""
 SELECT {_ALERT_ROW}, c.notification_settings, started.at AS since,
        escalated.n AS escalations, escalated.last_at
 FROM alerts a
-JOIN clinics c ON c.id = a.clinic_id
+JOIN pumps pu ON pu.serial = a.serial  -- an unresolved alert is its pump's holder's
+JOIN clinics c ON c.id = pu.clinic_id
 CROSS JOIN LATERAL (
     SELECT max(h.at) AS at FROM alert_history h
-    WHERE h.alert_id = a.id AND h.action IN ('opened', 'reopened', 'escalated')
+    WHERE h.alert_id = a.id AND h.action IN ('opened', 'reopened', 'escalated', 'custody')
       AND h.to_status = 'open' AND h.to_priority = 'high'
 ) AS started
 CROSS JOIN LATERAL (
@@ -183,8 +189,8 @@ VALUES ($1, $2, 'pumpwatch-alerts', 'notification_escalated', 'open', 'open', 'h
 CLINICS = "SELECT id, name, timezone, notification_settings FROM clinics ORDER BY id"
 
 CLINIC_SERIALS = """
-SELECT p.serial FROM pumps p JOIN patients pt ON pt.id = p.patient_id
-WHERE pt.clinic_id = $1 ORDER BY p.serial
+SELECT p.serial FROM pumps p
+WHERE p.clinic_id = $1 AND p.patient_id IS NOT NULL ORDER BY p.serial
 """
 
 PUMP_PATIENTS = """
@@ -195,8 +201,10 @@ WHERE p.serial = ANY($1::text[])
 
 OPEN_LOW_ALERTS = """
 SELECT a.id, a.serial, a.rule, a.title, a.opened_at, p.display_name, p.mrn
-FROM alerts a LEFT JOIN patients p ON p.id = a.patient_id
-WHERE a.clinic_id = $1 AND a.status <> 'resolved' AND a.priority = 'low'
+FROM alerts a
+JOIN pumps pu ON pu.serial = a.serial
+LEFT JOIN patients p ON p.id = pu.patient_id
+WHERE pu.clinic_id = $1 AND a.status <> 'resolved' AND a.priority = 'low'
 ORDER BY a.opened_at, a.id
 """
 

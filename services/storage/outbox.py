@@ -8,6 +8,7 @@ notification worker fans each event out into deliveries, at least once. A trigge
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,8 +35,9 @@ def _stamp(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
-def alert_object(row: asyncpg.Record) -> dict[str, Any]:
-    """The alert object of the HTTP contract, from a row of ``alerts``: what alert events carry."""
+def alert_object(row: asyncpg.Record | Mapping[str, Any]) -> dict[str, Any]:
+    """The alert object of the HTTP contract, from a row of ``alerts`` with its owner
+    (``clinic_id``, ``patient_id``): what alert events carry."""
     return {
         "id": str(row["id"]),
         "serial": row["serial"],

@@ -3,14 +3,14 @@ Parameters only; nothing is built from input."""
 
 PUMPS = """
 SELECT p.serial, p.patient_id, p.refill_appointment_at,
-       pt.clinic_id, pt.withdrawal_risk, pt.low_alarm_margin_ml,
+       p.clinic_id, pt.withdrawal_risk, pt.low_alarm_margin_ml,
        c.timezone, c.alert_settings,
        s.updated_at AS state_updated_at,
        coalesce(s.basis = 'measured' OR s.measured_flow_ml_per_day IS NOT NULL, false)
            AS measured
 FROM pumps p
 LEFT JOIN patients pt ON pt.id = p.patient_id
-LEFT JOIN clinics c ON c.id = pt.clinic_id
+LEFT JOIN clinics c ON c.id = p.clinic_id
 LEFT JOIN pump_state s ON s.serial = p.serial
 WHERE p.serial = ANY($1::text[])
 """

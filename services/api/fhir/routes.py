@@ -227,6 +227,7 @@ async def search_observations(
         "programmed-dose" in codes,
         "battery-remaining" in codes,
         count + 2,  # every row has an Observation wanted; the cursor's may have none left
+        scope_of(principal),
     )
     entries: list[dict[str, Any]] = []
     next_cursor = None

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
 import asyncpg
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
-from services.api import models, sql, views
+from services.api import custody, models, sql, views
 from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
@@ -23,6 +24,7 @@ from services.api.common import (
     visible,
 )
 from services.api.problems import FieldError, Problem, not_found
+from services.api.settings import ApiSettings
 from services.domain import rules
 from services.storage import channels
 from services.storage.database import Connection
@@ -74,40 +76,164 @@ def reading_out(row: asyncpg.Record) -> models.ReadingOut:
 
 @router.put(
     "/v1/pumps/{serial}",
-    summary="Register a pump or move it to a patient (admin, clinician)",
-    responses={201: {"description": "Registered"}, 200: {"description": "Updated"}},
+    summary="Custody: provision (admin, fleet), claim, assign or move a pump (clinician)",
+    responses={
+        201: {"description": "Provisioned (a serial never seen before)"},
+        200: {"description": "Custody changed or confirmed"},
+    },
 )
 async def put_pump(
-    serial: Serial, body: models.PumpIn, principal: Auth, db: Db, response: Response
+    serial: Serial,
+    body: models.PumpIn,
+    principal: Auth,
+    db: Db,
+    request: Request,
+    response: Response,
 ) -> models.PumpState:
-    require(principal, "admin", "clinician")
-    existing = await db.fetchrow(sql.PUMP_CLINIC, serial)
-    # A clinician may claim an unassigned pump or move one of its own clinic's.
-    if existing is not None and existing["clinic_id"] is not None:
-        visible(principal, existing["clinic_id"], "pump")
-    if body.patient_id is not None:
-        patient = await db.fetchrow(sql.PATIENT, body.patient_id)
-        if patient is None or not principal.sees(patient["clinic_id"]):
-            raise Problem(
-                422,
-                "no such patient",
-                kind="validation",
-                errors=[FieldError(field="body.patient_id", message="no such patient")],
-            )
-    elif principal.role != "admin":
-        raise Problem(
-            422,
-            "only an admin may unassign a pump",
-            kind="validation",
-            errors=[FieldError(field="body.patient_id", message="required for clinicians")],
+    """Admin and fleet keys provision a pump to a clinic (and patient). A clinician assigns or
+    moves a pump their clinic holds, or claims one nobody holds with the code its programmer
+    shows (`claim_code`): without either, 403 and nothing changes; a pump another clinic
+    holds answers 404. The pump's unresolved alerts follow it at once (history, and an
+    `alert.assigned` event for the new holder)."""
+    require(principal, "admin", "fleet", "clinician")
+    settings: ApiSettings = request.app.state.settings
+    now = datetime.now(UTC)
+    if principal.all_clinics:
+        clinic_id, patient_id = await _provisioned(db, body)
+        how = "provisioned"
+        claim = None
+    else:
+        clinic_id, patient_id, how, claim = await _clinician_custody(
+            db, principal, serial, body, settings, now
         )
     async with db.transaction():
+        before = await db.fetchrow(sql.PUMP_FOR_CUSTODY, serial)
+        if (
+            claim is not None
+            and await db.fetchval(sql.USE_CLAIM, claim, serial, now, clinic_id, principal.actor)
+            is None
+        ):
+            raise Problem(409, "the claim code was used meanwhile", kind="conflict")
+        await db.execute(sql.CUSTODY_CHANGE, principal.actor, how)
         created = await db.fetchval(
-            sql.UPSERT_PUMP, serial, body.model, body.patient_id, body.implanted_on
+            sql.UPSERT_PUMP, serial, body.model, clinic_id, patient_id, body.implanted_on
         )
+        if before is None or (before["clinic_id"], before["patient_id"]) != (
+            clinic_id,
+            patient_id,
+        ):
+            await custody.hand_over(
+                db,
+                serial,
+                clinic_id=clinic_id,
+                patient_id=patient_id,
+                clinic_changed=before is None or before["clinic_id"] != clinic_id,
+                actor=principal.actor,
+                how=how,
+            )
         await channels.pumps_changed(db, [serial])
     response.status_code = 201 if created else 200
     return await _state(db, principal, serial)
+
+
+async def _provisioned(db: Connection, body: models.PumpIn) -> tuple[UUID | None, UUID | None]:
+    """Admin and fleet: the clinic and patient given (the patient's clinic if only it is)."""
+    clinic_id = body.clinic_id
+    if body.patient_id is not None:
+        patient = await db.fetchrow(sql.PATIENT, body.patient_id)
+        if patient is None:
+            raise _field_problem("body.patient_id", "no such patient")
+        if clinic_id is None:
+            clinic_id = patient["clinic_id"]
+        elif patient["clinic_id"] != clinic_id:
+            raise _field_problem("body.patient_id", "not a patient of the clinic given")
+    if clinic_id is not None and not await db.fetchval(sql.CLINIC_EXISTS, clinic_id):
+        raise _field_problem("body.clinic_id", "no such clinic")
+    return clinic_id, body.patient_id
+
+
+async def _clinician_custody(
+    db: Connection,
+    principal: Principal,
+    serial: str,
+    body: models.PumpIn,
+    settings: ApiSettings,
+    now: datetime,
+) -> tuple[UUID, UUID | None, str, UUID | None]:
+    """A clinician's change: (clinic, patient, how, the claim event used or None)."""
+    own = principal.clinic_id
+    assert own is not None
+    if body.clinic_id is not None and body.clinic_id != own:
+        raise not_found("clinic")
+    if body.patient_id is not None:
+        patient = await db.fetchrow(sql.PATIENT, body.patient_id)
+        if patient is None or patient["clinic_id"] != own:
+            raise _field_problem("body.patient_id", "no such patient")
+    current = await db.fetchrow(sql.PUMP_CLINIC, serial)
+    if current is not None and current["clinic_id"] == own:
+        if body.patient_id is None:
+            raise _field_problem(
+                "body.patient_id", "required: only an administrator may take a pump from a patient"
+            )
+        how = "assigned" if current["patient_id"] is None else "moved"
+        return own, body.patient_id, how, None
+    if current is not None and current["clinic_id"] is not None:
+        raise not_found("pump")  # another clinic's, exactly as one that does not exist
+    if body.claim_code is None:
+        raise Problem(
+            403,
+            "this pump is not your clinic's: enter the claim code its programmer shows "
+            "(claim_code), or ask an administrator to provision it to your clinic"
+            if current is not None
+            else "no pump with this serial has reported yet: once it has, a clinic claims it "
+            "with the claim code its programmer shows, or an administrator provisions it",
+            kind="custody",
+        )
+    claim = await _claim(db, principal, serial, body.claim_code, settings, now)
+    return own, body.patient_id, "claimed", claim
+
+
+async def _claim(
+    db: Connection,
+    principal: Principal,
+    serial: str,
+    code: str,
+    settings: ApiSettings,
+    now: datetime,
+) -> UUID:
+    """The claim event whose code this is (unexpired, unused), or 403; 429 after too many
+    wrong codes for the pump. A wrong code is counted in its own transaction, so the refusal
+    cannot undo it."""
+    window = settings.api_claim_failure_window_s
+    if (
+        await db.fetchval(sql.CLAIM_FAILURES, serial, now, window)
+        >= settings.api_claim_max_failures
+    ):
+        raise Problem(
+            429,
+            f"too many wrong claim codes for this pump: try again in {window / 60:g} minutes",
+            kind="too-many-claims",
+            headers={"Retry-After": str(int(window))},
+        )
+    found = await db.fetchval(sql.VALID_CLAIM, serial, code.upper(), now)
+    if found is None:
+        await db.execute(
+            sql.INSERT_CLAIM_FAILURE, serial, now, principal.clinic_id, principal.actor
+        )
+        raise Problem(
+            403,
+            "the claim code does not match a code this pump's programmer showed, or it expired "
+            "or was used: read the code from the programmer again",
+            kind="custody",
+        )
+    claim: UUID = found
+    return claim
+
+
+def _field_problem(field: str, message: str) -> Problem:
+    return Problem(
+        422, message, kind="validation", errors=[FieldError(field=field, message=message)]
+    )
 
 
 async def _state(db: Connection, principal: Principal, serial: str) -> models.PumpState:
@@ -161,7 +287,7 @@ async def telemetry(
     if bucket == "1h":
         after = decode_cursor(cursor, 1)
         before = None if after is None else _cursor_time(after[0])
-        rows = await db.fetch(sql.HOURLY, serial, low, high, before, limit + 1)
+        rows = await db.fetch(sql.HOURLY, serial, low, high, before, limit + 1, scope_of(principal))
         buckets = [models.Bucket(**dict(r)) for r in rows[:limit]]
         more = len(rows) > limit
         found = models.Page[models.Bucket](
@@ -177,6 +303,7 @@ async def telemetry(
         None if after is None else _cursor_time(after[0]),
         None if after is None else cursor_uuid(after[1]),
         limit + 1,
+        scope_of(principal),
     )
     readings = [reading_out(r) for r in rows[:limit]]
     more = len(rows) > limit

@@ -13,7 +13,15 @@ from fastapi import APIRouter, Response, status
 
 from services.api import models, sql, views
 from services.api.auth import require
-from services.api.common import Auth, Cursor, Db, Limit, decode_cursor, encode_cursor
+from services.api.common import (
+    Auth,
+    Cursor,
+    Db,
+    Limit,
+    decode_cursor,
+    encode_cursor,
+    scope_of,
+)
 from services.api.problems import FieldError, Problem, not_found
 from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
 from services.domain import contract, rules
@@ -148,7 +156,7 @@ async def list_refills(
     await pump_clinic(db, principal, serial)
     after = decode_cursor(cursor, 1)
     before = None if after is None else _cursor_time(after[0])
-    times = await db.fetch(sql.REFILL_TIMES, serial, before, limit + 1)
+    times = await db.fetch(sql.REFILL_TIMES, serial, before, limit + 1, scope_of(principal))
     if not times:
         return models.Page(items=[], next_cursor=None)
     page_times = [r["recorded_at"] for r in times[:limit]]
