@@ -96,7 +96,7 @@ async def test_an_admin_sets_up_a_clinic_with_keys_patients_and_pumps(api: Api) 
         json={"patient_id": patient.json()["id"], "implanted_on": "2024-03-01"},
     )
     assert unknown.status_code == 403, unknown.text
-    assert "claim code" in problem(unknown)["detail"]
+    assert "claim code" in str(problem(unknown)["detail"])
     assert (await api.call("GET", "/v1/pumps/NGP000777A", ADMIN_TOKEN)).status_code == 404
     provisioned = await api.call(
         "PUT", "/v1/pumps/NGP000777A", ADMIN_TOKEN, json={"clinic_id": clinic_id}

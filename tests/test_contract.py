@@ -321,12 +321,26 @@ MIN_BOLUS: dict[str, Any] = {
     "bolus": {"dose_mcg": 50, "kind": "clinician"},
 }
 
+CLAIM: dict[str, Any] = {
+    **COMMON,
+    "seq": 15,
+    "source": {"kind": "clinician_programmer", "id": "PRG-1", "firmware": "3.1"},
+    "type": "claim",
+    "claim": {"code": "K7Q2M9", "expires_at": "2026-11-24T09:00:00+01:00"},
+}
+
 EVENTS: dict[str, dict[str, Any]] = {
     "refill": REFILL,
     "prescription_change": PRESCRIPTION,
     "bolus": BOLUS,
+    "claim": CLAIM,
 }
-BODY: dict[str, str] = {"refill": "refill", "prescription_change": "infusion", "bolus": "bolus"}
+BODY: dict[str, str] = {
+    "refill": "refill",
+    "prescription_change": "infusion",
+    "bolus": "bolus",
+    "claim": "claim",
+}
 
 _DELETE = object()
 _RAW = "\x01raw\x01"
@@ -926,7 +940,9 @@ def event_cases() -> Iterator[Case]:
         yield _bad(f"{name}-missing-body", changed(doc, BODY[name], _DELETE), BODY[name], e)
         yield _bad(f"{name}-missing-type", changed(doc, "type", _DELETE), "type", e)
         yield _ok(
-            f"{name}-with-other-bodies-too", {**REFILL, **BOLUS, **PRESCRIPTION, "type": name}, e
+            f"{name}-with-other-bodies-too",
+            {**REFILL, **BOLUS, **PRESCRIPTION, **CLAIM, "type": name},
+            e,
         )
         yield _ok(f"{name}-with-telemetry-fields", {**FULL_TELEMETRY, **doc}, e)
         yield _bad(f"{name}-on-the-telemetry-topic", doc, "reservoir")
@@ -981,6 +997,40 @@ def event_cases() -> Iterator[Case]:
     )
     # prescription_change
     yield from infusion_cases("prescription_change:", e, PRESCRIPTION)
+    # claim
+    yield from _required(CLAIM, e, "claim:", ["claim.code", "claim.expires_at"])
+    yield from _field_cases(
+        "claim:",
+        e,
+        CLAIM,
+        "claim",
+        good=[("unknown-field", {**CLAIM["claim"], "screen": "interrogation"})],
+        bad=OBJECT_WRONG_TYPES,
+    )
+    yield from _field_cases(
+        "claim:",
+        e,
+        CLAIM,
+        "claim.code",
+        good=[("6", "A1B2C3"), ("12", "ABCDEF123456"), ("lower", "k7q2m9")],
+        bad=[
+            ("5", "A1B2C"),
+            ("13", "ABCDEF1234567"),
+            ("dash", "K7Q-2M9"),
+            ("space", "K7Q 2M9"),
+            ("newline", "K7Q2M9\n"),
+            ("non-ascii-digit", "K7Q2M\u0669"),
+            *STRING_WRONG_TYPES,
+        ],
+    )
+    yield from _field_cases(
+        "claim:",
+        e,
+        CLAIM,
+        "claim.expires_at",
+        good=[("utc", "2026-11-24T08:00:00Z")],
+        bad=[("no-offset", "2026-11-24T09:00:00"), ("date", "2026-11-24"), *STRING_WRONG_TYPES],
+    )
     # bolus
     yield from _required(BOLUS, e, "bolus:", ["bolus.dose_mcg", "bolus.kind"])
     yield from _field_cases(
@@ -1582,6 +1632,29 @@ def test_dose_just_over_one_percent_off_is_inconsistent(
     assert rejected.reason is Reason.INCONSISTENT_DOSE
     assert "infusion.daily_dose_mcg" in rejected.detail
     assert f"{dose:.12g}" in rejected.detail
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "refused"),
+    [
+        ("2026-11-24T08:30:00Z", False),  # recorded 07:30Z: exactly 1 h later
+        ("2026-11-24T09:30:00+01:00", False),  # the same instant in another offset
+        ("2026-11-24T07:00:00Z", False),  # already expired: stored, and no use to anyone
+        ("2026-11-24T08:30:00.000001Z", True),
+        ("2026-11-25T07:30:00Z", True),
+    ],
+)
+def test_a_claim_code_lives_at_most_an_hour(expires_at: str, refused: bool) -> None:
+    doc = changed(
+        changed(CLAIM, "recorded_at", "2026-11-24T07:30:00Z"), "claim.expires_at", expires_at
+    )
+    if refused:
+        rejected = _check_reason(doc, kind="events")
+        assert rejected.reason is SCHEMA
+        assert "claim.expires_at" in rejected.detail
+        assert "1 h" in rejected.detail
+    else:
+        _check(doc, kind="events")
 
 
 def test_dose_is_not_checked_without_daily_dose_nor_on_events() -> None:

@@ -117,7 +117,9 @@ def test_any_json_is_decoded_or_rejected_and_judged_exactly_once(topic: str, tre
 @PROPERTIES
 @given(extra=st.dictionaries(clean_text.filter(lambda k: k not in KNOWN), json_values, max_size=5))
 def test_unknown_fields_of_any_shape_are_accepted_and_kept(extra: dict[str, Any]) -> None:
-    message = telemetry(serial=SERIAL, recorded_at=NOW - timedelta(hours=1), **extra)
+    # Added to the message, not passed as keywords: a key such as "volume_ml" is an unknown
+    # top-level field here, not the helper's argument.
+    message = telemetry(serial=SERIAL, recorded_at=NOW - timedelta(hours=1)) | extra
     payload = json.dumps(message, ensure_ascii=False).encode("utf-8")
     judged = judge(
         [Incoming(1, 1, f"pumps/{SERIAL}/telemetry", payload, NOW.timestamp(), 1)], RULES, NOW

@@ -127,8 +127,8 @@ VALUES ($1, $2, 'custody', $3, $3, $4, $4, $5, $6)
 VALID_CLAIM = """
 SELECT e.msg_id FROM events e
 WHERE e.serial = $1 AND e.type = 'claim'
-  AND upper(e.body -> 'claim' ->> 'code') = upper($2)
-  AND (e.body -> 'claim' ->> 'expires_at')::timestamptz > $3
+  AND upper(e.body ->> 'code') = upper($2)
+  AND (e.body ->> 'expires_at')::timestamptz > $3
   AND NOT EXISTS (SELECT 1 FROM pump_claims c WHERE c.msg_id = e.msg_id)
 ORDER BY e.recorded_at DESC
 LIMIT 1

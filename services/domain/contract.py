@@ -194,6 +194,16 @@ class Bolus(_Body, kw_only=True, frozen=True):
     kind: Literal["clinician", "patient"]
 
 
+CLAIM_CODE_PATTERN = r"^[A-Za-z0-9]{6,12}(?!\n)$"
+CLAIM_LIFETIME = timedelta(hours=1)
+"""A claim code expires at most this long after the programmer showed it."""
+
+
+class Claim(_Body, kw_only=True, frozen=True):
+    code: Annotated[str, Meta(pattern=CLAIM_CODE_PATTERN)]
+    expires_at: Timestamp
+
+
 class _Event(_Common, kw_only=True, frozen=True, tag_field="type"):
     pass
 
@@ -210,8 +220,15 @@ class BolusEvent(_Event, kw_only=True, frozen=True, tag="bolus"):
     bolus: Bolus
 
 
-Event = RefillEvent | PrescriptionChangeEvent | BolusEvent
-Message = Telemetry | RefillEvent | PrescriptionChangeEvent | BolusEvent
+class ClaimEvent(_Event, kw_only=True, frozen=True, tag="claim"):
+    """The clinician programmer shows a code while it interrogates the pump; a clinic that
+    enters it before it expires takes custody of a pump nobody holds (HTTP contract 1.1)."""
+
+    claim: Claim
+
+
+Event = RefillEvent | PrescriptionChangeEvent | BolusEvent | ClaimEvent
+Message = Telemetry | RefillEvent | PrescriptionChangeEvent | BolusEvent | ClaimEvent
 Kind = Literal["telemetry", "events"]
 
 _generic_decoder = msgspec.json.Decoder()
@@ -275,6 +292,14 @@ def check(
         )
     if isinstance(message, Telemetry):
         _check_dose(message.infusion, message.drug.concentration_mcg_per_ml)
+    elif isinstance(message, ClaimEvent) and (
+        message.claim.expires_at > message.recorded_at + CLAIM_LIFETIME
+    ):
+        raise Rejected(
+            Reason.SCHEMA,
+            f"claim.expires_at: more than {CLAIM_LIFETIME.total_seconds() / 3600:g} h after "
+            "recorded_at",
+        )
 
 
 def _check_dose(infusion: Infusion, concentration: float) -> None:

@@ -17,6 +17,7 @@ from msgspec import UnsetType
 from services.domain import contract
 from services.domain.contract import (
     BolusEvent,
+    Event,
     Message,
     PrescriptionChangeEvent,
     Reason,
@@ -190,7 +191,7 @@ def _reading_row(m: Telemetry, msg_id: str, received_at: datetime, payload: str)
 
 
 def _event_row(
-    m: RefillEvent | PrescriptionChangeEvent | BolusEvent,
+    m: Event,
     msg_id: str,
     received_at: datetime,
     payload: str,
@@ -200,8 +201,10 @@ def _event_row(
         kind, body = "refill", m.refill
     elif isinstance(m, PrescriptionChangeEvent):
         kind, body = "prescription_change", m.infusion
-    else:
+    elif isinstance(m, BolusEvent):
         kind, body = "bolus", m.bolus
+    else:
+        kind, body = "claim", m.claim
     return (
         msg_id,
         m.serial,
