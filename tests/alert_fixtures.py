@@ -150,3 +150,34 @@ async def refill_event(
         recorded_at,
         body,
     )
+
+
+async def claim_event(
+    conn: Connection,
+    serial: str,
+    code: str,
+    *,
+    recorded_at: datetime,
+    expires_at: datetime,
+) -> None:
+    """What ingest stores when a programmer shows a claim code (event type ``claim``)."""
+    await conn.execute(
+        "INSERT INTO events (msg_id, serial, type, recorded_at, received_at, body, payload) "
+        "VALUES (gen_random_uuid(), $1, 'claim', $2, now(), $3, '{}')",
+        serial,
+        recorded_at,
+        {"code": code, "expires_at": expires_at.isoformat()},
+    )
+
+
+async def rollup(conn: Connection) -> None:
+    """The hourly rollups of readings stored by these fixtures (ingest keeps them itself)."""
+    await conn.execute(
+        """INSERT INTO readings_hourly
+           SELECT serial, date_trunc('hour', recorded_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                  count(*), sum(volume_ml), min(volume_ml), max(volume_ml), max(recorded_at),
+                  (array_agg(volume_ml ORDER BY recorded_at DESC))[1],
+                  count(measured_flow_ml_per_day), coalesce(sum(measured_flow_ml_per_day), 0),
+                  sum(rate_ml_per_day)
+           FROM readings GROUP BY 1, 2"""
+    )

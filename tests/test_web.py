@@ -26,16 +26,6 @@ from tests.api_support import api_process, scratch_database
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("PUMPWATCH_ARTIFACTS_DIR", "artifacts")) / "screenshots"
 
-ROLLUP = """
-INSERT INTO readings_hourly
-SELECT serial, date_trunc('hour', recorded_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
-       count(*), sum(volume_ml), min(volume_ml), max(volume_ml), max(recorded_at),
-       (array_agg(volume_ml ORDER BY recorded_at DESC))[1],
-       count(measured_flow_ml_per_day), coalesce(sum(measured_flow_ml_per_day), 0),
-       sum(rate_ml_per_day)
-FROM readings GROUP BY 1, 2
-"""
-
 
 @dataclass
 class Seeded:
@@ -102,7 +92,7 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
                VALUES ('NGPWEBA02', 'drug_age', 'low', 'open',
                    'Drug 60 days in the reservoir', 'Plan the refill.', now(), now(), now())"""
         )
-        await conn.execute(ROLLUP)
+        await fx.rollup(conn)
         made = {}
         for name, role, clinic in (
             ("a", "clinician", a),

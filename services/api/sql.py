@@ -89,6 +89,7 @@ LEFT JOIN pump_state s ON s.serial = p.serial
 """
 PUMP = f"{_PUMP}{_PUMP_JOINS} WHERE p.serial = $1"
 PUMP_CLINIC = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1"
+HELD_EVER = "SELECT true FROM pump_assignments WHERE serial = $1 AND clinic_id = $2 LIMIT 1"
 PUMP_FOR_CUSTODY = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1 FOR UPDATE"
 # Who changes custody and how, for the history the pumps triggers write (migration 0008).
 CUSTODY_CHANGE = """
@@ -139,7 +140,8 @@ ON CONFLICT (msg_id) DO NOTHING
 RETURNING msg_id
 """
 CLAIM_FAILURES = """
-SELECT count(*) FROM claim_failures WHERE serial = $1 AND at > $2 - make_interval(secs => $3)
+SELECT count(*) FROM claim_failures
+WHERE serial = $1 AND at > $2::timestamptz - make_interval(secs => $3)
 """
 INSERT_CLAIM_FAILURE = """
 INSERT INTO claim_failures (serial, at, clinic_id, actor) VALUES ($1, $2, $3, $4)

@@ -206,7 +206,7 @@ async def search_observations(
     cursor: PageCursor = None,
 ) -> FhirResponse:
     serial = device_serial(device_param)
-    await pump_clinic(db, principal, serial)
+    await pump_clinic(db, principal, serial, history=True)
     low, high = date_bounds(date_param or ())
     wanted = wanted_measures(code_param or ())
     after = decode_cursor(cursor, 3)

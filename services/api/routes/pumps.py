@@ -41,12 +41,22 @@ Serial = Annotated[
 ]
 
 
-async def pump_clinic(db: Connection, principal: Principal, serial: str) -> Any:
-    """The pump's clinic (None: unassigned), 404 if the principal may not see it."""
+async def pump_clinic(
+    db: Connection, principal: Principal, serial: str, *, history: bool = False
+) -> Any:
+    """The pump's clinic (None: nobody's), 404 if the principal may not see it: its holder's
+    now, or with ``history`` also a clinic that held it before (for the periods it did)."""
     row = await db.fetchrow(sql.PUMP_CLINIC, serial)
     if row is None:
         raise not_found("pump")
-    visible(principal, row["clinic_id"], "pump")
+    past_holder = (
+        history
+        and not principal.sees(row["clinic_id"])
+        and principal.clinic_id is not None
+        and await db.fetchval(sql.HELD_EVER, serial, principal.clinic_id)
+    )
+    if not past_holder:
+        visible(principal, row["clinic_id"], "pump")
     return row["clinic_id"]
 
 
@@ -274,7 +284,7 @@ async def telemetry(
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> Response:
-    await pump_clinic(db, principal, serial)
+    await pump_clinic(db, principal, serial, history=True)
     low = _utc(since, "since") if since else datetime(1970, 1, 1, tzinfo=UTC)
     high = _utc(until, "until") if until else datetime.now(UTC) + timedelta(days=1)
     if high <= low:

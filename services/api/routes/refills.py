@@ -153,7 +153,7 @@ async def _reconciled(db: Db, serial: str, at: datetime) -> models.RefillOut:
 async def list_refills(
     serial: Serial, principal: Auth, db: Db, limit: Limit = 50, cursor: Cursor = None
 ) -> models.Page[models.RefillOut]:
-    await pump_clinic(db, principal, serial)
+    await pump_clinic(db, principal, serial, history=True)
     after = decode_cursor(cursor, 1)
     before = None if after is None else _cursor_time(after[0])
     times = await db.fetch(sql.REFILL_TIMES, serial, before, limit + 1, scope_of(principal))

@@ -44,11 +44,16 @@ FROM pumps WHERE clinic_id IS NOT NULL;
 
 -- pumps.clinic_id and pumps.patient_id are the current custody; these triggers keep the
 -- history, in the transaction that changes them, whoever writes (the API, a fixture, a COPY).
--- A patient given without a clinic brings their clinic.
+-- A patient given without a clinic brings their clinic (so does a new patient when the clinic
+-- is left as it was).
 CREATE FUNCTION pumps_custody_clinic() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.patient_id IS NOT NULL AND NEW.clinic_id IS NULL THEN
+    IF NEW.patient_id IS NOT NULL AND (
+        NEW.clinic_id IS NULL
+        OR (TG_OP = 'UPDATE' AND NEW.patient_id IS DISTINCT FROM OLD.patient_id
+            AND NEW.clinic_id IS NOT DISTINCT FROM OLD.clinic_id)
+    ) THEN
         SELECT clinic_id INTO NEW.clinic_id FROM patients WHERE id = NEW.patient_id;
     END IF;
     RETURN NEW;
