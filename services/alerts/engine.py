@@ -16,7 +16,7 @@ import asyncpg
 from services.alerts import sql
 from services.alerts.lifecycle import Change, Refresh, StoredAlert, plan
 from services.alerts.metrics import AlertsMetrics
-from services.domain import rules
+from services.domain import conditions, rules
 from services.domain.alerting import Priority, Rule, RuleSettings, Snapshot
 from services.logs import get
 from services.storage import outbox
@@ -123,7 +123,7 @@ class Engine:
     def _judge(
         self, snapshot: Snapshot, stored: list[StoredAlert]
     ) -> tuple[list[Change], list[Refresh]]:
-        findings = rules.evaluate(snapshot)
+        findings = conditions.fold(rules.evaluate(snapshot))
         return plan(
             findings,
             stored,
@@ -155,6 +155,7 @@ class Engine:
                 wall_now,
                 now,
                 finding.occurrence,
+                conditions.condition_of(change.rule),
             )
         elif change.action == "reopened":
             assert finding is not None
@@ -168,6 +169,7 @@ class Engine:
                 wall_now,
                 now,
                 finding.occurrence,
+                change.rule.value,
             )
         elif change.action in ("escalated", "eased"):
             assert finding is not None
@@ -182,6 +184,7 @@ class Engine:
                 wall_now,
                 now,
                 finding.occurrence,
+                change.rule.value,
             )
         else:
             row = await conn.fetchrow(

@@ -1,12 +1,14 @@
 """The alert lifecycle as a plan: what to change, given what holds now and what is stored.
 
-States ``open → acknowledged → resolved``. At most one unresolved alert per (pump, rule). A
-finding without an unresolved alert opens one — or reopens the rule's last alert if that
-resolved within the flapping window; a finding about a past event (``occurrence``) whose alert
-was resolved raises nothing again. A finding of higher priority escalates the alert (an
-acknowledged alert becomes open again: someone must look at the worse condition); of lower
-priority eases it. An unresolved alert whose rule no longer holds is resolved, with the reason.
-Pure: the engine applies the plan in one transaction.
+States ``open → acknowledged → resolved``. At most one unresolved alert per (pump, condition):
+the findings arrive folded, one per condition (:mod:`services.domain.conditions`). A finding
+without an unresolved alert opens one — or reopens the condition's last alert if that resolved
+within the flapping window; a finding about a past event (``occurrence``) whose alert was
+resolved raises nothing again. A finding more severe than its alert (a higher priority, or at
+the same priority a further stage: reservoir low → empty, ERI → EOS) escalates the alert, its
+rule becoming the new stage (an acknowledged alert opens again: someone must look at the worse
+condition); a less severe one eases it. An unresolved alert whose condition no longer holds at
+all is resolved, with the reason. Pure: the engine applies the plan in one transaction.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from services.domain.alerting import Finding, Priority, Rule
+from services.domain.conditions import condition_of, severity
 
 Status = Literal["open", "acknowledged", "resolved"]
 Action = Literal["opened", "reopened", "escalated", "eased", "resolved"]
@@ -33,6 +36,10 @@ class StoredAlert:
     resolved_at: datetime | None = None
     occurrence: str | None = None
 
+    @property
+    def condition(self) -> str:
+        return condition_of(self.rule)
+
 
 @dataclass(frozen=True, slots=True)
 class Change:
@@ -40,6 +47,7 @@ class Change:
 
     action: Action
     rule: Rule
+    """The alert's rule after the change (escalation may move it to a further stage)."""
     alert_id: str | None
     """None: a new alert."""
     from_status: Status | None
@@ -71,19 +79,21 @@ def plan(
     flap_window: timedelta,
     resolution: Callable[[Rule], str],
 ) -> Plan:
-    """``stored``: per rule, the unresolved alert if there is one, else the last resolved."""
-    by_rule = {alert.rule: alert for alert in stored}
+    """``findings``: one per condition. ``stored``: per condition, the unresolved alert if there
+    is one, else the last resolved."""
+    by_condition = {alert.condition: alert for alert in stored}
     changes: list[Change] = []
     refreshes: list[Refresh] = []
     holding = set()
     for finding in findings:
-        holding.add(finding.rule)
-        alert = by_rule.get(finding.rule)
+        condition = condition_of(finding.rule)
+        holding.add(condition)
+        alert = by_condition.get(condition)
         if alert is None or alert.status == "resolved":
             if _handled(finding, alert):
                 continue
             changes.append(_open(finding, alert, now, flap_window))
-        elif finding.priority != alert.priority:
+        elif (finding.rule, finding.priority) != (alert.rule, alert.priority):
             changes.append(_reprioritise(finding, alert))
         elif (finding.title, finding.detail, finding.occurrence) != (
             alert.title,
@@ -91,18 +101,18 @@ def plan(
             alert.occurrence,
         ):
             refreshes.append(Refresh(alert.id, finding))
-    for rule, alert in sorted(by_rule.items()):
-        if alert.status != "resolved" and rule not in holding:
+    for condition, alert in sorted(by_condition.items()):
+        if alert.status != "resolved" and condition not in holding:
             changes.append(
                 Change(
                     "resolved",
-                    rule,
+                    alert.rule,
                     alert.id,
                     alert.status,
                     "resolved",
                     alert.priority,
                     alert.priority,
-                    resolution(rule),
+                    resolution(alert.rule),
                     None,
                 )
             )
@@ -144,7 +154,7 @@ def _open(
 
 
 def _reprioritise(finding: Finding, alert: StoredAlert) -> Change:
-    worse = finding.priority > alert.priority
+    worse = severity(finding.rule, finding.priority) > severity(alert.rule, alert.priority)
     return Change(
         "escalated" if worse else "eased",
         finding.rule,
@@ -153,6 +163,7 @@ def _reprioritise(finding: Finding, alert: StoredAlert) -> Change:
         "open" if worse else alert.status,
         alert.priority,
         finding.priority,
-        f"{'worse' if worse else 'less urgent'}: {finding.title}",
+        f"{'worse' if worse else 'less urgent'}: {finding.title}"
+        + ("" if finding.rule is alert.rule else f" (was: {alert.title})"),
         finding,
     )

@@ -18,11 +18,12 @@ SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::float8[], $4::text[])
 ON CONFLICT DO NOTHING
 """
 
+# Per pump and condition: the unresolved alert, else the last resolved.
 ALERTS = """
-SELECT DISTINCT ON (serial, rule)
+SELECT DISTINCT ON (serial, condition)
        id, serial, rule, priority, status, title, detail, resolved_at, condition_at, occurrence
 FROM alerts WHERE serial = ANY($1::text[])
-ORDER BY serial, rule, (status = 'resolved'), resolved_at DESC NULLS LAST
+ORDER BY serial, condition, (status = 'resolved'), resolved_at DESC NULLS LAST
 """
 
 # The owner is the pump's holder (migration 0008): now, or when the alert resolved.
@@ -34,15 +35,15 @@ opened_at, updated_at, acknowledged_at, resolved_at, resolution
 
 INSERT_ALERT = f"""
 INSERT INTO alerts (serial, rule, priority, status, title, detail, facts, opened_at, updated_at,
-                    condition_at, occurrence)
-VALUES ($1, $2, $3, 'open', $4, $5, $6, $7, $7, $8, $9)
-ON CONFLICT (serial, rule) WHERE status <> 'resolved' DO NOTHING
+                    condition_at, occurrence, condition)
+VALUES ($1, $2, $3, 'open', $4, $5, $6, $7, $7, $8, $9, $10)
+ON CONFLICT (serial, condition) WHERE status <> 'resolved' DO NOTHING
 RETURNING {_ALERT_ROW}
 """
 
 REOPEN_ALERT = f"""
 UPDATE alerts SET status = 'open', priority = $2, title = $3, detail = $4, facts = $5,
-       updated_at = $6, condition_at = $7, occurrence = $8, acknowledged_at = NULL,
+       updated_at = $6, condition_at = $7, occurrence = $8, rule = $9, acknowledged_at = NULL,
        acknowledged_by = NULL,
        resolved_at = NULL, resolved_by = NULL, resolution = NULL
 WHERE id = $1 AND status = 'resolved'
@@ -51,7 +52,7 @@ RETURNING {_ALERT_ROW}
 
 REPRIORITISE_ALERT = f"""
 UPDATE alerts SET priority = $2, status = $3, title = $4, detail = $5, facts = $6,
-       updated_at = $7, condition_at = $8, occurrence = $9
+       updated_at = $7, condition_at = $8, occurrence = $9, rule = $10
 WHERE id = $1 AND status <> 'resolved'
 RETURNING {_ALERT_ROW}
 """
