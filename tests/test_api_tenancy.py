@@ -209,6 +209,10 @@ def _body(method: str, template: str, ids: dict[str, str]) -> dict[str, Any] | N
         "/v1/clinics": {"name": "Another"},
         "/v1/clinics/{clinic_id}/keys": {"role": "clinician"},
         "/v1/clinics/{clinic_id}/alert-settings": {"refill_due_low_days": 20},
+        "/v1/alerts/{alert_id}/snooze": {
+            "until": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+            "note": "called the patient",
+        },
     }
     return bodies.get(template, {})
 

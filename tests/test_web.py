@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -199,6 +200,32 @@ def test_a_clinician_works_through_the_dashboard(server: Seeded, page: Page) -> 
     expect(page.locator(f'li[data-alert="{server.high_alert}"] .status')).to_have_text(
         "acknowledged"
     )
+    # The reservoir is still running low: resolving is refused, and the page says why.
+    alert = page.locator(f'li[data-alert="{server.high_alert}"]')
+    alert.get_by_label("Note").fill("refilled on the ward")
+    alert.get_by_role("button", name="Resolve").click()
+    refused = page.locator(f'li[data-alert="{server.high_alert}"] .refused')
+    expect(refused).to_contain_text("the condition still holds")
+    expect(page.locator(f'li[data-alert="{server.high_alert}"] .status')).to_have_text(
+        "acknowledged"
+    )
+    _shot(page, "patient-resolve-refused")
+    # The refill is recorded (the path a programmer's refill event takes): the condition ends.
+    recorded = httpx.post(
+        f"{server.base}/v1/pumps/NGPWEBA01/refills",
+        headers={"Authorization": f"Bearer {server.clinician_a}"},
+        json={
+            "refill": {
+                "residual_ml": 3.4,
+                "added_ml": 20.0,
+                "drug": "baclofen",
+                "concentration_mcg_per_ml": 2000,
+            }
+        },
+        timeout=30,
+    )
+    assert recorded.status_code == 201, recorded.text
+    page.goto(f"{server.base}/patients/{server.soon}")  # not a reload: that would post again
     alert = page.locator(f'li[data-alert="{server.high_alert}"]')
     alert.get_by_label("Note").fill("refilled on the ward")
     alert.get_by_role("button", name="Resolve").click()

@@ -185,6 +185,7 @@ class Engine:
                 now,
                 finding.occurrence,
                 change.rule.value,
+                change.action == "escalated",
             )
         else:
             row = await conn.fetchrow(

@@ -52,7 +52,9 @@ RETURNING {_ALERT_ROW}
 
 REPRIORITISE_ALERT = f"""
 UPDATE alerts SET priority = $2, status = $3, title = $4, detail = $5, facts = $6,
-       updated_at = $7, condition_at = $8, occurrence = $9, rule = $10
+       updated_at = $7, condition_at = $8, occurrence = $9, rule = $10,
+       -- worse: a snooze ends (someone must look at the worse condition now)
+       snoozed_until = CASE WHEN $11 THEN NULL ELSE snoozed_until END
 WHERE id = $1 AND status <> 'resolved'
 RETURNING {_ALERT_ROW}
 """

@@ -280,7 +280,16 @@ class AlertOut(BaseModel):
     serial: str
     patient_id: UUID | None
     clinic_id: UUID | None
-    rule: str = Field(examples=["refill_due"])
+    rule: str = Field(
+        examples=["refill_due"],
+        description="The stage of the condition that holds (it moves as the condition worsens: "
+        "reservoir_low then reservoir_empty, battery_eri then battery_eos).",
+    )
+    condition: str = Field(
+        examples=["reservoir"],
+        description="What the alert is about, stable for its life: `reservoir`, `battery`, or "
+        "the rule's own code. One condition, one alert.",
+    )
     priority: Literal["low", "medium", "high"]
     status: Literal["open", "acknowledged", "resolved"]
     title: str = Field(examples=["Refill due in 6 days"])
@@ -293,6 +302,11 @@ class AlertOut(BaseModel):
     resolved_at: datetime | None
     resolved_by: str | None
     resolution: str | None
+    snoozed_until: datetime | None = Field(
+        default=None, description="Re-notification waits until then (a person snoozed it)."
+    )
+    snoozed_by: str | None = None
+    snooze_note: str | None = None
 
 
 class HistoryEntry(BaseModel):
@@ -315,6 +329,15 @@ class AlertDetail(AlertOut):
 
 class NoteIn(_In):
     note: Text | None = Field(default=None, max_length=2000)
+
+
+class SnoozeIn(_In):
+    until: datetime = Field(
+        description="No re-notification (escalation) until then: at most 24 h ahead, 4 h for a "
+        "high priority alert (RFC 3339).",
+        examples=["2026-12-07T12:00:00Z"],
+    )
+    note: Text = Field(min_length=1, max_length=2000, examples=["Patient called, refill at 11"])
 
 
 # --- worklist and dashboard ----------------------------------------------------------------------

@@ -30,6 +30,10 @@ class ApiSettings(CommonSettings):
     pump takes no claim (429) until the window has passed: a short code cannot be guessed."""
     api_claim_failure_window_s: float = Field(default=900.0, gt=0)
     """…the window, in seconds."""
+    api_snooze_max_hours: float = Field(default=24.0, gt=0, le=24)
+    """The longest a person may snooze an alert (the contract allows at most 24 h)."""
+    api_snooze_high_max_hours: float = Field(default=4.0, gt=0, le=4)
+    """…a high priority alert (at most 4 h: IEC 60601-1-8, never silenced)."""
     web_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     """A dashboard sign-in lasts this long (then the key is asked for again)."""
     webhook_allow_hosts: str = ""

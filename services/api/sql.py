@@ -242,8 +242,9 @@ ORDER BY recorded_at DESC LIMIT $3
 # The owner of an alert is its pump's holder: now while unresolved, when it resolved after.
 _ALERT = """
 id, serial, alert_patient(serial, resolved_at) AS patient_id,
-alert_clinic(serial, resolved_at) AS clinic_id, rule, priority, status, title, detail, facts,
-opened_at, updated_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by, resolution
+alert_clinic(serial, resolved_at) AS clinic_id, rule, condition, priority, status, title, detail,
+facts, opened_at, updated_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by,
+resolution, snoozed_until, snoozed_by, snooze_note
 """
 # Alerts a clinic may hold: of pumps it held at some time (the index narrows, the owner decides).
 _CLINIC_ALERTS = """
@@ -287,6 +288,11 @@ INSERT_HISTORY = """
 INSERT INTO alert_history (alert_id, actor, action, from_status, to_status, from_priority,
                            to_priority, reason)
 VALUES ($1, $2, $3, $4, $5, $6, $6, $7)
+"""
+SNOOZE = f"""
+UPDATE alerts SET snoozed_until = $2, snoozed_by = $3, snooze_note = $4, updated_at = now()
+WHERE id = $1 AND status <> 'resolved'
+RETURNING {_ALERT}
 """
 
 # --- webhooks (delivered by the alert service's notification worker) ----------------------------

@@ -143,6 +143,10 @@ def alert_out(row: asyncpg.Record, principal: Principal) -> models.AlertOut:
         resolved_at=row["resolved_at"],
         resolved_by=row["resolved_by"],
         resolution=row["resolution"],
+        condition=row["condition"],
+        snoozed_until=row["snoozed_until"],
+        snoozed_by=row["snoozed_by"] if principal.identified else None,
+        snooze_note=row["snooze_note"] if principal.identified else None,
     )
 
 

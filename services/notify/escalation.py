@@ -51,12 +51,12 @@ def _settings(value: dict[str, object] | None, alert_id: object) -> Notification
 
 async def escalate(pool: asyncpg.Pool, *, now: datetime, metrics: NotifyMetrics) -> int:
     """Escalate every alert due at ``now``; returns how many were escalated."""
-    candidates = [row for row in await pool.fetch(sql.OPEN_HIGH_ALERTS) if _due(row, now)]
+    candidates = [row for row in await pool.fetch(sql.OPEN_HIGH_ALERTS, now) if _due(row, now)]
     done = 0
     for row in candidates:
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(sql.LOCK_ALERT, row["id"])
-            state = await conn.fetchrow(sql.ESCALATION_STATE_OF, row["id"])
+            state = await conn.fetchrow(sql.ESCALATION_STATE_OF, now, row["id"])
             if state is None or not _due(state, now):
                 continue  # acknowledged, resolved or escalated meanwhile
             count = int(state["escalations"]) + 1

@@ -151,8 +151,8 @@ a.id, a.serial, pu.patient_id, pu.clinic_id, a.rule, a.priority, a.status, a.tit
 a.facts, a.opened_at, a.updated_at, a.acknowledged_at, a.resolved_at, a.resolution
 """
 
-# Open (unacknowledged) high alerts of clinics: since when they have been so (the last change
-# that made them open and high) and the notification escalations since then.
+# Open (unacknowledged) high alerts of clinics, not snoozed at $1: since when they have been so
+# (the last change that made them open and high) and the notification escalations since then.
 _ESCALATION_STATE = f"""
 SELECT {_ALERT_ROW}, c.notification_settings, started.at AS since,
        escalated.n AS escalations, escalated.last_at
@@ -169,13 +169,14 @@ CROSS JOIN LATERAL (
     WHERE h.alert_id = a.id AND h.action = 'notification_escalated' AND h.at >= started.at
 ) AS escalated
 WHERE a.status = 'open' AND a.priority = 'high' AND started.at IS NOT NULL
+  AND (a.snoozed_until IS NULL OR a.snoozed_until <= $1)
 """
 
 OPEN_HIGH_ALERTS = _ESCALATION_STATE + " ORDER BY started.at"
 
 # One alert, locked against the engine and the API while its escalation is recorded.
 LOCK_ALERT = "SELECT id FROM alerts WHERE id = $1 FOR UPDATE"
-ESCALATION_STATE_OF = _ESCALATION_STATE + " AND a.id = $1"
+ESCALATION_STATE_OF = _ESCALATION_STATE + " AND a.id = $2"
 
 INSERT_ESCALATION = """
 INSERT INTO alert_history (alert_id, at, actor, action, from_status, to_status, from_priority,

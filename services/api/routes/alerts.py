@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import asyncpg
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from services.api import models, sql, views
 from services.api.auth import Principal, require
@@ -21,8 +22,11 @@ from services.api.common import (
     scope_of,
     visible,
 )
-from services.api.problems import Problem, not_found
+from services.api.problems import FieldError, Problem, not_found
 from services.api.routes.pumps import _cursor_time
+from services.api.settings import ApiSettings
+from services.domain import conditions, rules
+from services.domain.alerting import Finding
 from services.storage import outbox
 from services.storage.database import Connection
 
@@ -111,6 +115,15 @@ async def _change(
         else:
             if before["status"] == "resolved":
                 raise Problem(409, "the alert is already resolved", kind="conflict")
+            holding = await _still_holding(db, before)
+            if holding is not None:
+                raise Problem(
+                    409,
+                    f"the condition still holds: {holding.title}. This alert resolves by itself "
+                    "once the condition ends (a refill, a booked visit, readings that clear "
+                    "it); meanwhile acknowledge it, or snooze its reminders.",
+                    kind="condition-holds",
+                )
             row = await db.fetchrow(sql.RESOLVE, alert_id, principal.actor, note)
         if row is None:  # changed under us (the engine, another clinician)
             raise Problem(409, "the alert changed meanwhile; read it again", kind="conflict")
@@ -135,6 +148,19 @@ async def _change(
     return await _detail(db, principal, row)
 
 
+async def _still_holding(db: Connection, alert: asyncpg.Record) -> Finding | None:
+    """The finding of the alert's condition if it holds now (the engine's rules on the pump's
+    snapshot). A finding about one past event (a refill's discrepancy) is for a person to
+    judge: resolving it is allowed."""
+    snapshot = (await views.snapshots(db, [alert["serial"]])).get(alert["serial"])
+    if snapshot is None:
+        return None
+    for finding in conditions.fold(rules.evaluate(snapshot)):
+        if conditions.condition_of(finding.rule) == alert["condition"]:
+            return None if finding.occurrence is not None else finding
+    return None
+
+
 @router.post("/{alert_id}/acknowledge", summary="Acknowledge (clinician); idempotent")
 async def acknowledge(
     alert_id: UUID, principal: Auth, db: Db, body: models.NoteIn | None = None
@@ -149,3 +175,58 @@ async def resolve(
     alert_id: UUID, principal: Auth, db: Db, body: models.NoteIn | None = None
 ) -> models.AlertDetail:
     return await _change(db, principal, alert_id, "resolved", None if body is None else body.note)
+
+
+@router.post(
+    "/{alert_id}/snooze",
+    summary="Snooze the alert's reminders until a time, with a note (clinician)",
+)
+async def snooze(
+    alert_id: UUID,
+    body: models.SnoozeIn,
+    principal: Auth,
+    db: Db,
+    request: Request,
+) -> models.AlertDetail:
+    """No re-notification (escalation of an unacknowledged high alert) until `until`: at most
+    24 h ahead, 4 h for a high priority alert. The alert stays open or acknowledged and is
+    never silenced: if its condition worsens it escalates, and the snooze ends."""
+    require(principal, "clinician", "admin")
+    settings: ApiSettings = request.app.state.settings
+    before = await _alert(db, principal, alert_id)
+    if before["status"] == "resolved":
+        raise Problem(409, "the alert is resolved; nothing to snooze", kind="conflict")
+    until = body.until
+    if until.tzinfo is None:
+        raise _until_problem("needs a UTC offset (RFC 3339)")
+    now = datetime.now(UTC)
+    high = before["priority"] == "high"
+    hours = settings.api_snooze_high_max_hours if high else settings.api_snooze_max_hours
+    if until <= now:
+        raise _until_problem("must be in the future")
+    if until > now + timedelta(hours=hours):
+        raise _until_problem(f"at most {hours:g} h ahead for a {before['priority']} priority alert")
+    async with db.transaction():
+        row = await db.fetchrow(sql.SNOOZE, alert_id, until, principal.actor, body.note)
+        if row is None:
+            raise Problem(409, "the alert changed meanwhile; read it again", kind="conflict")
+        await db.execute(
+            sql.INSERT_HISTORY,
+            alert_id,
+            principal.actor,
+            "snoozed",
+            row["status"],
+            row["status"],
+            row["priority"],
+            f"reminders snoozed until {until.astimezone(UTC).isoformat()}: {body.note}",
+        )
+    return await _detail(db, principal, row)
+
+
+def _until_problem(message: str) -> Problem:
+    return Problem(
+        422,
+        f"until {message}",
+        kind="validation",
+        errors=[FieldError(field="body.until", message=message)],
+    )

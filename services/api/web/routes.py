@@ -27,6 +27,7 @@ from services.api.web import sessions
 from services.api.web.chart import Chart, Point, RefillMark, render
 from services.domain import rules, therapy
 from services.domain.alerting import Snapshot
+from services.storage.database import Connection
 
 router = APIRouter(include_in_schema=False)
 
@@ -243,6 +244,18 @@ async def patient_page(patient_id: UUID, request: Request, db: Db) -> Response:
     session = await _session(db, request)
     if session is None:
         return _to_login(request)
+    return await _patient(patient_id, session, db)
+
+
+async def _patient(
+    patient_id: UUID,
+    session: sessions.Session,
+    db: Connection,
+    *,
+    refused: dict[UUID, str] | None = None,
+    status: int = 200,
+) -> Response:
+    """The patient page; ``refused``: an action the page explains next to its alert."""
     principal = session.principal
     try:
         loaded = await patient_routes.load_dashboard(
@@ -280,6 +293,8 @@ async def patient_page(patient_id: UUID, request: Request, db: Db) -> Response:
         chart=_chart(loaded.snapshot, loaded.actual_points(), dashboard, refills),
         refills=refills,
         alerts=alerts,
+        refused=refused or {},
+        status=status,
     )
 
 
@@ -300,10 +315,17 @@ async def alert_action(
     if action not in ("acknowledge", "resolve"):
         raise Problem(404, "no such action", kind="not-found")
     body = models.NoteIn(note=note.strip() or None)
-    if action == "acknowledge":
-        await alert_routes.acknowledge(alert_id, session.principal, db, body)
-    else:
-        await alert_routes.resolve(alert_id, session.principal, db, body)
+    try:
+        if action == "acknowledge":
+            await alert_routes.acknowledge(alert_id, session.principal, db, body)
+        else:
+            await alert_routes.resolve(alert_id, session.principal, db, body)
+    except Problem as exc:
+        if exc.status != 409:
+            raise
+        # Refused as things stand (the condition still holds, or it changed meanwhile): the
+        # page says why, beside the alert.
+        return await _patient(patient_id, session, db, refused={alert_id: exc.detail}, status=409)
     return RedirectResponse(f"/patients/{patient_id}#alerts", status_code=303)
 
 
