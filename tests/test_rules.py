@@ -904,7 +904,7 @@ def test_resolutions_say_why_a_rule_stopped_holding() -> None:
     refilled = (refill(at=NOW - timedelta(days=2)),)
     assert resolved(Rule.RESERVOIR_LOW, refills=refilled) == "a refill was recorded on 2026-11-22"
     assert resolved(Rule.DRUG_AGE, refills=refilled) == "a refill was recorded on 2026-11-22"
-    assert resolved(Rule.PUMP_SILENT) == "readings arrive again (the last at 2026-11-24 08:30)"
+    assert resolved(Rule.PUMP_SILENT) == "readings arrive again (the last at 2026-11-24 08:30 UTC)"
     assert resolved(Rule.RESERVOIR_LOW) == "the reservoir holds 30.0 mL, above its low-alarm volume"
     assert resolved(Rule.UNDER_INFUSION) == "no measured data covers the last 12 hours any more"
     for rule in Rule:

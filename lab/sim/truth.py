@@ -497,7 +497,9 @@ class _Pump:
             self.serial,
             Fault.BATTERY,
             _at(sim.eos_at),
-            frozenset({Rule.BATTERY_EOS, Rule.FLOW_STOPPED}),
+            # The eos alarm's "drug delivery stopped" is the battery's condition: one alert
+            # (services.domain.conditions), escalated from ERI.
+            frozenset({Rule.BATTERY_EOS}),
             harm,
             f"{origin}end of service: the pump stops delivering (eos alarm on every reading)",
             "eos",

@@ -40,6 +40,7 @@ INSERT INTO clinics (name, timezone, alert_settings) VALUES ($1, $2, $3) RETURNI
 """
 CLINIC = f"SELECT {_CLINIC} FROM clinics WHERE id = $1"
 CLINIC_EXISTS = "SELECT true FROM clinics WHERE id = $1"
+CLINIC_TIMEZONE = "SELECT timezone FROM clinics WHERE id = $1"
 NOTIFICATION_SETTINGS = "SELECT notification_settings FROM clinics WHERE id = $1"
 UPDATE_NOTIFICATION_SETTINGS = """
 UPDATE clinics SET notification_settings = $2 WHERE id = $1 RETURNING notification_settings

@@ -6,10 +6,11 @@ and forecasts are the API's. Every form carries the session's CSRF token."""
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from importlib import resources
 from typing import Annotated, Any
 from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -35,6 +36,14 @@ templates = Environment(
     loader=PackageLoader("services.api.web", "templates"),
     autoescape=select_autoescape(["html"]),
 )
+
+
+def _local(at: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M %Z") -> str:
+    """A time as people at the clinic read it, with the zone named (``CET``, ``CEST``)."""
+    return "—" if at is None else at.astimezone(tz).strftime(fmt)
+
+
+templates.filters["local"] = _local
 STATIC_DIR = resources.files("services.api.web").joinpath("static")
 CHART_DAYS = 90
 PRIORITY_ORDER = {"high": 0, "medium": 1, "low": 2}
@@ -146,6 +155,7 @@ async def _worklist(
     if priority:
         open_alerts = [a for a in open_alerts if a.priority == priority]
     open_alerts.sort(key=lambda a: (PRIORITY_ORDER[a.priority], -a.opened_at.timestamp()))
+    tz = await _zone(db, principal.clinic_id)
     due = await pump_routes.refills_due(
         principal, db, within_days=within_days, limit=500, cursor=None
     )
@@ -155,7 +165,17 @@ async def _worklist(
         "priority": priority or "",
         "within_days": within_days,
         "now": datetime.now(UTC),
+        "tz": tz,
     }
+
+
+async def _zone(db: Connection, clinic_id: UUID | None) -> tzinfo:
+    """The clinic's time zone (UTC for the roles that see every clinic, or an unknown zone)."""
+    name = None if clinic_id is None else await db.fetchval(sql.CLINIC_TIMEZONE, clinic_id)
+    try:
+        return ZoneInfo(name) if name else UTC
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
 
 
 @router.get("/", tags=["worklist"])
@@ -295,6 +315,7 @@ async def _patient(
         alerts=alerts,
         refused=refused or {},
         status=status,
+        tz=await _zone(db, dashboard.patient.clinic_id),
     )
 
 

@@ -118,7 +118,7 @@ class View:
         return f"{at.astimezone(self.tz):%Y-%m-%d}"
 
     def minute(self, at: datetime) -> str:
-        return f"{at.astimezone(self.tz):%Y-%m-%d %H:%M}"
+        return f"{at.astimezone(self.tz):%Y-%m-%d %H:%M %Z}"
 
 
 def iso(at: datetime | None) -> str | None:
