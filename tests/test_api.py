@@ -313,6 +313,43 @@ async def test_a_refill_over_http_takes_the_event_path_and_returns_its_discrepan
         await conn.close()
 
 
+async def test_a_refill_and_its_event_commit_together_or_not_at_all(api: Api, w: World) -> None:
+    """The database fails at the outbox write (as when it goes away mid-request): the refill
+    must not stay recorded without its event, so that the client's retry records both."""
+    conn = await api.conn()
+    try:
+        await conn.execute(
+            """CREATE FUNCTION test_outbox_down() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'the outbox is unavailable' USING ERRCODE = '57P01'; END $$;
+               CREATE TRIGGER test_outbox_down BEFORE INSERT ON outbox
+                   FOR EACH ROW EXECUTE FUNCTION test_outbox_down();"""
+        )
+        msg_id = str(uuid.uuid4())
+        body = {
+            "msg_id": msg_id,
+            "refill": {
+                "residual_ml": 10.0,
+                "added_ml": 20.0,
+                "drug": "baclofen",
+                "concentration_mcg_per_ml": 2000,
+            },
+        }
+        path = f"/v1/pumps/{w.a.serial}/refills"
+        failed = await api.call("POST", path, w.a.clinician, json=body)
+        assert failed.status_code == 503, failed.text
+        assert (
+            await conn.fetchval("SELECT count(*) FROM events WHERE msg_id = $1", uuid.UUID(msg_id))
+            == 0
+        )
+        await conn.execute("DROP TRIGGER test_outbox_down ON outbox")
+        retried = await api.call("POST", path, w.a.clinician, json=body)
+        assert retried.status_code == 201, retried.text  # recorded now, not "already recorded"
+        events = await conn.fetch("SELECT payload FROM outbox WHERE event = 'refill.recorded'")
+        assert [e["payload"]["msg_id"] for e in events] == [msg_id]
+    finally:
+        await conn.close()
+
+
 async def test_a_refill_breaking_the_contract_is_refused_with_the_contract_s_reason(
     api: Api, w: World
 ) -> None:

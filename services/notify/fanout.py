@@ -49,7 +49,8 @@ async def fan_out(
     deliveries_wake: asyncio.Event,
 ) -> int:
     """Turn up to a batch of outbox events into deliveries (one transaction); returns how
-    many events were taken. Sets ``deliveries_wake`` when it made deliveries."""
+    many events went out (an event that failed stays, and is not counted: a batch of failures
+    does not spin the loop). Sets ``deliveries_wake`` when it made deliveries."""
     mqtt_prefix = settings.mqtt_topic_prefix if mqtt_enabled else None
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(sql.CLAIM_OUTBOX, settings.notify_batch_max_events)
@@ -68,22 +69,27 @@ async def fan_out(
             for r in (await conn.fetch(sql.ALERT_PATIENTS, alert_events) if alert_events else [])
         }
         columns: list[list[Any]] = [[] for _ in range(10)]
+        dispatched = []
         for row in rows:
             try:
                 planned = _deliveries(row, hooks, patients, now, mqtt_prefix=mqtt_prefix)
-            except Exception:  # a bug with one event must not hold up the others
+            except Exception:
+                # A bug with one event must not hold up the others, nor lose this one: it
+                # stays in the outbox (its age shows on the backlog gauge) and is tried again.
                 log.exception("notify_fanout_event_failed", outbox_id=row["id"])
+                metrics.fanout_failures.inc()
                 continue
+            dispatched.append(row["id"])
             for values in planned:
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
         if columns[0]:
             await conn.execute(sql.INSERT_DELIVERIES, *columns, now)
-        await conn.execute(sql.MARK_DISPATCHED, [r["id"] for r in rows], now)
-    metrics.events_dispatched.inc(len(rows))
+        await conn.execute(sql.MARK_DISPATCHED, dispatched, now)
+    metrics.events_dispatched.inc(len(dispatched))
     if columns[0]:
         deliveries_wake.set()
-    return len(rows)
+    return len(dispatched)
 
 
 def _deliveries(

@@ -67,6 +67,12 @@ class NotifyMetrics:
             "Outbox events turned into deliveries.",
             registry=r,
         )
+        self.fanout_failures = Counter(
+            "pumpwatch_alerts_notify_fanout_failures",
+            "Outbox events whose deliveries could not be built (a bug): left in the outbox, "
+            "tried again at the next pass, never dropped.",
+            registry=r,
+        )
         self.escalations = Counter(
             "pumpwatch_alerts_notify_escalations",
             "Unacknowledged high alerts re-sent to the escalation contacts.",

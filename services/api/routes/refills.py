@@ -122,15 +122,17 @@ async def record_refill(
         else:
             await channels.pumps_changed(db, [serial])
             recorded_at = message.recorded_at
-    result = await _reconciled(db, serial, recorded_at)
-    result.msg_id = msg_id
-    if stored is not None:
-        await outbox.add(
-            db,
-            "refill.recorded",
-            result.model_dump(mode="json") | {"recorded_by": principal.actor},
-            clinic_id=clinic_id,
-        )
+        # In the same transaction: the refill, its reconciliation and its event commit together
+        # or not at all (a refusal here, or a lost connection, leaves nothing half-recorded).
+        result = await _reconciled(db, serial, recorded_at)
+        result.msg_id = msg_id
+        if stored is not None:
+            await outbox.add(
+                db,
+                "refill.recorded",
+                result.model_dump(mode="json") | {"recorded_by": principal.actor},
+                clinic_id=clinic_id,
+            )
     return result
 
 
