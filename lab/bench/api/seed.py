@@ -45,11 +45,10 @@ HOURLY_COLUMNS = (
     "rate_ml_per_day_sum",
 )
 _EVENT_COLUMNS = ("msg_id", "serial", "type", "recorded_at", "received_at", "body", "payload")
+# The owner is the pump's holder (migration 0008); the condition follows from the rule.
 _ALERT_COLUMNS = (
     "id",
     "serial",
-    "patient_id",
-    "clinic_id",
     "rule",
     "priority",
     "status",
@@ -298,8 +297,6 @@ def _alerts(
     history: list[tuple[object, ...]] = []
     start = spec.start_epoch
     for pump in pumps:
-        patient_id = pump.patient_id
-        clinic_id = world.clinic_ids[pump.clinic]
         for epoch, _, _ in pump.refills:
             opened = epoch - int(_REFILL_DUE_DAYS * 86400)
             if opened < start:
@@ -311,8 +308,6 @@ def _alerts(
                 (
                     alert_id,
                     pump.serial,
-                    patient_id,
-                    clinic_id,
                     "refill_due",
                     "low",
                     "resolved",
@@ -343,8 +338,6 @@ def _alerts(
     now = spec.now
     open_count = 0
     for pump in pumps:
-        patient_id = pump.patient_id
-        clinic_id = world.clinic_ids[pump.clinic]
         found: list[tuple[str, str, str]] = []
         days = _days_to_low(pump)
         if days <= 0:
@@ -363,8 +356,6 @@ def _alerts(
                 (
                     alert_id,
                     pump.serial,
-                    patient_id,
-                    clinic_id,
                     rule,
                     priority,
                     "open",
