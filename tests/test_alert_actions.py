@@ -69,10 +69,23 @@ async def test_a_condition_that_still_holds_cannot_be_resolved_and_the_answer_sa
         for seconds in (45, 30, 15):  # after the stall (a minute ago), before now
             await fx.reading(conn, SERIAL, now - timedelta(seconds=seconds))
     resolved = await s.api.call(
-        "POST", f"/v1/alerts/{alert['id']}/resolve", s.nurse, json={"note": "rotor study clear"}
+        "POST",
+        f"/v1/alerts/{alert['id']}/resolve",
+        s.nurse,
+        json={"note": "called Jane Roe at home"},
     )
     assert resolved.status_code == 200, resolved.text
     assert resolved.json()["status"] == "resolved"
+    assert resolved.json()["resolution"] == "called Jane Roe at home"
+    # The fleet role sees the alert, not who handled it nor their words (they may name a
+    # patient).
+    fleet = await s.api.key("fleet")
+    seen = await s.api.call("GET", "/v1/alerts", fleet, params={"serial": SERIAL})
+    [fleet_view] = seen.json()["items"]
+    assert fleet_view["status"] == "resolved"
+    assert (fleet_view["resolution"], fleet_view["resolved_by"]) == (None, None)
+    assert fleet_view["acknowledged_by"] is None
+    assert "Jane Roe" not in seen.text
 
 
 async def test_a_discrepancy_is_a_persons_to_judge_and_can_be_resolved(setup: Setup) -> None:

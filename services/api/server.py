@@ -15,13 +15,17 @@ log = get(__name__)
 
 
 def server(settings: ApiSettings, host: str, port: int) -> uvicorn.Server:
+    # X-Forwarded-For and -Proto are believed only from the configured reverse proxies: from
+    # anyone else they would let a client write any address into the audit log.
+    trusted = settings.api_trusted_proxies.strip()
     config = uvicorn.Config(
         create_app(settings),
         host=host,
         port=port,
         log_config=None,  # our structured logs; uvicorn's access log is off
         access_log=False,
-        proxy_headers=True,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
         server_header=False,
         lifespan="on",
         http="httptools",

@@ -25,6 +25,10 @@ class ApiSettings(CommonSettings):
     """Database connections of one API process."""
     api_key_touch_interval_s: float = Field(default=60.0, ge=0)
     """``last_used_at`` of a key is written at most this often."""
+    api_trusted_proxies: str = ""
+    """Comma-separated addresses or networks of the reverse proxies whose ``X-Forwarded-For``
+    and ``X-Forwarded-Proto`` are believed (e.g. ``10.0.0.5`` or ``10.0.0.0/24``); empty: none,
+    the address the connection comes from is the client's."""
     api_claim_max_failures: int = Field(default=5, ge=1)
     """Wrong claim codes for one pump, within ``api_claim_failure_window_s``, after which the
     pump takes no claim (429) until the window has passed: a short code cannot be guessed."""

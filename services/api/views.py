@@ -125,6 +125,10 @@ def refill_out(
 
 
 def alert_out(row: asyncpg.Record, principal: Principal) -> models.AlertOut:
+    """The alert object; for the fleet role without people or their free text (who
+    acknowledged, resolved or snoozed it, and their notes: they may name a patient)."""
+    people = principal.identified
+    by_engine = row["resolved_by"] in (None, "pumpwatch-alerts")
     return models.AlertOut(
         id=row["id"],
         serial=row["serial"],
@@ -139,14 +143,14 @@ def alert_out(row: asyncpg.Record, principal: Principal) -> models.AlertOut:
         opened_at=row["opened_at"],
         updated_at=row["updated_at"],
         acknowledged_at=row["acknowledged_at"],
-        acknowledged_by=row["acknowledged_by"],
+        acknowledged_by=row["acknowledged_by"] if people else None,
         resolved_at=row["resolved_at"],
-        resolved_by=row["resolved_by"],
-        resolution=row["resolution"],
+        resolved_by=row["resolved_by"] if people or by_engine else None,
+        resolution=row["resolution"] if people or by_engine else None,
         condition=row["condition"],
         snoozed_until=row["snoozed_until"],
-        snoozed_by=row["snoozed_by"] if principal.identified else None,
-        snooze_note=row["snooze_note"] if principal.identified else None,
+        snoozed_by=row["snoozed_by"] if people else None,
+        snooze_note=row["snooze_note"] if people else None,
     )
 
 
