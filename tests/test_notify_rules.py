@@ -371,6 +371,11 @@ def test_smtp_urls() -> None:
         ("https://[fd00:ec2::254]/", "metadata"),
         ("https://[::1]/", "loopback"),
         ("https://[::ffff:127.0.0.1]/", "loopback"),
+        ("https://[2002:a00:1::1]/", "10.0.0.1 through a tunnel"),  # 6to4 of a private address
+        ("https://[2002:7f00:1::1]/", "127.0.0.1 through a tunnel"),
+        ("https://[2002:a9fe:a9fe::1]/", "169.254.169.254 through a tunnel"),  # metadata
+        ("https://[2002:808:808::1]/", None),  # 6to4 of a public address
+        ("https://[64:ff9b::a00:1]/", "reserved"),  # NAT64 of a private address
         ("https://0.0.0.0/", "unspecified"),
         ("https://224.0.0.1/", "multicast"),
         ("https://100.64.0.1/", "not a public address"),
@@ -442,3 +447,12 @@ def test_alert_email_subjects_carry_no_patient_and_no_line_breaks() -> None:
     assert "Jane Roe" in content.text
     assert "Spinal &lt;unit&gt;" in content.html
     assert "2026-11-24 13:00 CET" in content.text
+
+
+def test_notices_show_a_webhook_url_without_its_query_or_credentials() -> None:
+    from services.domain.webhook_urls import redacted
+
+    url = "https://user:pw@hooks.clinic.example:8443/in/pumpwatch?token=s3cret#frag"
+    assert redacted(url) == "https://hooks.clinic.example:8443/in/pumpwatch"
+    assert redacted("https://hooks.clinic.example/in?key=abc") == "https://hooks.clinic.example/in"
+    assert redacted("https://[::1:99999/") == "(not a valid URL)"

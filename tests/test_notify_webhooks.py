@@ -346,7 +346,10 @@ async def test_a_webhook_is_disabled_after_n_failed_deliveries_in_a_row_not_befo
             clinic_id, _ = await clinic_with_pump(
                 pool, SERIAL, notification_settings={"admin_emails": ["it@clinic.example"]}
             )
-            webhook_id = await add_webhook(pool, clinic_id, hook.url(), new_secret())
+            # A receiver's token in the query: notices must not repeat it.
+            webhook_id = await add_webhook(
+                pool, clinic_id, hook.url("/hook?token=s3cret"), new_secret()
+            )
             config = settings(
                 database_url,
                 notify_retry_window_s=0.3,
@@ -392,6 +395,14 @@ async def test_a_webhook_is_disabled_after_n_failed_deliveries_in_a_row_not_befo
                 assert payload["webhook_id"] == webhook_id
                 notice = next(m for m in smtp.to("it@clinic.example") if "disabled" in m.subject)
                 assert hook.url() in notice.part("plain")
+                assert payload["url"] == hook.url()
+            notices = await pool.fetch(
+                "SELECT payload::text AS text FROM outbox "
+                "WHERE event IN ('delivery.failed', 'webhook.disabled')"
+            )
+            assert notices
+            assert all("s3cret" not in n["text"] for n in notices)
+            assert all("s3cret" not in m.part("plain") for m in smtp.to("it@clinic.example"))
 
 
 async def test_a_success_resets_the_count_of_failures_in_a_row(database_url: str) -> None:

@@ -25,6 +25,9 @@ class ApiSettings(CommonSettings):
     """Database connections of one API process."""
     api_key_touch_interval_s: float = Field(default=60.0, ge=0)
     """``last_used_at`` of a key is written at most this often."""
+    api_public_url: str = ""
+    """The URL people reach the dashboard at (e.g. ``https://pumps.clinic.example``); when it
+    is https, session cookies are ``Secure`` even if TLS ends at a proxy in front."""
     api_trusted_proxies: str = ""
     """Comma-separated addresses or networks of the reverse proxies whose ``X-Forwarded-For``
     and ``X-Forwarded-Proto`` are believed (e.g. ``10.0.0.5`` or ``10.0.0.0/24``); empty: none,

@@ -62,7 +62,41 @@ def address_problem(address: str | IPAddress) -> str | None:
             return f"{ip} is a {kind} address"
     if not ip.is_global:
         return f"{ip} is not a public address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        for inner in _embedded_ipv4(ip):
+            problem = address_problem(inner)
+            if problem is not None:
+                return f"{ip} reaches {inner} through a tunnel or translation: {problem}"
     return None
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address reaches through a translation or tunnel: 6to4
+    (2002::/16), Teredo (its server and client), NAT64 (64:ff9b::/96 and the local-use
+    64:ff9b:1::/48), IPv4-compatible (::a.b.c.d)."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if ip in _NAT64 or ip in _NAT64_LOCAL or int(ip) >> 32 == 0:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
+def redacted(url: str) -> str:
+    """A webhook URL as notices show it: scheme, host, port and path, without the query,
+    fragment or credentials (receivers put tokens there)."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(not a valid URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 def host_allowed(host: str, allow_hosts: frozenset[str]) -> bool:

@@ -16,6 +16,7 @@ from datetime import datetime
 import asyncpg
 
 from services.domain.notifications import ADMIN_EVENTS
+from services.domain.webhook_urls import redacted
 from services.logs import get
 from services.notify import sql
 from services.notify.backoff import RetryPolicy, next_attempt
@@ -199,7 +200,7 @@ async def tell_admins(conn: Connection, d: Claimed, result: Result, now: datetim
             "delivery_id": d.id,
             "event": d.event,
             "channel": d.channel,
-            "target": d.target,
+            "target": redacted(d.target) if d.channel == "webhook" else d.target,
             "webhook_id": d.webhook_id,
             "alert_id": d.alert_id,
             "attempts": d.attempts,
@@ -236,7 +237,7 @@ async def count_webhook_failure(
         "webhook.disabled",
         {
             "webhook_id": str(row["id"]),
-            "url": row["url"],
+            "url": redacted(row["url"]),
             "disabled_at": iso(row["disabled_at"]),
             "reason": row["disabled_reason"],
             "consecutive_failures": row["consecutive_failures"],

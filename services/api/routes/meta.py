@@ -14,7 +14,10 @@ from services.api import models, sql
 from services.api.auth import authenticate, require
 from services.api.common import Auth, Cursor, Db, Limit, decode_cursor, encode_cursor
 from services.api.problems import Problem
+from services.logs import get
 from services.storage import migrate
+
+log = get(__name__)
 
 router = APIRouter()
 
@@ -36,7 +39,11 @@ async def readyz(request: Request) -> JSONResponse:
             await conn.fetchval(sql.PING)
             waiting = await migrate.pending(conn)
     except Exception as exc:
-        return JSONResponse({"status": "unavailable", "detail": repr(exc)}, status_code=503)
+        # The cause goes to the log, not to an anonymous caller (it can name hosts, users).
+        log.warning("api_not_ready", error=type(exc).__name__)
+        return JSONResponse(
+            {"status": "unavailable", "detail": "the database cannot be reached"}, status_code=503
+        )
     if waiting:
         names = ", ".join(f"{m.version:04d}_{m.name}" for m in waiting)
         return JSONResponse(

@@ -59,7 +59,10 @@ def _to_login(request: Request) -> RedirectResponse:
 
 
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """Cookies only over https: this request's scheme (its proxy's, when trusted), or the
+    configured public URL's (a TLS-terminating proxy in front)."""
+    public: str = request.app.state.settings.api_public_url
+    return request.url.scheme == "https" or public.lower().startswith("https://")
 
 
 async def _session(db: Db, request: Request) -> sessions.Session | None:
