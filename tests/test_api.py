@@ -442,26 +442,35 @@ async def test_webhooks_are_registered_listed_and_deleted_within_a_clinic(
 async def test_keys_unknown_revoked_or_missing_are_401_and_failures_are_rate_limited(
     database_url: str,
 ) -> None:
-    async with running_api(database_url, api_auth_failures_per_minute=3) as api:
+    async with (
+        running_api(database_url, api_auth_failures_per_minute=3) as api,
+        running_api(database_url, api_auth_failures_per_minute=3) as other_process,
+    ):
         w = await world(api)
         path = f"/v1/pumps/{w.a.serial}"
         assert (await api.call("GET", path, w.a.clinician)).status_code == 200
-        for key in (None, "pw_nope", w.revoked):
-            answer = await api.call("GET", path, key)
+        # No credentials is not a failed authentication: however many, nothing is counted.
+        for _ in range(5):
+            answer = await api.call("GET", path, None)
             assert answer.status_code == 401
             assert answer.headers["www-authenticate"].startswith("Bearer")
             problem(answer)
-        # The source is locked out: a valid key that has not authenticated yet is refused
-        # without being looked up ...
-        limited = await api.call("GET", path, w.fleet)
-        assert limited.status_code == 429
-        assert int(limited.headers["retry-after"]) > 0
-        problem(limited)
-        assert (await api.call("GET", path, "pw_another_guess")).status_code == 429
-        assert (await api.call("GET", path, None)).status_code == 429
-        # ... but a key that did authenticate (a working client behind the same address) goes
-        # on working, and is still looked up: revoked, it is refused.
+        assert (await api.call("GET", path, w.fleet)).status_code == 200
+        # Wrong ones are, in every API process alike (the count lives in the database).
+        for key, caller in (("pw_nope", api), (w.revoked, other_process), ("pw_x", api)):
+            answer = await caller.call("GET", path, key)
+            assert answer.status_code == 401
+            problem(answer)
+        for caller in (api, other_process):
+            limited = await caller.call("GET", path, "pw_another_guess")
+            assert limited.status_code == 429
+            assert int(limited.headers["retry-after"]) > 0
+            problem(limited)
+        # A right key is never refused, even one that never authenticated before, and from
+        # the locked-out address; a request without a key still just gets 401.
+        assert (await other_process.call("GET", path, w.a.integrator)).status_code == 200
         assert (await api.call("GET", path, w.a.clinician)).status_code == 200
+        assert (await api.call("GET", path, None)).status_code == 401
         conn = await api.conn()
         try:
             await conn.execute(
@@ -470,7 +479,8 @@ async def test_keys_unknown_revoked_or_missing_are_401_and_failures_are_rate_lim
             )
         finally:
             await conn.close()
-        assert (await api.call("GET", path, w.a.clinician)).status_code == 401
+        # Revoked: wrong now, and the source is over its limit.
+        assert (await api.call("GET", path, w.a.clinician)).status_code == 429
 
 
 async def test_the_fleet_role_sees_pumps_but_no_patient(api: Api, w: World) -> None:

@@ -18,7 +18,7 @@ from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
 from services.api import problems, sql
-from services.api.auth import FailureLimiter, Principal
+from services.api.auth import Principal
 from services.api.fhir import routes as fhir_routes
 from services.api.routes import (
     alerts,
@@ -121,7 +121,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
         responses=problems.PROBLEM_RESPONSES,
     )
     app.state.settings = settings
-    app.state.limiter = FailureLimiter(settings.api_auth_failures_per_minute)
     app.state.metrics = Metrics()
     app.add_exception_handler(problems.Problem, problems.on_problem)
     app.add_exception_handler(RequestValidationError, problems.on_validation)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import time
-from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -49,88 +47,46 @@ class Principal:
         return self.all_clinics or (clinic_id is not None and clinic_id == self.clinic_id)
 
 
-class FailureLimiter:
-    """Failed authentications per source over the last minute (per process).
-
-    A source over the limit gets 429 without its key being looked up, except for keys that
-    authenticated recently (from any source): one client spraying bad keys from behind a
-    clinic's NAT does not lock out the clinic's working clients. A guessed key cannot be among
-    them, and a recently trusted key is still looked up (so a revoked one gets its 401)."""
-
-    TRUST_S = 3600.0
-    """How long a key that authenticated passes a locked-out source."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._failures: dict[str, deque[float]] = {}
-        self._trusted: dict[bytes, float] = {}
-
-    def _recent(self, source: str, now: float) -> deque[float]:
-        found = self._failures.setdefault(source, deque())
-        while found and found[0] <= now - 60.0:
-            found.popleft()
-        return found
-
-    def check(self, source: str, key_hash: bytes | None) -> None:
-        now = time.monotonic()
-        found = self._recent(source, now)
-        if len(found) >= self.per_minute:
-            trusted_at = self._trusted.get(key_hash) if key_hash is not None else None
-            if trusted_at is not None and now - trusted_at < self.TRUST_S:
-                return
-            retry = max(1, int(60.0 - (now - found[0])) + 1)
-            raise Problem(
-                429,
-                f"too many failed authentications from this source; retry in {retry} s",
-                kind="rate-limited",
-                headers={"Retry-After": str(retry)},
-            )
-        if not found:
-            self._failures.pop(source, None)
-
-    def failed(self, source: str) -> None:
-        self._recent(source, time.monotonic()).append(time.monotonic())
-        if len(self._failures) > 100_000:  # bounded memory under a spray of sources
-            self._failures.clear()
-
-    def succeeded(self, key_hash: bytes) -> None:
-        self._trusted[key_hash] = time.monotonic()
-        if len(self._trusted) > 100_000:  # bounded: keys are few, this is a safety net
-            self._trusted.clear()
-
-
 def _source(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
 async def key_row(request: Request, conn: Connection, key_hash: bytes) -> Record | None:
-    """The API key's row once the source's failure limit lets it be looked up (429
-    otherwise), or None when the key is unknown or revoked (a failure counted against the
-    source). Shared by bearer authentication and the web sign-in form."""
-    limiter: FailureLimiter = request.app.state.limiter
-    source = _source(request)
-    limiter.check(source, key_hash)
+    """The API key's row, or None when the key is unknown or revoked (a failure counted
+    against the source, shared by every API process). A right key is never refused; a wrong
+    one from a source over its limit gets 429. Shared by bearer authentication and the web
+    sign-in form."""
     row: Record | None = await conn.fetchrow(sql.KEY_BY_HASH, key_hash)
-    if row is None or row["revoked_at"] is not None:
-        limiter.failed(source)
-        log.info("api_auth_failed", source=source, revoked=row is not None)
-        return None
-    limiter.succeeded(key_hash)
-    return row
+    if row is not None and row["revoked_at"] is None:
+        return row
+    await _failed(request, conn, revoked=row is not None)
+    return None
+
+
+async def _failed(request: Request, conn: Connection, *, revoked: bool) -> None:
+    """A credential presented and wrong: 429 if the source is over its limit, else counted."""
+    source = _source(request)
+    now = datetime.now(UTC)
+    limit: int = request.app.state.settings.api_auth_failures_per_minute
+    if await conn.fetchval(sql.AUTH_FAILURES, source, now) >= limit:
+        raise Problem(
+            429,
+            "too many failed authentications from this source; retry in a minute",
+            kind="rate-limited",
+            headers={"Retry-After": "60"},
+        )
+    await conn.execute(sql.RECORD_AUTH_FAILURE, source, now)
+    log.info("api_auth_failed", source=source, revoked=revoked)
 
 
 async def authenticate(request: Request) -> Principal:
-    """The request's principal, or 401 (429 once a source keeps failing)."""
+    """The request's principal, or 401 (429 for wrong keys once a source keeps failing).
+    A request without credentials is not a failed authentication: nothing is counted."""
     state = request.app.state
-    source = _source(request)
-    limiter: FailureLimiter = state.limiter
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    bearer = scheme.lower() == "bearer" and bool(token)
-    if not bearer:
-        limiter.check(source, None)
-        limiter.failed(source)
+    if scheme.lower() != "bearer" or not token:
         raise Problem(
             401,
             "send an API key: Authorization: Bearer <key>",
@@ -138,14 +94,11 @@ async def authenticate(request: Request) -> Principal:
             headers=_CHALLENGE,
         )
     key_hash = keys.hash_key(token)
-    # Before a pool connection is taken: a flood from a locked-out source costs none.
-    limiter.check(source, key_hash)
     admin = state.settings.admin_token
     if admin is not None and hmac.compare_digest(
         token.encode("utf-8", "surrogatepass"), admin.get_secret_value().encode()
     ):
         principal = Principal(None, "admin", None)
-        limiter.succeeded(key_hash)
     else:
         async with state.pool.acquire() as conn:
             row = await key_row(request, conn, key_hash)

@@ -20,7 +20,9 @@ class ApiSettings(CommonSettings):
     api_max_body_bytes: int = Field(default=65_536, ge=1024)
     """Largest request body accepted (413 above it)."""
     api_auth_failures_per_minute: int = Field(default=20, ge=1)
-    """Failed authentications one source may make per minute before it gets 429."""
+    """Wrong credentials one source address may present per minute (every API process
+    counts in the database) before its wrong ones get 429; a right credential always passes
+    and a request without one is not counted."""
     api_pool_max_size: int = Field(default=10, ge=1)
     """Database connections of one API process."""
     api_key_touch_interval_s: float = Field(default=60.0, ge=0)

@@ -24,6 +24,21 @@ KEY_BY_HASH = (
 )
 TOUCH_KEY = "UPDATE api_keys SET last_used_at = $2 WHERE id = $1"
 
+# Failed authentications of a source over the last minute (migration 0011).
+AUTH_FAILURES = """
+SELECT coalesce(sum(failures), 0) FROM auth_failures
+WHERE source = $1 AND bucket > $2::timestamptz - interval '1 minute'
+"""
+# Count one failure (and forget buckets older than two minutes, everyone's).
+RECORD_AUTH_FAILURE = """
+WITH forgotten AS (
+    DELETE FROM auth_failures WHERE bucket < $2::timestamptz - interval '2 minutes'
+)
+INSERT INTO auth_failures (source, bucket, failures)
+VALUES ($1, date_bin('10 seconds', $2::timestamptz, timestamptz '2000-01-01'), 1)
+ON CONFLICT (source, bucket) DO UPDATE SET failures = auth_failures.failures + 1
+"""
+
 # --- audit ---------------------------------------------------------------------------------------
 
 INSERT_AUDIT = """
