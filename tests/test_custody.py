@@ -306,3 +306,96 @@ async def test_a_moved_pump_takes_its_alerts_and_each_clinic_reads_only_its_own_
         (c.b, c.patient_b, True),
     ]
     assert [p["how"] for p in periods] == ["assigned", "moved", "provisioned"]
+
+
+# -- every route of the OpenAPI table, for a moved pump -------------------------------------------
+
+_A_VOLUMES = (11.111, 12.222, 13.333)
+"""Readings of the pump while clinic A held it (distinctive numbers to look for)."""
+_B_VOLUMES = (21.111, 22.222)
+"""…and after it moved to clinic B."""
+
+
+def _about_a_pump_or_patient(method: str, template: str) -> bool:
+    return method == "GET" and (
+        any(p in template for p in ("{serial}", "{patient_id}", "{device}"))
+        or template.startswith("/fhir/Observation")
+        or template == "/v1/alerts"
+    )
+
+
+def _shown(text: str, volumes: tuple[float, ...], msg_ids: list[str]) -> list[str]:
+    return [str(v) for v in volumes if str(v) in text] + [m for m in msg_ids if m in text]
+
+
+async def test_no_route_shows_a_clinic_another_clinics_period_of_a_moved_pump(
+    clinics: Clinics,
+) -> None:
+    """Generated from the route table: every GET about a pump or patient, called by each
+    clinic's key with each clinic's ids, never shows the readings of a period that was not the
+    caller's."""
+    from tests.test_api_tenancy import ROUTES, _path, _query
+
+    c = clinics
+    start = datetime.now(UTC) - timedelta(hours=6)
+    async with c.pool.acquire() as conn:
+        await fx.pump(conn, SERIAL, patient_id=c.patient_a)
+        for n, volume in enumerate(_A_VOLUMES):
+            await fx.reading(conn, SERIAL, start + timedelta(minutes=10 * n), volume_ml=volume)
+    moved = await c.api.call(
+        "PUT", f"/v1/pumps/{SERIAL}", ADMIN_TOKEN, json={"patient_id": c.patient_b}
+    )
+    assert moved.status_code == 200, moved.text
+    async with c.pool.acquire() as conn:
+        moved_at = await conn.fetchval(
+            "SELECT since FROM pump_assignments WHERE serial = $1 AND until IS NULL", SERIAL
+        )
+        for n, volume in enumerate(_B_VOLUMES):  # after the move, before anyone reads
+            await fx.reading(
+                conn, SERIAL, moved_at + timedelta(milliseconds=n + 1), volume_ml=volume
+            )
+        await fx.rollup(conn)
+        ids = await conn.fetch(
+            "SELECT msg_id::text AS id, volume_ml FROM readings WHERE serial = $1", SERIAL
+        )
+    a_ids = [r["id"] for r in ids if r["volume_ml"] in _A_VOLUMES]
+    b_ids = [r["id"] for r in ids if r["volume_ml"] in _B_VOLUMES]
+    assert len(a_ids) == len(_A_VOLUMES)
+    assert len(b_ids) == len(_B_VOLUMES)
+    integrator_a = await c.api.key("integrator", c.a)
+    callers = {
+        "clinic A": (c.nurse_a, c.patient_a),
+        "clinic A integrator": (integrator_a, c.patient_a),
+    }
+    callers["clinic B"] = (c.nurse_b, c.patient_b)
+    checked = 0
+    leaks = []
+    for method, template in ROUTES:
+        if not _about_a_pump_or_patient(method, template):
+            continue
+        for who, (key, patient) in callers.items():
+            route_ids = {
+                "serial": SERIAL,
+                "patient": patient,
+                "alert": str(uuid.uuid4()),
+                "clinic": c.a if "A" in who else c.b,
+                "webhook": str(uuid.uuid4()),
+                "key": str(uuid.uuid4()),
+            }
+            params = _query(method, template, route_ids)
+            if template.startswith("/fhir/Observation"):
+                params["device"] = f"Device/{SERIAL}"
+            answer = await c.api.call(method, _path(template, route_ids), key, params=params)
+            assert answer.status_code < 500, (template, answer.text)
+            foreign = (_B_VOLUMES, b_ids) if "A" in who else (_A_VOLUMES, a_ids)
+            shown = _shown(answer.text, *foreign)
+            if shown:
+                leaks.append(f"{who} GET {template} -> {answer.status_code}: shows {shown}")
+            checked += 1
+    assert checked >= 8
+    assert not leaks, "\n".join(leaks)
+    # And each sees its own period where the route shows readings.
+    own_a = await c.api.call("GET", f"/v1/pumps/{SERIAL}/telemetry", c.nurse_a)
+    own_b = await c.api.call("GET", f"/v1/pumps/{SERIAL}/telemetry", c.nurse_b)
+    assert _shown(own_a.text, _A_VOLUMES, a_ids)
+    assert _shown(own_b.text, _B_VOLUMES, b_ids)
