@@ -275,12 +275,10 @@ def metrics_service(command: str, settings: Mapping[str, str], log_path: Path) -
     return ServiceProcess(command, defaults | dict(settings), log_path, port_setting=METRICS_PORT)
 
 
-def api_service(
-    settings: Mapping[str, str], log_path: Path, *, port: int | None = None
-) -> ServiceProcess:
-    """``pumpwatch api`` on 127.0.0.1:``port`` (a free one by default), JSON logs; ``settings``
+def api_service(settings: Mapping[str, str], log_path: Path) -> ServiceProcess:
+    """``pumpwatch api`` on 127.0.0.1 and a free port (chosen once), JSON logs; ``settings``
     come last."""
-    port = port or free_port()
+    port = free_port()
     return ServiceProcess(
         "api",
         {"PUMPWATCH_LOG_FORMAT": "json", **settings},
