@@ -1,13 +1,10 @@
 """The API in-process on a real database: its lifespan runs, requests go through httpx's ASGI
-transport (the whole middleware stack, no network)."""
+transport (the whole middleware stack, no network); or as a real process (lab.processes)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -21,7 +18,7 @@ import asyncpg
 import httpx
 from fastapi import FastAPI
 
-from lab.embedded import free_port
+from lab.processes import ServiceProcess, api_service
 from services.api import keys
 from services.api.app import create_app
 from services.api.settings import ApiSettings
@@ -175,9 +172,22 @@ def scratch_database(pg_admin_url: str, template: str, prefix: str) -> Iterator[
 
 @dataclass
 class ApiProcess:
-    base: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+    """What :func:`api_process` yields: the running API's base URL, process and log file."""
+
+    service: ServiceProcess
+
+    @property
+    def base(self) -> str:
+        return self.service.base_url
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.service.proc is not None
+        return self.service.proc
+
+    @property
+    def log(self) -> Path:
+        return self.service.log_path
 
     def unhandled_errors(self) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if "api_unhandled_error" in line]
@@ -188,29 +198,9 @@ def api_process(
     database_url: str, log_dir: Path, extra_env: dict[str, str] | None = None
 ) -> Iterator[ApiProcess]:
     """``pumpwatch api`` as a process on a free port, ready (``/readyz`` 200); SIGTERM at exit."""
-    port = free_port()
-    log = log_dir / "api.log"
-    env = os.environ | {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_LOG_FORMAT": "json"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "api", "--port", str(port)],
-            env=env | (extra_env or {}),
-            stdout=out,
-            stderr=out,
-        )
-    found = ApiProcess(f"http://127.0.0.1:{port}", proc, log)
+    settings = {"PUMPWATCH_DATABASE_URL": database_url, **(extra_env or {})}
+    service = api_service(settings, log_dir / "api.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{found.base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the API did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield found
+        yield ApiProcess(service.start())
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        service.stop()

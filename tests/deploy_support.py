@@ -8,14 +8,10 @@ import getpass
 import json
 import os
 import secrets
-import signal
 import ssl
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from lab import processes
 from lab.embedded import EmbeddedBroker, free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,60 +341,13 @@ class MqttClient:
 # --- compose's command lines as processes -------------------------------------------------
 
 
-@dataclass
-class ServiceProcess:
+class ServiceProcess(processes.ServiceProcess):
     """``pumpwatch <args>`` (``python -m services``) with a given environment, answering HTTP
     (/metrics, /healthz, /readyz) on ``port``."""
 
-    args: list[str]
-    env: dict[str, str]
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, wait_ready: bool = True, timeout_s: float = 60.0) -> ServiceProcess:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services", *self.args],
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        if wait_ready:
-            deadline = time.monotonic() + timeout_s
-            while self.get("/readyz")[0] != 200:
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"{self.args} exited {self.proc.returncode}:\n{self.log()}"
-                    )
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{self.args} not ready:\n{self.log()}")
-                time.sleep(0.05)
-        return self
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
-
-    def wait(self, timeout_s: float = 60.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout_s)
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
+    def __init__(self, args: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+        super().__init__(args[0], env, log_path, args=args[1:], port=port)
 
     def stop_quietly(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+        """Clean-up: SIGKILL if still running."""
+        self.kill()

@@ -1,25 +1,20 @@
-"""Test helpers: message factories, the ingest service as a real process, database reads."""
+"""Test helpers: message factories, the ingest, alerts and notify services as real processes
+(lab.processes), database reads."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from lab.embedded import EmbeddedBroker, free_port
+from lab.embedded import EmbeddedBroker
+from lab.processes import METRICS_PORT, ServiceProcess
 
 
 def telemetry(
@@ -89,123 +84,50 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message).encode()
 
 
-@dataclass
-class IngestProcess:
-    """``pumpwatch ingest`` as a child process, configured through the environment."""
+class IngestProcess(ServiceProcess):
+    """``pumpwatch ingest`` (or ``command``) as a child process on a test's database and broker,
+    configured through the environment; /readyz, /healthz and /metrics on a free metrics port
+    (a new one at each start)."""
 
-    database_url: str
-    broker: EmbeddedBroker
-    log_path: Path
-    client_id: str = field(default_factory=lambda: f"ingest-test-{uuid.uuid4().hex[:8]}")
-    extra_env: dict[str, str] = field(default_factory=dict)
-    metrics_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    command: str = "ingest"
+    def __init__(
+        self,
+        database_url: str,
+        broker: EmbeddedBroker,
+        log_path: Path,
+        *,
+        client_id: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        command: str = "ingest",
+    ) -> None:
+        self.client_id = client_id or f"ingest-test-{uuid.uuid4().hex[:8]}"
+        settings = {
+            "PUMPWATCH_DATABASE_URL": database_url,
+            "PUMPWATCH_MQTT_URL": broker.url,
+            "PUMPWATCH_MQTT_CLIENT_ID": self.client_id,
+            "PUMPWATCH_METRICS_HOST": "127.0.0.1",
+            "PUMPWATCH_LOG_FORMAT": "json",
+        }
+        if not broker.supports_mqtt5:
+            settings.update(PUMPWATCH_MQTT_PROTOCOL="3.1.1", PUMPWATCH_MQTT_SHARE_GROUP="")
+        settings.update(extra_env or {})
+        super().__init__(command, settings, log_path, port_setting=METRICS_PORT)
+
+    @property
+    def extra_env(self) -> dict[str, str]:
+        """The settings; a test may change them before the next start."""
+        return self.settings
+
+    @property
+    def metrics_port(self) -> int:
+        return self.port
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            PUMPWATCH_DATABASE_URL=self.database_url,
-            PUMPWATCH_MQTT_URL=self.broker.url,
-            PUMPWATCH_MQTT_CLIENT_ID=self.client_id,
-            PUMPWATCH_METRICS_PORT=str(self.metrics_port),
-            PUMPWATCH_METRICS_HOST="127.0.0.1",
-            PUMPWATCH_LOG_FORMAT="json",
-        )
-        if not self.broker.supports_mqtt5:
-            env.update(PUMPWATCH_MQTT_PROTOCOL="3.1.1", PUMPWATCH_MQTT_SHARE_GROUP="")
-        env.update(self.extra_env)
-        return env
-
-    def start(self, *, wait_ready: bool = True) -> IngestProcess:
-        self.metrics_port = free_port()
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services", self.command],
-            env=self.env(),
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        if wait_ready:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.command} exited with {self.proc.returncode}:\n{self.log()}"
-                )
-            status, _ = self.get("/readyz")
-            if status == 200:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{self.command} not ready after {timeout_s} s:\n{self.log()}")
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2
-            ) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample on /metrics (0 when absent); fails if /metrics does not
-        answer, so that a missed scrape is never read as a zero."""
-        status, text = self.get("/metrics")
-        if status != 200:
-            raise AssertionError(f"/metrics answered {status}:\n{self.log()}")
-        wanted = name + (
-            "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-        )
-        for line in text.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def wait_metric(self, name: str, value: float, timeout_s: float = 30.0, **labels: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.metric(name, **labels) >= value:
-                return
-            time.sleep(0.05)
-        raise AssertionError(
-            f"{name}{labels} stayed at {self.metric(name, **labels)} < {value}:\n{self.log()}"
-        )
-
-    def wait_metric_equal(
-        self, name: str, value: float, timeout_s: float = 30.0, **labels: str
-    ) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.metric(name, **labels) == value:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{name}{labels} is {self.metric(name, **labels)}, not {value}")
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
+        """The environment the process gets (with the port of the last start)."""
+        return self.environment()
 
     def stop_quietly(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+        """Clean-up: SIGKILL if still running."""
+        self.kill()
 
 
 def alerts_process(

@@ -100,15 +100,7 @@ def probe_message(serial: str) -> Outgoing:
 
 def scrape(process: IngestProcess) -> dict[str, float]:
     """Every sample on the process's /metrics, keyed by name with labels as printed."""
-    status, text = process.get("/metrics")
-    if status != 200:
-        raise AssertionError(f"/metrics answered {status}:\n{process.log()}")
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+    return process.metrics()
 
 
 def total(samples: dict[str, float], name: str) -> float:
@@ -118,19 +110,7 @@ def total(samples: dict[str, float], name: str) -> float:
 
 def log_records(process: IngestProcess, event: str | None = None) -> list[dict[str, Any]]:
     """The process's JSON log records (all of its lives), optionally only one event's."""
-    if not process.log_path.exists():
-        return []
-    records = []
-    for line in process.log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if event is None or record.get("event") == event:
-            records.append(record)
-    return records
+    return process.records(event)
 
 
 async def eventually(

@@ -338,8 +338,8 @@ def test_the_alerting_rules_fire_when_they_should(tmp_path: Path) -> None:
 class ApiProcess(IngestProcess):
     """``pumpwatch api``: its /metrics, /healthz and /readyz are on the API port."""
 
-    def env(self) -> dict[str, str]:
-        return {**super().env(), "PUMPWATCH_API_PORT": str(self.metrics_port)}
+    def environment(self) -> dict[str, str]:
+        return {**super().environment(), "PUMPWATCH_API_PORT": str(self.port)}
 
 
 def get_json(url: str) -> Any:

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lab import embedded
+from lab.processes import metrics_service
 from lab.sim.fleet import Fleet, Outgoing
 from lab.sim.publisher import publish_all
 from services.settings import CommonSettings, parse_mqtt_url
@@ -217,23 +215,14 @@ def _ingest_phase(  # noqa: PLR0917 - one call site, each argument a different r
     console: Console,
 ) -> Phase:
     phase = Phase("pumpwatch ingest")
-    metrics_port = embedded.free_port()
-    env = dict(os.environ)
-    env.update(
-        PUMPWATCH_DATABASE_URL=database_url,
-        PUMPWATCH_MQTT_URL=broker_url,
-        PUMPWATCH_MQTT_CLIENT_ID="bench-ingest",
-        PUMPWATCH_METRICS_PORT=str(metrics_port),
-        PUMPWATCH_METRICS_HOST="127.0.0.1",
-        PUMPWATCH_LOG_FORMAT="json",
-    )
-    log_path = scratch / "ingest.log"
-    with log_path.open("wb") as log:
-        ingest = subprocess.Popen(
-            [sys.executable, "-m", "services", "ingest"], env=env, stdout=log, stderr=log
-        )
+    settings = {
+        "PUMPWATCH_DATABASE_URL": database_url,
+        "PUMPWATCH_MQTT_URL": broker_url,
+        "PUMPWATCH_MQTT_CLIENT_ID": "bench-ingest",
+    }
+    ingest = metrics_service("ingest", settings, scratch / "ingest.log")
     try:
-        _wait_ready(metrics_port, ingest, log_path)
+        ingest.start()
         ingest_proc = psutil.Process(ingest.pid)
         cpu_before = {
             "ingest": _cpu(ingest_proc),
@@ -245,17 +234,17 @@ def _ingest_phase(  # noqa: PLR0917 - one call site, each argument a different r
             phase.first_publish = time.time()
             publisher = pool.submit(_publish_stamped, broker_url, stream, "bench-ingest-publisher")
             while True:
-                stored = _metric(
-                    metrics_port, "pumpwatch_ingest_messages_stored_total", 'kind="telemetry"'
-                ) + _metric(metrics_port, "pumpwatch_ingest_messages_stored_total", 'kind="events"')
+                samples = ingest.metrics()
+                stored = samples.get(
+                    'pumpwatch_ingest_messages_stored_total{kind="telemetry"}', 0.0
+                ) + samples.get('pumpwatch_ingest_messages_stored_total{kind="events"}', 0.0)
                 advance(int(stored))
                 if stored >= len(stream):
-                    phase.last_delivery = _metric(
-                        metrics_port, "pumpwatch_ingest_last_commit_timestamp_seconds", ""
+                    phase.last_delivery = samples.get(
+                        "pumpwatch_ingest_last_commit_timestamp_seconds", 0.0
                     )
                     break
-                if ingest.poll() is not None:
-                    raise RuntimeError(f"ingest exited: {log_path.read_text()[-2000:]}")
+                ingest.check()
                 time.sleep(0.1)
             phase.published_at = publisher.result()
         phase.delivered = int(stored)
@@ -265,10 +254,9 @@ def _ingest_phase(  # noqa: PLR0917 - one call site, each argument a different r
             "broker": _cpu(broker) - cpu_before["broker"],
             "publisher": _cpu(psutil.Process()) - cpu_before["publisher"],
         }
-        phase.cpu_s.update(_commit_figures(metrics_port))
+        phase.cpu_s.update(_commit_figures(ingest.metrics()))
     finally:
-        ingest.terminate()
-        ingest.wait(60)
+        ingest.stop(60)
     console.print(f"ingest: {phase.delivered:,} stored at {phase.rate:,.0f} msg/s")
     return phase
 
@@ -279,51 +267,12 @@ def _publish_stamped(broker_url: str, stream: list[Outgoing], client_id: str) ->
     return time.time()
 
 
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ingest exited: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("ingest did not become ready in 60 s")
-
-
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text: str = r.read().decode()
-        return text
-
-
-def _metric(port: int, name: str, labels: str) -> float:
-    wanted = f"{name}{{{labels}}}" if labels else name
-    for line in _scrape(port).splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def _commit_figures(port: int) -> dict[str, float]:
-    text = _scrape(port)
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        for key in (
-            "pumpwatch_ingest_commit_seconds_sum",
-            "pumpwatch_ingest_commit_seconds_count",
-            "pumpwatch_ingest_batch_size_messages_sum",
-            "pumpwatch_ingest_batch_size_messages_count",
-            "pumpwatch_ingest_read_pauses_total",
-        ):
-            if line.startswith(key + " "):
-                values[key] = float(line.rsplit(" ", 1)[1])
-    count = values.get("pumpwatch_ingest_commit_seconds_count", 0.0) or 1.0
+def _commit_figures(samples: dict[str, float]) -> dict[str, float]:
+    count = samples.get("pumpwatch_ingest_commit_seconds_count", 0.0) or 1.0
     return {
-        "commit_mean_ms": 1000 * values.get("pumpwatch_ingest_commit_seconds_sum", 0.0) / count,
-        "batch_mean": values.get("pumpwatch_ingest_batch_size_messages_sum", 0.0) / count,
-        "read_pauses": values.get("pumpwatch_ingest_read_pauses_total", 0.0),
+        "commit_mean_ms": 1000 * samples.get("pumpwatch_ingest_commit_seconds_sum", 0.0) / count,
+        "batch_mean": samples.get("pumpwatch_ingest_batch_size_messages_sum", 0.0) / count,
+        "read_pauses": samples.get("pumpwatch_ingest_read_pauses_total", 0.0),
     }
 
 

@@ -46,11 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -61,7 +57,7 @@ from typing import Literal
 
 import asyncpg
 
-from lab.embedded import free_port
+from lab.processes import ServiceProcess, metrics_service
 from lab.sim.fleet import LIFE_RULES, Fleet, Injected
 from lab.sim.publisher import publish_all
 from services.domain.alerting import Priority, Rule
@@ -114,76 +110,11 @@ SWEEP_PAYLOAD = json.dumps({"serials": None})
 
 
 class ReplayError(RuntimeError):
-    """A service died or stopped making progress during a replay."""
+    """The services stopped making progress during a replay (one that dies raises
+    lab.processes.ServiceError)."""
 
 
 # -- the services as processes --------------------------------------------------------------------
-
-
-@dataclass
-class ServiceProcess:
-    """``python -m services <command>`` with its settings in the environment; its /metrics."""
-
-    command: str
-    env: dict[str, str]
-    log_path: Path
-    metrics_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        env = dict(os.environ)
-        env.update(self.env)
-        env.update(
-            PUMPWATCH_METRICS_PORT=str(self.metrics_port),
-            PUMPWATCH_METRICS_HOST="127.0.0.1",
-            PUMPWATCH_LOG_FORMAT="json",
-        )
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services", self.command], env=env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check()
-            try:
-                url = f"http://127.0.0.1:{self.metrics_port}/readyz"
-                with urllib.request.urlopen(url, timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise ReplayError(f"{self.command} not ready after {timeout_s:.0f} s:\n{self.log()}")
-
-    def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise ReplayError(f"{self.command} exited with {self.proc.returncode}:\n{self.log()}")
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics by its name with labels (``name{a="b"}``)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text: str = response.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            return None
-
-    def log(self) -> str:
-        if not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-4000:]
 
 
 def ingest_process(
@@ -198,14 +129,14 @@ def ingest_process(
         "PUMPWATCH_MQTT_CLIENT_ID": name,
         "PUMPWATCH_MQTT_SHARE_GROUP": name,
     }
-    return ServiceProcess("ingest", settings | env, log_path)
+    return metrics_service("ingest", settings | env, log_path)
 
 
 def alerts_process(
     database_url: str, broker_url: str, log_path: Path, **env: str
 ) -> ServiceProcess:
     settings = {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_MQTT_URL": broker_url}
-    return ServiceProcess("alerts", settings | env, log_path)
+    return metrics_service("alerts", settings | env, log_path)
 
 
 def notify_process(
@@ -213,7 +144,7 @@ def notify_process(
 ) -> ServiceProcess:
     """``pumpwatch notify``: the notification worker alone (MQTT deliveries to the broker)."""
     settings = {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_MQTT_URL": broker_url}
-    return ServiceProcess("notify", settings | env, log_path)
+    return metrics_service("notify", settings | env, log_path)
 
 
 def stored(metrics: Mapping[str, float]) -> int:

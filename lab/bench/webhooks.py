@@ -55,13 +55,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from lab import embedded
 from lab.bench.alerts import histogram_quantile
 from lab.bench.ingest import _drop_database, _fresh_database, _postgres
-from lab.bench.replay import (
-    ServiceProcess,
-    alerts_process,
-    ingest_process,
-    notify_process,
-    stored,
-)
+from lab.bench.replay import alerts_process, ingest_process, notify_process, stored
+from lab.processes import ServiceProcess
 from lab.sim.fleet import Fault, Fleet
 from lab.sim.publisher import publish_all
 from services.domain.webhook_urls import new_secret

@@ -25,7 +25,7 @@ configured (or local, or embedded) PostgreSQL:
 
 Every non-2xx answer and every failed request is an error, counted and shown.
 
-Here: the options, the API process and the run. The fleet and its generated history are in
+Here: the options and the run. The fleet and its generated history are in
 ``fleet``, the COPY seeding in ``seed``, the routes and the load process in ``load``, the
 figures, tables and verdict lines in ``report``.
 """
@@ -36,12 +36,9 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -77,7 +74,7 @@ from lab.bench.api.report import (
 )
 from lab.bench.api.seed import HOURLY_COLUMNS, Seeded, history_label, seed
 from lab.bench.ingest import _drop_database, _fresh_database, _postgres
-from lab.embedded import free_port
+from lab.processes import ServiceProcess, api_service
 from services.api import keys
 
 __all__ = [
@@ -87,7 +84,6 @@ __all__ = [
     "HOURLY_COLUMNS",
     "ROUTES",
     "ApiBenchOptions",
-    "ApiProcess",
     "BenchReport",
     "LoadResult",
     "LoadSpec",
@@ -129,68 +125,6 @@ class ApiBenchOptions:
     seed: int = 7
 
 
-# -- the API process ------------------------------------------------------------------------------
-
-
-@dataclass
-class ApiProcess:
-    database_url: str
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        env = dict(os.environ)
-        env.update(
-            PUMPWATCH_DATABASE_URL=self.database_url,
-            PUMPWATCH_LOG_FORMAT="json",
-            PUMPWATCH_LOG_LEVEL="warning",
-        )
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "services",
-                    "api",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the API exited: {self.log()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"the API was not ready after {timeout_s:.0f} s: {self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
-
-
 # -- the run --------------------------------------------------------------------------------------
 
 
@@ -221,10 +155,12 @@ def run(options: ApiBenchOptions, console: Console, admin_url: str | None = None
                 world, seeded = _seed_with_progress(url, spec, console)
                 report.seeded.append(seeded)
                 clinician_keys, admin_key = asyncio.run(_keys(url, world))
-                api = ApiProcess(url, scratch / f"api-{days:g}.log")
+                api = api_service(
+                    {"PUMPWATCH_DATABASE_URL": url, "PUMPWATCH_LOG_LEVEL": "warning"},
+                    scratch / f"api-{days:g}.log",
+                )
                 per_history.callback(api.stop)
                 api.start()
-                assert api.proc is not None
                 for route, clients, offered in _plan(options, main=days == options.days):
                     phase = _phase(
                         api, url, route, clients, offered, options, world, clinician_keys,
@@ -318,7 +254,7 @@ _TEMPLATES = {
 
 
 def _phase(  # noqa: PLR0917 - one call site
-    api: ApiProcess,
+    api: ServiceProcess,
     url: str,
     route: Route,
     clients: int,
@@ -330,7 +266,6 @@ def _phase(  # noqa: PLR0917 - one call site
     seeded: Seeded,
     console: Console,
 ) -> PhaseResult:
-    assert api.proc is not None
     per_client = []
     for i in range(clients):
         clinic = i % len(world.clinic_ids)
@@ -343,7 +278,7 @@ def _phase(  # noqa: PLR0917 - one call site
         seconds=seconds,
         warmup_s=options.warmup_seconds,
         seed=options.seed,
-        api_pid=api.proc.pid,
+        api_pid=api.pid,
         database_url=url,
         route_template=_TEMPLATES[route.key],
         interval_s=0.0 if offered is None else clients / offered,
@@ -359,7 +294,7 @@ def _phase(  # noqa: PLR0917 - one call site
             spec,
             lambda: progress.update(task, completed=min(total, time.perf_counter() - started)),
         )
-    if api.proc.poll() is not None:
+    if not api.alive:
         raise RuntimeError(f"the API exited during {description}: {api.log()}")
     phase = PhaseResult(
         route=route.name,

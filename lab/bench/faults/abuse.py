@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
-from lab.bench.faults.common import Lab, Outcome, Service, Size, percentile, seconds
-from lab.embedded import free_port
+from lab.bench.faults.common import Lab, Outcome, Size, percentile, seconds
+from lab.processes import api_service
 
 ADMIN_TOKEN = "faults-abuse-admin-token-93e5aa"  # noqa: S105 - a scratch API's bootstrap token
 WITNESS_ADDRESS = "127.0.0.2"
@@ -107,22 +107,18 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
     outcome = Outcome("abuse", "huge bodies and limits, floods and slow clients against the API")
     started = time.monotonic()
     database_url = lab.database()
-    port = free_port()
-    api = Service(
-        "api",
-        {
-            "PUMPWATCH_DATABASE_URL": database_url,
-            "PUMPWATCH_ADMIN_TOKEN": ADMIN_TOKEN,
-            "PUMPWATCH_LOG_FORMAT": "json",
-            "PUMPWATCH_LOG_LEVEL": "warning",
-        },
-        lab.path("abuse-api.log"),
-        args=("--host", "127.0.0.1", "--port", str(port)),
+    api = lab.service(
+        api_service(
+            {
+                "PUMPWATCH_DATABASE_URL": database_url,
+                "PUMPWATCH_ADMIN_TOKEN": ADMIN_TOKEN,
+                "PUMPWATCH_LOG_LEVEL": "warning",
+            },
+            lab.path("abuse-api.log"),
+        )
     )
-    lab.stack.callback(api.stop_quietly)
     api.start()
-    api.wait_ready(port=port)
-    base = f"http://127.0.0.1:{port}"
+    base = api.base_url
     keys = _setup(base)
     process = psutil.Process(api.pid)
     rss_before = process.memory_info().rss

@@ -25,7 +25,6 @@ from lab.bench.faults.common import (
     Lab,
     Outcome,
     PacedPublisher,
-    Service,
     Size,
     check_stored,
     fetch,
@@ -37,6 +36,7 @@ from lab.bench.faults.common import (
     wait_until,
 )
 from lab.embedded import EmbeddedBroker
+from lab.processes import ServiceProcess
 from lab.sim.fleet import Outgoing
 
 
@@ -142,7 +142,6 @@ def _restart_once(  # noqa: PLR0915 - one timeline, in order
     env = {} if share_group is None else {"PUMPWATCH_MQTT_SHARE_GROUP": share_group}
     ingest = ingest_service(lab, database_url, broker.url, name=f"restart-{name}-ingest", **env)
     ingest.start()
-    ingest.wait_ready()
     published = publish(broker.url, window[:100], client="restart-window")
     publisher = PacedPublisher(broker.url, stream, rate=spec.rate, retry_for_s=120).start()
     try:
@@ -182,7 +181,7 @@ def _restart_once(  # noqa: PLR0915 - one timeline, in order
         outcome.problems.append(f"{name}: {str(exc).splitlines()[0]}")
     finally:
         publisher.stop.set()
-        ingest.stop_quietly()
+        ingest.stop()
     acknowledged = [*stream[: publisher.acked], *window[:published]]
     result = asyncio.run(check_stored(database_url, [*acknowledged, barrier]))
     run.attempted = len(stream) + len(window)
@@ -200,7 +199,7 @@ def _restart_once(  # noqa: PLR0915 - one timeline, in order
 
 
 def _store_barrier(
-    broker_url: str, database_url: str, barrier: Outgoing, ingest: Service, *, client: str
+    broker_url: str, database_url: str, barrier: Outgoing, ingest: ServiceProcess, *, client: str
 ) -> None:
     """Publish the stream's last message and wait until ingest has stored it (and what came
     before it has committed)."""
@@ -248,7 +247,6 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
     lab.stack.callback(broker.close)
     ingest = ingest_service(lab, database_url, broker.url, name="kill-ingest")
     ingest.start()
-    ingest.wait_ready()
     publisher = PacedPublisher(broker.url, stream, rate=spec.rate, retry_for_s=120).start()
     try:
         time.sleep(spec.before_s)
@@ -258,7 +256,6 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
         time.sleep(spec.down_s)
         broker.start()
         ingest.start()
-        ingest.wait_ready()
         connected = ingest.records("mqtt_connected")
         outcome.figures["session after the SIGKILL"] = (
             "restored" if connected and connected[-1].get("session_present") else "gone (new)"
@@ -270,7 +267,7 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
         outcome.problems.append(str(exc).splitlines()[0])
     finally:
         publisher.stop.set()
-        ingest.stop_quietly()
+        ingest.stop()
     acknowledged = stream[: publisher.acked]
     result = asyncio.run(check_stored(database_url, [*acknowledged, barrier]))
     flagged = asyncio.run(_flagged(database_url, acknowledged, set(result.lost)))

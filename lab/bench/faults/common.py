@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +25,8 @@ import asyncpg
 
 from lab import embedded
 from lab.bench.ingest import _drop_database, _fresh_database
-from lab.embedded import EmbeddedBroker, free_port
+from lab.embedded import EmbeddedBroker
+from lab.processes import ServiceProcess, metrics_service
 from lab.sim.fleet import Fleet, Outgoing
 from lab.sim.publisher import PublishError, publish_all
 from services.settings import parse_mqtt_url
@@ -111,140 +105,13 @@ class Lab:
     def path(self, name: str) -> Path:
         return self.scratch / name
 
-
-# -- the services as child processes ----------------------------------------------------------
-
-
-@dataclass
-class Service:
-    """``pumpwatch <command>`` as a child process, configured through its environment; its
-    JSON log goes to ``log_path`` (all of its lives)."""
-
-    command: str
-    env: dict[str, str]
-    log_path: Path
-    args: tuple[str, ...] = ()
-    metrics_port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    """time.time() of the last start."""
-    starts: int = 0
-
-    def start(self) -> Service:
-        environment = dict(os.environ)
-        environment.update(self.env)
-        if self.command in ("ingest", "alerts"):
-            self.metrics_port = free_port()
-            environment.update(
-                PUMPWATCH_METRICS_PORT=str(self.metrics_port), PUMPWATCH_METRICS_HOST="127.0.0.1"
-            )
-        with self.log_path.open("ab") as log:
-            self.started_at = time.time()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services", self.command, *self.args],
-                env=environment,
-                stdout=log,
-                stderr=log,
-            )
-        self.starts += 1
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def exit_text(self) -> str:
-        """How the current life ended, for a problem's text ("running" while it runs)."""
-        if self.proc is None or self.proc.poll() is None:
-            return "running"
-        code = self.proc.returncode
-        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def get(self, path: str, port: int | None = None) -> tuple[int, str]:
-        port = port or self.metrics_port
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
-
-    def wait_ready(self, timeout_s: float = 60.0, port: int | None = None) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise RuntimeError(f"{self.command} exited:\n{self.log()}")
-            if self.get("/readyz", port)[0] == 200:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.command} not ready after {timeout_s:.0f} s:\n{self.log()}")
-
-    def samples(self) -> dict[str, float] | None:
-        """Every sample on /metrics, keyed by name with labels as printed; None if it does not
-        answer."""
-        status, text = self.get("/metrics")
-        if status != 200:
-            return None
-        return parse_samples(text)
-
-    def kill(self) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            return -9
-
-    def stop_quietly(self) -> None:
-        if self.alive:
-            self.terminate(30)
-
-    def log(self, tail: int = 4000) -> str:
-        if not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-    def records(self, event: str | None = None) -> list[dict[str, Any]]:
-        """The JSON log records of all lives, optionally only one event's."""
-        if not self.log_path.exists():
-            return []
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and (event is None or record.get("event") == event):
-                found.append(record)
-        return found
+    def service(self, service: ServiceProcess) -> ServiceProcess:
+        """``service``, stopped (SIGTERM) at the end if it still runs."""
+        self.stack.callback(service.stop)
+        return service
 
 
-def parse_samples(text: str) -> dict[str, float]:
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                samples[key] = float(value)
-    return samples
+# -- the services as child processes (lab.processes) -------------------------------------------
 
 
 def total(samples: dict[str, float], name: str) -> float:
@@ -254,20 +121,15 @@ def total(samples: dict[str, float], name: str) -> float:
 
 def ingest_service(
     lab: Lab, database_url: str, broker_url: str, *, name: str = "ingest", **env: str
-) -> Service:
-    service = Service(
-        "ingest",
-        {
-            "PUMPWATCH_DATABASE_URL": database_url,
-            "PUMPWATCH_MQTT_URL": broker_url,
-            "PUMPWATCH_MQTT_CLIENT_ID": f"faults-{name}-{uuid.uuid4().hex[:6]}",
-            "PUMPWATCH_LOG_FORMAT": "json",
-            **env,
-        },
-        lab.path(f"{name}.log"),
-    )
-    lab.stack.callback(service.stop_quietly)
-    return service
+) -> ServiceProcess:
+    """Ingest on the scenario's database and broker (a client id of its own), stopped at the
+    end."""
+    settings = {
+        "PUMPWATCH_DATABASE_URL": database_url,
+        "PUMPWATCH_MQTT_URL": broker_url,
+        "PUMPWATCH_MQTT_CLIENT_ID": f"faults-{name}-{uuid.uuid4().hex[:6]}",
+    }
+    return lab.service(metrics_service("ingest", settings | env, lab.path(f"{name}.log")))
 
 
 # -- publishing -------------------------------------------------------------------------------
@@ -456,7 +318,7 @@ def wait_until(
     *,
     timeout_s: float,
     every_s: float = 0.05,
-    alive: Service | None = None,
+    alive: ServiceProcess | None = None,
 ) -> float:
     """Poll ``condition``; returns the seconds it took. Raises on timeout or if ``alive``
     exited."""

@@ -21,7 +21,6 @@ from lab.bench.faults.common import (
     Lab,
     Outcome,
     PacedPublisher,
-    Service,
     Size,
     check_stored,
     fetchval,
@@ -33,6 +32,7 @@ from lab.bench.faults.common import (
     total,
     wait_until,
 )
+from lab.processes import ServiceProcess
 
 LAST_COMMIT = "pumpwatch_ingest_last_commit_timestamp_seconds"
 DUPLICATES = "pumpwatch_ingest_messages_duplicate_total"
@@ -83,8 +83,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
     share = spec.messages / (spec.kills + 1)
     thresholds = [round(share * (i + rng.uniform(0.2, 0.9))) for i in range(spec.kills)]
 
-    ingest.start()
-    ingest.wait_ready()  # subscribed: the session exists before the first message
+    ingest.start()  # ready: subscribed, the session exists before the first message
     publisher = PacedPublisher(broker.url, stream, rate=spec.rate).start()
     recoveries: list[float] = []
     kills: list[Kill] = []
@@ -92,7 +91,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
     try:
         for life, threshold in enumerate(thresholds):
             if life:
-                ingest.start()
+                ingest.start(wait_ready=False)
                 recoveries.append(_first_commit(ingest))
             wait_until(
                 _reached(publisher, threshold),
@@ -109,7 +108,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
             outcome.check(ingest.alive, f"ingest died by itself in life {life}")
             ingest.kill()
             kills.append(Kill(life, acked, stored))
-        ingest.start()
+        ingest.start(wait_ready=False)
         recoveries.append(_first_commit(ingest))
         publisher.join(900)
         # The session delivers in order: once the barrier is stored, all before it came.
@@ -128,7 +127,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         outcome.problems.append(str(exc).splitlines()[0])
     finally:
         publisher.stop.set()
-        ingest.stop_quietly()
+        ingest.stop()
 
     acknowledged = stream[: publisher.acked]
     result = asyncio.run(check_stored(database_url, [*acknowledged, barrier]))
@@ -164,7 +163,7 @@ def _reached(publisher: PacedPublisher, count: int) -> Callable[[], bool]:
     return lambda: publisher.acked >= count or publisher.done
 
 
-def _first_commit(ingest: Service) -> float:
+def _first_commit(ingest: ServiceProcess) -> float:
     """Seconds from the last start to the first commit of this life."""
 
     def committed() -> bool:

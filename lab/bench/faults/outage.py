@@ -31,7 +31,6 @@ from lab.bench.faults.common import (
     Lab,
     Outcome,
     PacedPublisher,
-    Service,
     Size,
     check_stored,
     fetchval,
@@ -42,7 +41,7 @@ from lab.bench.faults.common import (
     wait_until,
 )
 from lab.bench.ingest import _fresh_database
-from lab.embedded import free_port
+from lab.processes import ServiceProcess, api_service
 
 LAST_COMMIT = "pumpwatch_ingest_last_commit_timestamp_seconds"
 ADMIN_TOKEN = "faults-outage-admin-token-4f1c9a"  # noqa: S105 - a scratch API's bootstrap token
@@ -119,9 +118,8 @@ def _running(pid: int) -> bool:
 class Probe:
     """Polls the API and ingest from a thread, recording what they answered in each phase."""
 
-    api: Service
-    api_port: int
-    ingest: Service
+    api: ServiceProcess
+    ingest: ServiceProcess
     serial: str
     phase: str = "before"
     api_statuses: dict[str, Counter[int]] = field(default_factory=dict)
@@ -134,7 +132,7 @@ class Probe:
         import httpx
 
         with httpx.Client(
-            base_url=f"http://127.0.0.1:{self.api_port}",
+            base_url=self.api.base_url,
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
             timeout=10,
         ) as client:
@@ -149,9 +147,9 @@ class Probe:
                     status = 0
                     self.api_errors.append(f"{phase}: {type(exc).__name__}")
                 self.api_statuses.setdefault(phase, Counter())[status] += 1
-                ready = self.ingest.get("/readyz")[0]
+                ready = self.ingest.get("/readyz", timeout_s=3.0)[0]
                 self.ingest_ready.setdefault(phase, Counter())[ready] += 1
-                health = self.ingest.get("/healthz")[0]
+                health = self.ingest.get("/healthz", timeout_s=3.0)[0]
                 self.ingest_health.setdefault(phase, Counter())[health] += 1
 
 
@@ -171,23 +169,15 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
     database_url = asyncio.run(_fresh_database(postgres.url))
     broker = lab.broker("outage-mosquitto")
     ingest = ingest_service(lab, database_url, broker.url, name="outage-ingest")
-    api_port = free_port()
-    api = Service(
-        "api",
-        {
-            "PUMPWATCH_DATABASE_URL": database_url,
-            "PUMPWATCH_ADMIN_TOKEN": ADMIN_TOKEN,
-            "PUMPWATCH_LOG_FORMAT": "json",
-        },
-        lab.path("outage-api.log"),
-        args=("--host", "127.0.0.1", "--port", str(api_port)),
+    api = lab.service(
+        api_service(
+            {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_ADMIN_TOKEN": ADMIN_TOKEN},
+            lab.path("outage-api.log"),
+        )
     )
-    lab.stack.callback(api.stop_quietly)
     ingest.start()
-    ingest.wait_ready()
     api.start()
-    api.wait_ready(port=api_port)
-    probe = Probe(api, api_port, ingest, stream[0].serial)
+    probe = Probe(api, ingest, stream[0].serial)
     prober = threading.Thread(target=probe.run, name="outage-probe", daemon=True)
     prober.start()
     publisher = PacedPublisher(broker.url, stream, rate=spec.rate).start()
@@ -201,7 +191,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         time.sleep(spec.down_s / 2)
         committed_before_kill = (ingest.samples() or {}).get(LAST_COMMIT, 0.0)
         ingest.kill()
-        ingest.start()
+        ingest.start(wait_ready=False)  # the database is away: up, never ready
         restarted_at = time.monotonic()
         time.sleep(max(0.0, spec.down_s / 2 - 0.5))
         outcome.check(
@@ -264,8 +254,8 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         probe.stop.set()
         prober.join(15)
         publisher.stop.set()
-        ingest.stop_quietly()
-        api.stop_quietly()
+        ingest.stop()
+        api.stop()
 
     acknowledged = stream[: publisher.acked]
     result = asyncio.run(check_stored(database_url, [*acknowledged, barrier]))
@@ -297,7 +287,7 @@ def _statuses(counts: Counter[int]) -> str:
     return ", ".join(f"{status or 'no answer'} x {n}" for status, n in sorted(counts.items()))
 
 
-def _first_commit(ingest: Service, since: float, after: float | None = None) -> float:
+def _first_commit(ingest: ServiceProcess, since: float, after: float | None = None) -> float:
     """Seconds from ``since`` (monotonic) until ingest commits (after ``after``, a time.time())."""
     floor = after if after is not None else 0.0
 
@@ -313,7 +303,7 @@ def _api_back(probe: Probe, since: float) -> float:
     import httpx
 
     with httpx.Client(
-        base_url=f"http://127.0.0.1:{probe.api_port}",
+        base_url=probe.api.base_url,
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         timeout=10,
     ) as client:

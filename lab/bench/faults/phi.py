@@ -32,7 +32,6 @@ import httpx
 from lab.bench.faults.common import (
     Lab,
     Outcome,
-    Service,
     Size,
     days_before_now,
     fetchval,
@@ -41,7 +40,7 @@ from lab.bench.faults.common import (
     total,
     wait_until,
 )
-from lab.embedded import free_port
+from lab.processes import ServiceProcess, api_service, metrics_service
 from lab.sim.fleet import Fault, Fleet, Outgoing
 
 ADMIN_TOKEN = "faults-phi-admin-token-7d20b1"  # noqa: S105 - a scratch API's bootstrap token
@@ -121,7 +120,7 @@ class Findings:
             self.leaks.append(f"{place}: …{text[start : found.end() + 40]!r}")
 
 
-def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one timeline, in order
+def run(lab: Lab, size: Size, seed: int) -> Outcome:
     spec = SIZES[size]
     outcome = Outcome("phi", f"canary patients ({spec.pumps}) through ingest, alerts and the API")
     started = time.monotonic()
@@ -134,25 +133,23 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
     broker = lab.broker("phi-mosquitto")
     debug = {"PUMPWATCH_LOG_LEVEL": "debug", "PUMPWATCH_LOG_FORMAT": "json"}
     ingest = ingest_service(lab, database_url, broker.url, name="phi-ingest", **debug)
-    alerts = Service(
-        "alerts",
-        {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_MQTT_URL": broker.url, **debug},
-        lab.path("phi-alerts.log"),
+    alerts = lab.service(
+        metrics_service(
+            "alerts",
+            {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_MQTT_URL": broker.url, **debug},
+            lab.path("phi-alerts.log"),
+        )
     )
-    lab.stack.callback(alerts.stop_quietly)
-    api_port = free_port()
-    api = Service(
-        "api",
-        {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_ADMIN_TOKEN": ADMIN_TOKEN, **debug},
-        lab.path("phi-api.log"),
-        args=("--host", "127.0.0.1", "--port", str(api_port)),
+    api = lab.service(
+        api_service(
+            {"PUMPWATCH_DATABASE_URL": database_url, "PUMPWATCH_ADMIN_TOKEN": ADMIN_TOKEN, **debug},
+            lab.path("phi-api.log"),
+        )
     )
-    lab.stack.callback(api.stop_quietly)
     for service in (ingest, alerts, api):
-        service.start()
-    ingest.wait_ready()
-    alerts.wait_ready()
-    api.wait_ready(port=api_port)
+        service.start(wait_ready=False)
+    for service in (ingest, alerts, api):
+        service.wait_ready()
 
     findings = Findings()
     fleet = Fleet(
@@ -161,7 +158,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         start=days_before_now(spec.messages / spec.pumps / 96 + 2),
         fault_rates={Fault.MOTOR_STALL: 0.3, Fault.BATTERY: 0.3, Fault.MISSED_REFILL: 0.3},
     )
-    base = f"http://127.0.0.1:{api_port}"
+    base = api.base_url
     with httpx.Client(base_url=base, timeout=30) as client:
         world = _setup(client, fleet, planted, outcome)
         stream = [m for m in fleet.take(spec.messages) if m.valid]
@@ -202,8 +199,8 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
         requests = _clinic_activity(client, world, planted, outcome)
         _walk_fleet(client, world, findings, pattern, outcome)
         _fleet_web(client, world, findings, pattern)
-        for service, port in ((api, api_port), (ingest, 0), (alerts, 0)):
-            status, text = service.get("/metrics", port or None)
+        for service in (api, ingest, alerts):
+            status, text = service.get("/metrics")
             outcome.check(status == 200, f"{service.command} /metrics answered {status}")
             findings.search(f"{service.command} /metrics", text, pattern)
 
@@ -338,7 +335,7 @@ def _stalled_now(stream: list[Outgoing], rng: random.Random) -> list[Outgoing]:
     return stalled
 
 
-def _alerts_settled(alerts: Service) -> bool:
+def _alerts_settled(alerts: ServiceProcess) -> bool:
     samples = alerts.samples()
     return (
         samples is not None

@@ -249,7 +249,6 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:
     broker = lab.broker("poison-mosquitto")
     ingest = ingest_service(lab, database_url, broker.url, name="poison-ingest")
     ingest.start()
-    ingest.wait_ready()
     pid = ingest.pid
     acked = publish(broker.url, stream, client="poison-pub")
     outcome.attempted = len(stream)

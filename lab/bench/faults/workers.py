@@ -32,7 +32,6 @@ import asyncpg
 from lab.bench.faults.common import (
     Lab,
     Outcome,
-    Service,
     Size,
     fetch,
     fetchval,
@@ -40,6 +39,7 @@ from lab.bench.faults.common import (
     wait_until,
 )
 from lab.embedded import free_port
+from lab.processes import ServiceProcess, metrics_service
 from services.domain.webhook_urls import new_secret
 from services.settings import parse_mqtt_url
 from services.storage.database import prepare_connection
@@ -198,7 +198,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:
     tap = MqttTap(broker.url)
     lab.stack.callback(tap.stop)
     asyncio.run(_seed(database_url, spec.pumps, hook.url))
-    alerts = Service(
+    alerts = metrics_service(
         "alerts",
         {
             "PUMPWATCH_DATABASE_URL": database_url,
@@ -213,11 +213,11 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:
         },
         lab.path("workers-alerts.log"),
     )
-    lab.stack.callback(alerts.stop_quietly)
+    lab.service(alerts)
     kills: list[str] = []
     try:
         for life in range(spec.kills):
-            alerts.start()
+            alerts.start(wait_ready=False)
             received = hook.count()
             if life % 2 == 0:
                 threshold = rng.randint(1, max(1, spec.pumps - 10))
@@ -250,7 +250,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:
             outcome.check(alerts.alive, f"the alert service died by itself in life {life}")
             alerts.kill()
             kills.append(moment)
-        alerts.start()
+        alerts.start(wait_ready=False)
         wait_until(
             lambda: _settled(database_url, spec.pumps),
             "every alert opened and every delivery delivered",
@@ -262,7 +262,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:
     except (TimeoutError, RuntimeError) as exc:
         outcome.problems.append(str(exc).splitlines()[0])
     finally:
-        alerts.stop_quietly()
+        alerts.stop()
     time.sleep(0.5)  # the last MQTT notifications reach the tap
     _check(outcome, database_url, hook, tap, spec)
     outcome.figures["kills"] = "; ".join(kills)
@@ -281,7 +281,7 @@ def _at_least(value: Callable[[], float], wanted: float) -> Callable[[], bool]:
     return lambda: value() >= wanted
 
 
-def _evaluations(alerts: Service) -> float:
+def _evaluations(alerts: ServiceProcess) -> float:
     samples = alerts.samples()
     return 0.0 if samples is None else total(samples, EVALUATIONS)
 
