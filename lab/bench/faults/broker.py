@@ -240,8 +240,15 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
         f"mosquitto SIGKILLed with {spec.queued_s:.0f} s of messages queued for a stopped ingest",
     )
     started = time.monotonic()
-    stream = _stream(spec, seed, spec.queued_s)
-    stream, barrier = stream[:-1], stream[-1]
+    # One more second of traffic than the timeline publishes: from it, each source's next
+    # message, published once ingest is back, so that every gap has a message after it to be
+    # seen by (however the publisher and ingest raced the broker's restart on a busy machine).
+    length = round(spec.rate * (spec.before_s + spec.down_s + spec.after_s + spec.queued_s)) + 1
+    longer = _stream(spec, seed, spec.queued_s + 1.0)
+    stream, barrier = longer[: length - 1], longer[length - 1]
+    closers = list({(m.serial, _source(m)): m for m in reversed(longer[length:])}.values())
+    if {(m.serial, _source(m)) for m in closers} != {(m.serial, _source(m)) for m in stream}:
+        raise RuntimeError("the extra second does not give every source a next message")
     database_url = lab.database()
     broker = Restartable(lab.path("kill-mosquitto"))
     lab.stack.callback(broker.close)
@@ -261,7 +268,11 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
             "restored" if connected and connected[-1].get("session_present") else "gone (new)"
         )
         publisher.join(600)
+        ingest.wait_ready()  # subscribed: what follows reaches it
         _store_barrier(broker.url, database_url, barrier, ingest, client="kill-barrier")
+        # After the barrier (a source's next message must not overtake it).
+        publish(broker.url, closers[:-1], client="kill-closers")
+        _store_barrier(broker.url, database_url, closers[-1], ingest, client="kill-closers")
         outcome.check(ingest.terminate() == 0, "ingest did not stop cleanly on SIGTERM")
     except (TimeoutError, RuntimeError) as exc:
         outcome.problems.append(str(exc).splitlines()[0])
@@ -269,6 +280,8 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
         publisher.stop.set()
         ingest.stop()
     acknowledged = stream[: publisher.acked]
+    closing = asyncio.run(check_stored(database_url, closers))
+    outcome.check(not closing.lost, "a source's message after the restart was not stored")
     result = asyncio.run(check_stored(database_url, [*acknowledged, barrier]))
     flagged = asyncio.run(_flagged(database_url, acknowledged, set(result.lost)))
     outcome.attempted = len(stream)
@@ -280,6 +293,11 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
     outcome.check(len(result.lost) > 0, "the SIGKILL lost nothing: the check proved nothing")
     outcome.elapsed_s = time.monotonic() - started
     return outcome
+
+
+def _source(message: Outgoing) -> str:
+    source: str = json.loads(message.payload)["source"]["id"]
+    return source
 
 
 async def _flagged(database_url: str, acknowledged: list[Outgoing], lost: set[str]) -> int:
