@@ -13,6 +13,7 @@ import contextlib
 import getpass
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -31,11 +32,39 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO_LIMITS_DIR = REPO_ROOT / "deploy" / "mosquitto" / "conf.d"
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A port nothing listens on, for a server about to start. Chosen outside the kernel's
+    ephemeral range: a port the kernel picks (binding to 0) can be taken by any process's
+    outgoing connection between this check and the server's own bind ("address already in
+    use"); below the range no connection takes it. Never the same port twice in a process."""
+    low, _ = _ephemeral_range()
+    candidates = range(10_000, max(low, 10_001))
+    for _ in range(500):
+        port = random.choice(candidates)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    with socket.socket() as sock:  # the range is crowded: let the kernel choose
+        sock.bind(("127.0.0.1", 0))
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
