@@ -45,7 +45,7 @@ ACCOUNT_SECRETS = {
     "pumpwatch-ingest": "MQTT_INGEST_PASSWORD",
     "pumpwatch-alerts": "MQTT_ALERTS_PASSWORD",
     "pumpwatch-health": "MQTT_HEALTH_PASSWORD",
-    "pumpwatch-device": "MQTT_DEVICE_PASSWORD",
+    "NGPDEV0001": "MQTT_DEVICE_PASSWORD",  # a device account is named by its pump's serial
 }
 OBSERVER = "test-observer"
 """An account that only the tests' copy of the ACL has: it reads everything but $SYS, so a test

@@ -29,7 +29,8 @@ from tests.deploy_support import (
 )
 from tests.support import IngestProcess, encode, fetch, refill_event, telemetry
 
-DEVICE = "pumpwatch-device"
+DEVICE = "NGPDEV0001"
+"""The development device account: named by its pump's serial, it speaks for that pump only."""
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_a_device_publishes_over_tls_and_ingest_stores_it(
     try:
         ingest.start()  # /readyz: connected and subscribed
         device = secure.connect(DEVICE, tls=True)
-        serial = "NGPSECURE01"
+        serial = DEVICE
         reading = telemetry(serial=serial, seq=0)
         refill = refill_event(serial=serial, seq=1)
         for topic, message in (
@@ -131,8 +132,8 @@ def test_messages_for_an_absent_ingest_survive_a_broker_restart(
         ingest.start()  # the session and its shared subscription exist
         assert ingest.terminate() == 0
         device = secure.connect(DEVICE)
-        reading = telemetry(serial="NGPPERSIST1", seq=0)
-        assert not device.publish("pumps/NGPPERSIST1/telemetry", encode(reading)).is_failure
+        reading = telemetry(serial=DEVICE, seq=0)
+        assert not device.publish(f"pumps/{DEVICE}/telemetry", encode(reading)).is_failure
         secure.stop()
         secure.start()
         ingest.start()
@@ -156,16 +157,19 @@ def test_a_device_reads_nothing_and_publishes_nowhere_else(secure: SecureBroker)
     # …MQTT 3.1.1 has no such answer: the publish is acknowledged and dropped.
     legacy = secure.connect(DEVICE, protocol=paho.MQTTv311)
     legacy.publish("clinics/C1/alerts", b'{"forged": "3.1.1"}')
-    legacy.publish("pumps/NGPX/commands", b"{}")
+    legacy.publish(f"pumps/{DEVICE}/commands", b"{}")
+    # Another pump's readings and events: a device speaks for its own pump only.
+    assert device.publish("pumps/NGPOTHER01/telemetry", b'{"forged": true}').value == 0x87
+    legacy.publish("pumps/NGPOTHER01/events", b'{"forged": "3.1.1"}')
     # Messages from one connection are routed in order: once the observer has this one, the
     # refused ones would have reached it before.
     control = uuid.uuid4().bytes.hex().encode()
-    assert not legacy.publish("pumps/NGPX/telemetry", control).is_failure
-    assert observer.wait_messages(1) == [("pumps/NGPX/telemetry", control)]
+    assert not legacy.publish(f"pumps/{DEVICE}/telemetry", control).is_failure
+    assert observer.wait_messages(1) == [(f"pumps/{DEVICE}/telemetry", control)]
 
     # The snooping device account was routed nothing: its connection has answered a later
     # round trip, so anything queued for it before would have arrived first.
-    assert not snoop.publish("pumps/NGPX/events", b"{}").is_failure
+    assert not snoop.publish(f"pumps/{DEVICE}/events", b"{}").is_failure
     observer.wait_messages(2)
     assert snoop.messages == []
 
@@ -184,10 +188,10 @@ def test_ingest_and_alert_accounts_are_kept_to_their_own_topics(
     alerts.publish("pumps/NGPY/telemetry", b"forged by alerts")
     assert not alerts.publish("clinics/C1/alerts", b"alert").is_failure
     device = secure.connect(DEVICE, protocol=protocol)
-    assert not device.publish("pumps/NGPY/telemetry", b"reading").is_failure
+    assert not device.publish(f"pumps/{DEVICE}/telemetry", b"reading").is_failure
     assert observer.wait_messages(2) == [
         ("clinics/C1/alerts", b"alert"),
-        ("pumps/NGPY/telemetry", b"reading"),
+        (f"pumps/{DEVICE}/telemetry", b"reading"),
     ]
     # A round trip on each: nothing readable by them was routed to them.
     for client in (ingest, alerts):
@@ -198,7 +202,7 @@ def test_ingest_and_alert_accounts_are_kept_to_their_own_topics(
 
 def test_tls_uses_the_generated_certificates(secure: SecureBroker, tmp_path: Path) -> None:
     client = secure.connect(DEVICE, tls=True)
-    assert not client.publish("pumps/NGPTLS/telemetry", b"{}").is_failure
+    assert not client.publish(f"pumps/{DEVICE}/telemetry", b"{}").is_failure
     # The certificate is the script's: valid for 127.0.0.1 under its CA, and under no other CA
     # (the system's store, or another run of the script).
     other = generate_certs(tmp_path / "other")
@@ -219,8 +223,8 @@ def test_payloads_beyond_the_contracts_64_kib_are_refused(secure: SecureBroker) 
     observer = secure.connect(OBSERVER)
     observer.subscribe("pumps/#")
     device = secure.connect(DEVICE)
-    device.client.publish("pumps/NGPBIG/telemetry", b"x" * (64 * 1024 + 1), qos=0)
-    assert not device.publish("pumps/NGPBIG/telemetry", b"y" * (64 * 1024)).is_failure
+    device.client.publish(f"pumps/{DEVICE}/telemetry", b"x" * (64 * 1024 + 1), qos=0)
+    assert not device.publish(f"pumps/{DEVICE}/telemetry", b"y" * (64 * 1024)).is_failure
     # In order on one connection: had the first been passed on, it would have come first.
     assert [(len(p), p[:1]) for _, p in observer.wait_messages(1)] == [(64 * 1024, b"y")]
 
@@ -234,3 +238,20 @@ def test_no_private_key_is_in_the_repository() -> None:
     ).stdout.split()
     assert tracked, "not a git checkout"
     assert not [path for path in tracked if path.endswith((".key", ".pem", "passwd"))]
+
+
+def test_a_device_reads_its_own_pumps_commands_and_no_others(secure: SecureBroker) -> None:
+    """Backfill requests (``pumps/{serial}/commands``) reach the pump's own device only."""
+    device = secure.connect(DEVICE)
+    assert not device.subscribe("pumps/+/commands")[0].is_failure
+    observer = secure.connect(OBSERVER)
+    observer.subscribe("pumps/+/commands")
+    ingest = secure.connect("pumpwatch-ingest")  # who asks devices to resend
+    assert not ingest.publish("pumps/NGPOTHER01/commands", b"theirs").is_failure
+    assert not ingest.publish(f"pumps/{DEVICE}/commands", b"mine").is_failure
+    assert observer.wait_messages(2) == [
+        ("pumps/NGPOTHER01/commands", b"theirs"),
+        (f"pumps/{DEVICE}/commands", b"mine"),
+    ]
+    # In order on one connection: had "theirs" been routed to the device, it would be first.
+    assert device.wait_messages(1) == [(f"pumps/{DEVICE}/commands", b"mine")]
