@@ -62,6 +62,7 @@ from lab.sim.fleet import LIFE_RULES, Fleet, Injected
 from lab.sim.publisher import publish_all
 from services.domain.alerting import Priority, Rule
 from services.settings import parse_mqtt_url
+from services.storage.channels import INGEST
 
 Action = Literal["opened", "reopened", "escalated", "eased", "resolved", "refreshed"]
 
@@ -378,7 +379,7 @@ async def _sweep(
     sweeps = before.get("pumpwatch_alerts_sweeps_total", 0.0)
     evaluations = before.get("pumpwatch_alerts_evaluations_total", 0.0)
     pumps = int(await conn.fetchval("SELECT count(*) FROM pumps"))
-    await conn.execute("SELECT pg_notify('pumpwatch_ingest', $1)", SWEEP_PAYLOAD)
+    await conn.execute("SELECT pg_notify($1, $2)", INGEST, SWEEP_PAYLOAD)
 
     def swept() -> bool:
         now = alerts.metrics()
