@@ -22,7 +22,8 @@ from services.domain.alerting import (
     Snapshot,
     Therapy,
 )
-from services.domain.rules import STOPPING_ALARMS, evaluate, resolution
+from services.domain.rules import STOPPING_ALARMS, evaluate, pump_deadline, resolution
+from services.domain.rules.deadlines import Deadline
 
 NOW = datetime(2026, 11, 24, 8, 30, tzinfo=UTC)
 RATE = 0.25
@@ -76,8 +77,9 @@ def refill(
     residual_ml: float = 10.0,
     added_ml: float = 38.0,
     expected_residual_ml: float | None = None,
+    drug: str = "baclofen",
 ) -> Refill:
-    return Refill(at, residual_ml, added_ml, "baclofen", 2000.0, expected_residual_ml)
+    return Refill(at, residual_ml, added_ml, drug, 2000.0, expected_residual_ml)
 
 
 def snapshot(
@@ -94,6 +96,7 @@ def snapshot(
     missing: int = 0,
     settings: RuleSettings | None = None,
     tz: tzinfo = UTC,
+    eri_since: datetime | None = None,
 ) -> Snapshot:
     return Snapshot(
         serial="NGP000001A",
@@ -109,6 +112,7 @@ def snapshot(
         refill_appointment_at=appointment,
         open_gap_minutes=gap_minutes,
         missing_messages=missing,
+        battery_eri_since=eri_since,
     )
 
 
@@ -209,7 +213,7 @@ def test_clinic_overrides_move_the_refill_due_boundary() -> None:
         priority(snapshot(latest=days_left(3), settings=clinic), Rule.REFILL_DUE) is Priority.HIGH
     )
     with pytest.raises(ValueError, match="per-clinic"):
-        RuleSettings().for_clinic({"drug_age_low_days": 10})
+        RuleSettings().for_clinic({"drug_stability_baclofen_days": 10})
 
 
 @pytest.mark.parametrize(
@@ -267,18 +271,17 @@ def test_a_refill_after_the_latest_reading_restarts_the_forecast() -> None:
 # --- refill due, worst case ----------------------------------------------------------------------
 
 
-def worst_case_low_alarm_at(pump: Reading, factor: float = 1.145) -> datetime:
-    return pump.recorded_at + timedelta(days=(pump.volume_ml - 2.0) / (RATE * factor))
+def worst_case_empty_at(pump: Reading, factor: float = 1.145) -> datetime:
+    """No refill on record: the worst case projects from the reading."""
+    return pump.recorded_at + timedelta(days=pump.volume_ml / (RATE * factor))
 
 
 @pytest.mark.parametrize(
     ("offset", "fires"), [(timedelta(0), False), (MINUTE, True), (-MINUTE, False)]
 )
-def test_worst_case_boundary_at_the_worst_case_low_alarm_date(
-    offset: timedelta, fires: bool
-) -> None:
-    pump = days_left(20)
-    visit = worst_case_low_alarm_at(pump) + offset
+def test_worst_case_boundary_at_the_worst_case_empty_date(offset: timedelta, fires: bool) -> None:
+    pump = HEALTHY  # 30 mL: low alarm in 112 days, empty at the worst case in 104.8
+    visit = worst_case_empty_at(pump) + offset
     found = fired(snapshot(latest=pump, appointment=visit)).get(Rule.REFILL_DUE_WORST_CASE)
     assert (found is not None) == fires
     if found is not None:
@@ -286,28 +289,74 @@ def test_worst_case_boundary_at_the_worst_case_low_alarm_date(
         assert "Action: bring the refill visit forward" in found.detail
 
 
+def test_a_visit_between_the_worst_case_low_alarm_and_empty_dates_is_safe() -> None:
+    """At the worst-case low-alarm date the patient still has the alarm's volume to go: the
+    visit before the worst-case empty date raises nothing."""
+    pump = HEALTHY
+    worst_low = pump.recorded_at + timedelta(days=(pump.volume_ml - 2.0) / (RATE * 1.145))
+    visit = worst_low + timedelta(days=1)
+    assert visit < worst_case_empty_at(pump)
+    assert not fired(snapshot(latest=pump, appointment=visit))
+
+
 def test_the_worst_case_factor_is_a_setting() -> None:
-    pump = days_left(20)
-    visit = worst_case_low_alarm_at(pump) + MINUTE
+    pump = HEALTHY
+    visit = worst_case_empty_at(pump) + MINUTE
     gentler = RuleSettings(worst_case_delivery_factor=1.05)
     assert Rule.REFILL_DUE_WORST_CASE not in fired(
         snapshot(latest=pump, appointment=visit, settings=gentler)
     )
 
 
+def test_the_worst_case_counts_from_the_refill_and_holds_still_reading_after_reading() -> None:
+    """A calculated volume repeats the programmed arithmetic: the drift counts from the refill,
+    the last time the volume was known, so the date does not creep later with each reading and
+    one booked visit raises one alert."""
+    filled = refill(at=NOW - timedelta(days=100), added_ml=38.0, expected_residual_ml=10.0)
+    # 100 days at 0.25 mL/day: 13 mL calculated; low alarm in 44 days. At 1.145 x since the
+    # refill 9.375 mL are left: empty in 32.75 days (from the reading alone: 45.4).
+    visit = NOW + timedelta(days=40)
+    dates = []
+    for days_later in (0.0, 5.0, 10.0):
+        at = NOW + timedelta(days=days_later)
+        pump = reading(at=at, volume_ml=13.0 - RATE * days_later)
+        found = fired(snapshot(now=at, latest=pump, refills=(filled,), appointment=visit))
+        assert Rule.REFILL_DUE not in found
+        dates.append(found[Rule.REFILL_DUE_WORST_CASE].facts["worst_case_empty_at"])
+    expected = NOW + timedelta(days=(38.0 - 1.145 * 25.0) / (RATE * 1.145))  # 32.75 days
+    for date in dates:
+        assert abs(datetime.fromisoformat(date) - expected) < timedelta(seconds=1)
+    in_time = NOW + timedelta(days=32)
+    assert not fired(
+        snapshot(latest=reading(volume_ml=13.0), refills=(filled,), appointment=in_time)
+    )
+
+
+def test_a_measured_reservoir_or_an_unrecorded_fill_starts_the_worst_case_afresh() -> None:
+    filled = refill(at=NOW - timedelta(days=100), added_ml=38.0, expected_residual_ml=10.0)
+    visit = NOW + timedelta(days=40)
+    measured = reading(volume_ml=13.0, basis="measured")
+    assert not fired(snapshot(latest=measured, refills=(filled,), appointment=visit))
+    refilled_unrecorded = reading(volume_ml=39.0)  # more than the last refill put in
+    assert not fired(
+        snapshot(latest=refilled_unrecorded, refills=(filled,), appointment=NOW + timedelta(60))
+    )
+
+
 def test_a_visit_late_even_at_the_programmed_rate_is_refill_due_not_worst_case() -> None:
-    pump = days_left(10)
-    late = snapshot(latest=pump, appointment=NOW + timedelta(days=10) + MINUTE)
+    pump = HEALTHY
+    low_at = NOW + timedelta(days=112)
+    late = snapshot(latest=pump, appointment=low_at + MINUTE, now=NOW + timedelta(days=100))
     assert Rule.REFILL_DUE_WORST_CASE not in fired(late)
     assert priority(late, Rule.REFILL_DUE) is Priority.LOW
-    in_time = snapshot(latest=pump, appointment=NOW + timedelta(days=10))
+    in_time = snapshot(latest=pump, appointment=low_at, now=NOW + timedelta(days=100))
     assert Rule.REFILL_DUE not in fired(in_time)
     assert priority(in_time, Rule.REFILL_DUE_WORST_CASE) is Priority.MEDIUM
 
 
 def test_no_worst_case_without_a_future_visit_or_at_the_alarm() -> None:
-    assert Rule.REFILL_DUE_WORST_CASE not in fired(snapshot(latest=days_left(20)))
-    past = snapshot(latest=days_left(20), appointment=NOW - timedelta(days=1))
+    assert Rule.REFILL_DUE_WORST_CASE not in fired(snapshot(latest=HEALTHY))
+    past = snapshot(latest=HEALTHY, appointment=NOW - timedelta(days=1))
     assert Rule.REFILL_DUE_WORST_CASE not in fired(past)
     at_alarm = snapshot(latest=days_left(0), appointment=NOW + timedelta(days=3))
     assert Rule.REFILL_DUE_WORST_CASE not in fired(at_alarm)
@@ -337,25 +386,74 @@ def test_an_empty_reservoir_is_empty_not_low() -> None:
         assert "withdrawal" in found[Rule.RESERVOIR_EMPTY].detail
 
 
-# --- drug age ------------------------------------------------------------------------------------
+# --- the effective refill deadline: drug age, battery -------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("age", "expected"),
     [
-        (timedelta(days=150) - MINUTE, None),
-        (timedelta(days=150), Priority.LOW),
-        (timedelta(days=180) - MINUTE, Priority.LOW),
-        (timedelta(days=180), Priority.MEDIUM),
+        (timedelta(days=166) - MINUTE, None),  # 14 days and a minute to the 180-day limit
+        (timedelta(days=166), Priority.LOW),
+        (timedelta(days=173) - MINUTE, Priority.LOW),
+        (timedelta(days=173), Priority.MEDIUM),
+        (timedelta(days=178), Priority.MEDIUM),  # drug age: medium at most
+        (timedelta(days=181), Priority.MEDIUM),  # past the limit: overdue, still medium
     ],
 )
-def test_drug_age_boundaries(age: timedelta, expected: Priority | None) -> None:
+def test_refill_due_for_drug_age_at_its_boundaries(
+    age: timedelta, expected: Priority | None
+) -> None:
     last = refill(at=NOW - age, residual_ml=38.0, expected_residual_ml=38.0)
-    assert priority(snapshot(refills=(last,)), Rule.DRUG_AGE) == expected
+    found = fired(snapshot(refills=(last,))).get(Rule.REFILL_DUE)
+    assert (None if found is None else found.priority) == expected
+    if found is not None:
+        assert found.facts["refill_deadline_reason"] == "drug_age"
+        assert "stability limit" in found.detail
 
 
-def test_no_drug_age_without_a_known_refill() -> None:
-    assert Rule.DRUG_AGE not in fired(snapshot(refills=()))
+def test_the_stability_limit_is_the_drugs() -> None:
+    for drug, days in (("morphine", 90), ("Ziconotide", 40), ("hydromorphone", 90)):
+        last = refill(at=NOW - timedelta(days=days - 14), drug=drug, expected_residual_ml=10.0)
+        found = fired(snapshot(refills=(last,))).get(Rule.REFILL_DUE)
+        assert found is not None, drug
+        assert found.priority is Priority.LOW
+        just_before = refill(at=NOW - timedelta(days=days - 14) + MINUTE, drug=drug)
+        assert Rule.REFILL_DUE not in fired(snapshot(refills=(just_before,))), drug
+
+
+def test_a_visit_before_the_drug_limit_silences_refill_due() -> None:
+    last = refill(at=NOW - timedelta(days=170), expected_residual_ml=10.0)
+    limit = NOW + timedelta(days=10)
+    assert not fired(snapshot(refills=(last,), appointment=limit))
+    assert Rule.REFILL_DUE in fired(snapshot(refills=(last,), appointment=limit + MINUTE))
+
+
+def test_no_drug_age_deadline_without_a_known_refill() -> None:
+    assert not fired(snapshot(refills=()))
+    assert pump_deadline(snapshot(refills=())) == Deadline(
+        NOW + timedelta(days=112),
+        "low_alarm",
+        "the reservoir reaches its low-alarm volume of 2 mL",
+    )
+
+
+def test_the_effective_deadline_is_the_earliest_with_its_reason() -> None:
+    last = refill(at=NOW - timedelta(days=100), expected_residual_ml=10.0)
+    drug = pump_deadline(snapshot(refills=(last,)))
+    assert drug is not None
+    assert (drug.at, drug.reason) == (NOW + timedelta(days=80), "drug_age")
+    eri = pump_deadline(snapshot(refills=(last,), eri_since=NOW - timedelta(days=30)))
+    assert eri is not None
+    assert (eri.at, eri.reason) == (NOW + timedelta(days=60), "battery")
+    assert "elective replacement indicator" in eri.why
+
+
+def test_a_battery_deadline_raises_no_refill_due() -> None:
+    """A refill does not move the battery's stop: battery_eri says what to do."""
+    soon = snapshot(latest=reading(battery_status="eri"), eri_since=NOW - timedelta(days=85))
+    found = fired(soon)
+    assert Rule.REFILL_DUE not in found
+    assert found[Rule.BATTERY_ERI].priority is Priority.MEDIUM
 
 
 # --- flow stopped --------------------------------------------------------------------------------
@@ -813,13 +911,14 @@ def test_a_disabled_rule_is_dropped_unless_high() -> None:
     old = refill(at=NOW - timedelta(days=181), expected_residual_ml=10.0, residual_ml=10.0)
     empty = reading(volume_ml=0.0, alarms=("empty_reservoir",))
     off = RuleSettings().for_clinic(
-        {"disabled_rules": frozenset({Rule.DRUG_AGE, Rule.RESERVOIR_EMPTY})}
+        {"disabled_rules": frozenset({Rule.REFILL_DUE, Rule.RESERVOIR_EMPTY})}
     )
     found = fired(snapshot(latest=empty, refills=(old,), settings=off))
-    assert Rule.DRUG_AGE not in found
+    assert Rule.REFILL_DUE not in found
     assert found[Rule.RESERVOIR_EMPTY].priority is Priority.HIGH
     snap = snapshot(refills=(old,), settings=off)
-    assert resolution(Rule.DRUG_AGE, snap) == "the clinic switched this rule off"
+    assert Rule.REFILL_DUE in fired(snapshot(refills=(old,)))  # drug age, medium
+    assert resolution(Rule.REFILL_DUE, snap) == "the clinic switched this rule off"
 
 
 # --- words ---------------------------------------------------------------------------------------
@@ -837,7 +936,7 @@ def scenarios() -> list[Snapshot]:
     escalation = doses((timedelta(days=100), 300), (timedelta(hours=2), 500))
     return [
         snapshot(latest=days_left(3), patient=HIGH_RISK),
-        snapshot(latest=days_left(20), appointment=NOW + timedelta(days=19)),
+        snapshot(latest=HEALTHY, appointment=NOW + timedelta(days=110)),
         snapshot(latest=days_left(-1)),
         snapshot(latest=reading(volume_ml=0.0, battery_status="eos")),
         snapshot(latest=stall[-1], recent=stall, refills=refills, dose_changes=escalation),
@@ -853,7 +952,8 @@ def every_finding() -> list[Finding]:
 
 
 def test_the_scenarios_set_off_every_rule() -> None:
-    assert {f.rule for f in every_finding()} == set(Rule)
+    retired = {Rule.DRUG_AGE}  # part of refill_due's deadline now; the code stays for old alerts
+    assert {f.rule for f in every_finding()} == set(Rule) - retired
 
 
 def test_titles_are_short_and_details_say_what_to_do() -> None:
@@ -899,11 +999,12 @@ def resolved(rule: Rule, **snap: Any) -> str:
 
 def test_resolutions_say_why_a_rule_stopped_holding() -> None:
     assert resolved(Rule.REFILL_DUE, latest=days_left(10), appointment=NOW + timedelta(days=5)) == (
-        "a refill visit is booked for 2026-11-29, before the low-alarm date"
+        "a refill visit is booked for 2026-11-29, before the refill deadline"
     )
     refilled = (refill(at=NOW - timedelta(days=2)),)
     assert resolved(Rule.RESERVOIR_LOW, refills=refilled) == "a refill was recorded on 2026-11-22"
     assert resolved(Rule.DRUG_AGE, refills=refilled) == "a refill was recorded on 2026-11-22"
+    assert resolved(Rule.DRUG_AGE) == "drug age is now part of the refill deadline (refill due)"
     assert resolved(Rule.PUMP_SILENT) == "readings arrive again (the last at 2026-11-24 08:30 UTC)"
     assert resolved(Rule.RESERVOIR_LOW) == "the reservoir holds 30.0 mL, above its low-alarm volume"
     assert resolved(Rule.UNDER_INFUSION) == "no measured data covers the last 12 hours any more"

@@ -301,7 +301,10 @@ def test_a_discrepancy_is_signed_expected_minus_actual() -> None:
     under = discrepancy(10.0, 13.0, 30.0)
     assert under.delta_ml == -3.0
     rules = RuleSettings()
-    assert (over.classify(rules), under.classify(rules)) == ("over_delivery", "under_delivery")
+    assert (over.classify(rules, 40.0), under.classify(rules, 40.0)) == (
+        "over_delivery",
+        "under_delivery",
+    )
     assert discrepancy(5.0, 4.0, 0.0).relative is None
     assert discrepancy(5.0, 4.0, None).relative is None
 
@@ -320,10 +323,32 @@ def test_a_discrepancy_is_signed_expected_minus_actual() -> None:
         (11.46, 10.0, None, "none"),  # the share is unknown: 2 mL alone decides
     ],
 )
-def test_discrepancy_boundaries(
+def test_discrepancy_boundaries_in_a_40_ml_pump(
     expected: float, actual: float, should_have: float | None, kind: str
 ) -> None:
-    assert discrepancy(expected, actual, should_have).classify(RuleSettings()) == kind
+    assert discrepancy(expected, actual, should_have).classify(RuleSettings(), 40.0) == kind
+
+
+@pytest.mark.parametrize(
+    ("expected", "actual", "capacity", "kind"),
+    [
+        (10.0, 9.0, 20.0, "none"),  # exactly 1 mL in a 20 mL pump
+        (10.0, 8.99, 20.0, "over_delivery"),  # just over 1 mL
+        (9.0, 10.0, 20.0, "none"),
+        (9.0, 10.01, 20.0, "under_delivery"),
+        (10.0, 8.99, 40.0, "none"),  # the same 1.01 mL in a 40 mL pump: below its 2 mL
+        (10.0, 8.99, 20.01, "none"),  # just larger than small
+        (10.0, 8.99, None, "none"),  # size unknown: the large pump's limit
+        (10.0, 7.99, None, "over_delivery"),
+    ],
+)
+def test_discrepancy_limit_by_pump_size(
+    expected: float, actual: float, capacity: float | None, kind: str
+) -> None:
+    """Maino et al. (Neuromodulation 2017): over 1 mL in a 20 mL pump, over 2 mL in a 40 mL
+    pump is potentially consequential. The relative rule is out of the way (nothing known
+    about what should have been delivered)."""
+    assert discrepancy(expected, actual, None).classify(RuleSettings(), capacity) == kind
 
 
 # --- measured delivery ---------------------------------------------------------------------------

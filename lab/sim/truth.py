@@ -67,12 +67,10 @@ Signature = Literal[
     "dropped_event",
 ]
 
-LIFE_RULES = frozenset(
-    {Rule.REFILL_DUE, Rule.REFILL_DUE_WORST_CASE, Rule.DRUG_AGE, Rule.DOSE_ESCALATION}
-)
+LIFE_RULES = frozenset({Rule.REFILL_DUE, Rule.REFILL_DUE_WORST_CASE, Rule.DOSE_ESCALATION})
 """Rules a healthy pump's normal life sets off: refill due before a refill when no visit is
-booked in time, the worst case when one is booked within 14.5 % of the low-alarm date, drug age
-for refills 150 days or more apart, dose escalation when titration raised the dose three times in
+booked in time (for the low alarm or the drug's age), the worst case when the visit booked comes
+after the worst-case empty date, dose escalation when titration raised the dose three times in
 a row (the simulated clinic titrates by 5-15 % steps every few months)."""
 
 _DAY = timedelta(days=1)
@@ -234,8 +232,10 @@ class _Pump:
             if kind == "bolus" and self.sim.measured:
                 explains, lasts = frozenset({Rule.OVER_INFUSION}), over_window
             elif kind == "refill":
-                explains = frozenset({Rule.DRUG_AGE})
-                lasts = timedelta(days=self.settings.drug_age_medium_days)
+                # The drug looks older than it is: refill due for drug age, and the worst case
+                # counted from the refill before.
+                explains = frozenset({Rule.REFILL_DUE, Rule.REFILL_DUE_WORST_CASE})
+                lasts = timedelta(days=self.settings.drug_stability_days(self.sim.profile.drug))
             else:
                 continue
             yield Injected(
@@ -392,7 +392,6 @@ class _Pump:
                 Rule.RESERVOIR_EMPTY,
                 Rule.UNDER_INFUSION,
                 Rule.FLOW_STOPPED,
-                Rule.DRUG_AGE,
             }
         )
         crossings = self.sim.crossings
@@ -559,7 +558,6 @@ class _Pump:
                     Rule.REFILL_DUE_WORST_CASE,
                     Rule.RESERVOIR_LOW,
                     Rule.RESERVOIR_EMPTY,
-                    Rule.DRUG_AGE,
                 }
             ),
         )

@@ -148,6 +148,9 @@ class AppointmentIn(_In):
     )
 
 
+DeadlineReason = Literal["low_alarm", "drug_age", "battery"]
+
+
 class Forecast(BaseModel):
     volume_ml: float = Field(examples=[17.42])
     low_alarm_ml: float = Field(examples=[2.0])
@@ -156,6 +159,17 @@ class Forecast(BaseModel):
     empty_at: datetime | None
     days_to_low_alarm: float | None = Field(examples=[61.7])
     basis: str | None = Field(examples=["calculated"])
+    refill_deadline_at: datetime | None = Field(
+        description="The effective refill deadline: the earliest of the low-alarm date, the "
+        "drug's stability limit in the pump and the battery's stop after its elective "
+        "replacement indicator."
+    )
+    refill_deadline_reason: DeadlineReason | None = Field(examples=["low_alarm"])
+    days_to_refill_deadline: float | None = Field(examples=[61.7])
+    worst_case_empty_at: datetime | None = Field(
+        description="When the reservoir runs empty if the pump has delivered 14.5 % more than "
+        "programmed since its volume was last known (the refill, or a measured reading)."
+    )
 
 
 class Therapy(BaseModel):
@@ -256,6 +270,11 @@ class DiscrepancyOut(BaseModel):
     delta_ml: float
     relative: float | None
     classification: Literal["none", "over_delivery", "under_delivery"]
+    limit_ml: float = Field(
+        description="The absolute threshold for this pump's size (1 mL for a 20 mL pump, 2 mL "
+        "for a 40 mL pump by default); the relative one (14.5 % of what should have been "
+        "delivered) applies too."
+    )
     expected_from: str = Field(description="`pump`, `computed` or `last_reading`.")
 
 
@@ -350,6 +369,11 @@ class WorklistItem(BaseModel):
     volume_now_ml: float | None
     low_alarm_at: datetime | None
     days_left: float | None = Field(description="Days to the low-alarm volume.")
+    refill_deadline_at: datetime | None = Field(
+        description="The effective refill deadline (the worklist's order)."
+    )
+    refill_deadline_reason: DeadlineReason | None
+    days_to_refill_deadline: float | None
     drug_name: str | None
     concentration_mcg_per_ml: float | None
     rate_ml_per_day: float | None

@@ -33,6 +33,8 @@ def forecast(snapshot: Snapshot) -> models.Forecast | None:
     latest = snapshot.latest
     if found is None or latest is None:
         return None
+    deadline = rules.pump_deadline(snapshot)
+    worst = rules.worst_case(snapshot)
     return models.Forecast(
         volume_ml=round(found.volume_ml, 3),
         low_alarm_ml=found.low_alarm_ml,
@@ -43,6 +45,12 @@ def forecast(snapshot: Snapshot) -> models.Forecast | None:
         if found.low_alarm_at is None
         else round(therapy.days_until(found.low_alarm_at, snapshot.now), 2),
         basis=latest.basis or "calculated",
+        refill_deadline_at=None if deadline is None else deadline.at,
+        refill_deadline_reason=None if deadline is None else deadline.reason,
+        days_to_refill_deadline=None
+        if deadline is None
+        else round(therapy.days_until(deadline.at, snapshot.now), 2),
+        worst_case_empty_at=None if worst is None else worst.empty_at,
     )
 
 
@@ -118,7 +126,8 @@ def refill_out(
             actual_residual_ml=found.found.actual_residual_ml,
             delta_ml=round(found.found.delta_ml, 3),
             relative=None if found.found.relative is None else round(found.found.relative, 4),
-            classification=found.found.classify(settings),
+            classification=found.kind(settings),
+            limit_ml=found.limit_ml(settings),
             expected_from=found.source,
         ),
     )

@@ -63,18 +63,27 @@ class RuleSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     refill_due_low_days: float = Field(default=14.0, gt=0)
-    """per clinic — refill due (low) when the low-alarm date is this close and no visit is
-    booked before it."""
+    """per clinic — refill due (low) when the effective refill deadline is this close and no
+    visit is booked before it."""
     refill_due_medium_days: float = Field(default=7.0, gt=0)
     """per clinic — …medium when this close."""
     refill_due_high_days: float = Field(default=2.0, ge=0)
-    """per clinic — …high when this close."""
+    """per clinic — …high when this close (a deadline set by the drug's age: medium at most)."""
     worst_case_delivery_factor: float = Field(default=1.145, ge=1.0)
-    """Labelled accuracy: delivery up to 14.5 % above the programmed rate."""
-    drug_age_low_days: float = Field(default=150.0, gt=0)
-    """Days since the last refill for a low drug-age alert."""
-    drug_age_medium_days: float = Field(default=180.0, gt=0)
-    """…medium (the drug must be replaced at least every 180 days)."""
+    """Labelled accuracy: delivery up to 14.5 % above the programmed rate. Refill due, worst
+    case: at this x the rate since the reservoir was last known (the refill, or a measured
+    reading), it runs empty before the booked visit."""
+    drug_stability_baclofen_days: float = Field(default=180.0, gt=0)
+    """Days baclofen may stay in the reservoir (label): a refill deadline."""
+    drug_stability_morphine_days: float = Field(default=90.0, gt=0)
+    """Days morphine may stay in the reservoir (label)."""
+    drug_stability_ziconotide_days: float = Field(default=40.0, gt=0)
+    """Days ziconotide may stay in the reservoir (label: 40 diluted, 84 undiluted; the
+    message does not say which, so the shorter)."""
+    drug_stability_other_days: float = Field(default=90.0, gt=0)
+    """Days any other drug may stay in the reservoir unless a setting above names it."""
+    battery_eri_stop_days: float = Field(default=90.0, gt=0)
+    """After the elective replacement indicator the pump stops within this many days."""
     under_infusion_ratio: float = Field(default=0.5, gt=0, lt=1)
     """Measured delivery below this fraction of the programmed rate…"""
     under_infusion_min_hours: float = Field(default=12.0, gt=0)
@@ -84,7 +93,13 @@ class RuleSettings(BaseModel):
     over_infusion_min_hours: float = Field(default=24.0, gt=0)
     """…for at least this long: over-infusion (medium)."""
     discrepancy_abs_ml: float = Field(default=2.0, gt=0)
-    """A refill discrepancy counts when |expected - actual residual| exceeds this…"""
+    """A refill discrepancy counts when |expected - actual residual| exceeds this (pumps larger
+    than ``discrepancy_small_pump_max_ml``: a 40 mL pump)…"""
+    discrepancy_small_pump_abs_ml: float = Field(default=1.0, gt=0)
+    """…or this in a pump of at most ``discrepancy_small_pump_max_ml`` (a 20 mL pump: Maino et
+    al., Neuromodulation 2017)…"""
+    discrepancy_small_pump_max_ml: float = Field(default=20.0, gt=0)
+    """…the largest reservoir that counts as small, mL…"""
     discrepancy_rel_fraction: float = Field(default=0.145, gt=0)
     """…or exceeds this fraction of what should have been delivered since the last refill."""
     silent_max_days: float = Field(default=7.0, gt=0)
@@ -117,6 +132,20 @@ class RuleSettings(BaseModel):
             "disabled_rules",
         }
     )
+
+    def discrepancy_limit_ml(self, capacity_ml: float | None) -> float:
+        """The absolute refill-discrepancy threshold for a pump of this size (unknown: large)."""
+        small = capacity_ml is not None and capacity_ml <= self.discrepancy_small_pump_max_ml
+        return self.discrepancy_small_pump_abs_ml if small else self.discrepancy_abs_ml
+
+    def drug_stability_days(self, drug: str) -> float:
+        """How long this drug may stay in the reservoir."""
+        known = {
+            "baclofen": self.drug_stability_baclofen_days,
+            "morphine": self.drug_stability_morphine_days,
+            "ziconotide": self.drug_stability_ziconotide_days,
+        }
+        return known.get(drug.strip().lower(), self.drug_stability_other_days)
 
     def for_clinic(self, overrides: dict[str, Any] | None) -> RuleSettings:
         """These defaults with a clinic's overrides (only the per-clinic fields)."""
@@ -220,6 +249,9 @@ class Snapshot:
     open_gap_minutes: float | None = None
     """Age of the oldest sequence gap still open, if any."""
     missing_messages: int = 0
+    battery_eri_since: datetime | None = None
+    """The first reading of the battery's elective replacement indicator (the latest reading
+    reports it; looked back ``battery_eri_stop_days``): the pump stops within that many days."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -469,9 +469,12 @@ class Discrepancy:
     """``delta_ml`` as a fraction of what should have been delivered; None when that is 0 or
     unknown."""
 
-    def classify(self, settings: RuleSettings) -> Classification:
-        """Counts when |delta| > discrepancy_abs_ml or |relative| > discrepancy_rel_fraction."""
-        beyond = abs(self.delta_ml) > settings.discrepancy_abs_ml + _EPS or (
+    def classify(self, settings: RuleSettings, capacity_ml: float | None) -> Classification:
+        """Counts when |delta| exceeds the absolute limit for a pump of ``capacity_ml`` (1 mL
+        for a 20 mL pump, 2 mL for a 40 mL pump, by default) or |relative| >
+        discrepancy_rel_fraction."""
+        limit = settings.discrepancy_limit_ml(capacity_ml)
+        beyond = abs(self.delta_ml) > limit + _EPS or (
             self.relative is not None
             and abs(self.relative) > settings.discrepancy_rel_fraction + _EPS
         )

@@ -29,6 +29,9 @@ log = get(__name__)
 
 _REFILLS_KEPT = 3
 _NO_REFILL_LOOKBACK = timedelta(days=200)
+_ERI_LOOKBACK_SLACK_DAYS = 30
+"""The first ERI reading is looked for this much beyond the stop days: a pump past them has
+stopped or is about to, whenever it began."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,8 @@ async def load(
 
     gaps = {r["serial"]: r for r in await conn.fetch(sql.OPEN_GAPS, serials)}
 
+    eri_since = await _eri_since(conn, readings, now, settings)
+
     out: dict[str, tuple[Snapshot, PumpContext]] = {}
     for serial, pump in pumps.items():
         recent = tuple(r for _, r in sorted(readings[serial].items()))
@@ -125,6 +130,7 @@ async def load(
             if gap is None
             else ((wall_now - gap["oldest"]).total_seconds() / 60),
             missing_messages=0 if gap is None else int(gap["missing"]),
+            battery_eri_since=eri_since.get(serial),
         )
         context = PumpContext(
             serial,
@@ -135,6 +141,30 @@ async def load(
         )
         out[serial] = (snapshot, context)
     return out
+
+
+async def _eri_since(
+    conn: Connection,
+    readings: dict[str, dict[datetime, Reading]],
+    now: datetime,
+    settings: RuleSettings,
+) -> dict[str, datetime]:
+    """When each pump whose latest reading shows the elective replacement indicator first
+    showed it."""
+    eri = [s for s, found in readings.items() if _at_eri(found)]
+    if not eri:
+        return {}
+    lookback = now - timedelta(days=settings.battery_eri_stop_days + _ERI_LOOKBACK_SLACK_DAYS)
+    rows = await conn.fetch(sql.ERI_SINCE, eri, lookback, now)
+    return {row["serial"]: row["since"] for row in rows}
+
+
+def _at_eri(readings: dict[datetime, Reading]) -> bool:
+    """The latest of these readings reports the elective replacement indicator (not EOS)."""
+    if not readings:
+        return False
+    latest = readings[max(readings)]
+    return latest.battery_status == "eri" or "eri" in latest.alarms
 
 
 def _reading(row: asyncpg.Record) -> Reading:

@@ -79,6 +79,15 @@ CROSS JOIN LATERAL (
 ) AS d
 """
 
+# The first reading with the elective replacement indicator, for pumps whose latest shows it
+# (only those: a handful), looked back from $3 to $2.
+ERI_SINCE = """
+SELECT serial, min(recorded_at) AS since FROM readings
+WHERE serial = ANY($1::text[]) AND recorded_at > $2 AND recorded_at <= $3
+  AND (battery_status = 'eri' OR 'eri' = ANY(alarms))
+GROUP BY serial
+"""
+
 OPEN_GAPS = """
 SELECT serial, min(detected_at) AS oldest,
        sum(last_missing - first_missing + 1) AS missing

@@ -379,7 +379,8 @@ def _body_utc(value: datetime) -> datetime:
 @router.get(
     "/v1/refills/due",
     tags=["worklist"],
-    summary="The refill worklist: pumps by the date their reservoir reaches its low alarm",
+    summary="The refill worklist: pumps by their effective refill deadline (low alarm, drug "
+    "age or battery, the earliest)",
 )
 async def refills_due(
     principal: Auth,
@@ -395,9 +396,11 @@ async def refills_due(
     due = []
     for serial, snapshot in found.items():
         forecast = views.forecast(snapshot)
-        if forecast is None or forecast.low_alarm_at is None or forecast.low_alarm_at > horizon:
+        if forecast is None or forecast.refill_deadline_at is None:
             continue
-        due.append((forecast.low_alarm_at, serial, snapshot, forecast))
+        if forecast.refill_deadline_at > horizon:
+            continue
+        due.append((forecast.refill_deadline_at, serial, snapshot, forecast))
     due.sort(key=lambda d: (d[0], d[1]))
     after = decode_cursor(cursor, 2)
     if after is not None:
@@ -411,7 +414,7 @@ async def refills_due(
     for a in await db.fetch(sql.OPEN_ALERTS_OF, [d[1] for d in page]):
         alerts.setdefault(a["serial"], []).append(views.alert_out(a, principal))
     items = []
-    for low_at, serial, snapshot, forecast in page:
+    for deadline_at, serial, snapshot, forecast in page:
         pump = pumps[serial]
         patient = patients.get(pump["patient_id"])
         latest = snapshot.latest
@@ -423,8 +426,11 @@ async def refills_due(
                 else None,
                 model=pump["model"],
                 volume_now_ml=_rounded(rules.volume_now_ml(snapshot)),
-                low_alarm_at=low_at,
+                low_alarm_at=forecast.low_alarm_at,
                 days_left=forecast.days_to_low_alarm,
+                refill_deadline_at=deadline_at,
+                refill_deadline_reason=forecast.refill_deadline_reason,
+                days_to_refill_deadline=forecast.days_to_refill_deadline,
                 drug_name=None if latest is None else latest.drug_name,
                 concentration_mcg_per_ml=None
                 if latest is None

@@ -44,6 +44,7 @@ def _local(at: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M %Z") -> s
 
 
 templates.filters["local"] = _local
+templates.globals["deadline_words"] = rules.deadlines.REASON_WORDS
 STATIC_DIR = resources.files("services.api.web").joinpath("static")
 CHART_DAYS = 90
 PRIORITY_ORDER = {"high": 0, "medium": 1, "low": 2}

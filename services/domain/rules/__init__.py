@@ -8,8 +8,9 @@ is docs/clinical-background.md. The decisions where the table leaves room are to
 rules that make them, in the docstring of each module:
 
 - :mod:`.common`: the reservoir projection and the snapshot as every rule sees it.
-- :mod:`.reservoir`: refill_due, refill_due_worst_case, reservoir_low, reservoir_empty,
-  drug_age.
+- :mod:`.deadlines`: the effective refill deadline (low alarm, drug age, battery) and the
+  worst case a booked visit must beat.
+- :mod:`.reservoir`: refill_due, refill_due_worst_case, reservoir_low, reservoir_empty.
 - :mod:`.delivery`: flow_stopped, under_infusion, over_infusion.
 - :mod:`.reconciliation`: refill_discrepancy, and :func:`reconciliations` (its arithmetic,
   refill by refill).
@@ -38,6 +39,7 @@ from services.domain.alerting import (
 )
 from services.domain.rules import (
     battery,
+    deadlines,
     delivery,
     programming,
     reconciliation,
@@ -60,10 +62,12 @@ __all__ = [
     "effective_low_alarm_ml",
     "evaluate",
     "projection_state",
+    "pump_deadline",
     "pump_forecast",
     "reconciliations",
     "resolution",
     "volume_now_ml",
+    "worst_case",
 ]
 
 
@@ -91,6 +95,16 @@ def volume_now_ml(snapshot: Snapshot) -> float | None:
     return View(snapshot).volume_now_ml
 
 
+def pump_deadline(snapshot: Snapshot) -> deadlines.Deadline | None:
+    """The effective refill deadline with its reason (the forecast object, the worklist)."""
+    return deadlines.effective_deadline(View(snapshot))
+
+
+def worst_case(snapshot: Snapshot) -> therapy.Forecast | None:
+    """The reservoir at the labelled worst case since its volume was last known."""
+    return deadlines.worst_case(View(snapshot))
+
+
 def effective_low_alarm_ml(snapshot: Snapshot) -> float:
     return View(snapshot).low_alarm_ml
 
@@ -105,7 +119,8 @@ def reconciliations(snapshot: Snapshot) -> list[tuple[Refill, Reconciliation | N
 def resolution(rule: Rule, snapshot: Snapshot) -> str:
     """Why ``rule`` no longer holds (said when its alert is resolved automatically)."""
     view = View(snapshot)
-    found = _CHECKS[rule](view)
+    check = _CHECKS.get(rule)
+    found = None if check is None else check(view)
     if found is not None and not _kept(found, snapshot.settings):
         return "the clinic switched this rule off"
     return _RESOLUTIONS[rule](view)

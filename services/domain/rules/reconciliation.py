@@ -2,7 +2,9 @@
 
 - refill_discrepancy: the latest refill's expected residual (the refill's own, else computed
   from the refill before and the programmed delivery plus boluses, else the last reading
-  before the refill advanced to it) against its residual. Medium; high when the refill before
+  before the refill advanced to it) against its residual, beyond the absolute limit for the
+  pump's size (``discrepancy_small_pump_abs_ml`` up to ``discrepancy_small_pump_max_ml``, else
+  ``discrepancy_abs_ml``) or the relative one. Medium; high when the refill before
   also had a discrepancy of the same sign. Holds until a later refill shows none.
 """
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.domain import therapy
-from services.domain.alerting import Finding, Priority, Reading, Refill, Rule
+from services.domain.alerting import Finding, Priority, Reading, Refill, Rule, RuleSettings
 from services.domain.rules.common import Check, Resolve, View, finding, iso, rounded
 
 
@@ -23,6 +25,14 @@ class Reconciliation:
     source: str
     """Where the expected residual came from: "pump", "computed" or "last_reading"."""
     should_have_delivered_ml: float | None
+    capacity_ml: float | None
+    """The pump's reservoir (the absolute threshold depends on it); None when unknown."""
+
+    def limit_ml(self, settings: RuleSettings) -> float:
+        return settings.discrepancy_limit_ml(self.capacity_ml)
+
+    def kind(self, settings: RuleSettings) -> therapy.Classification:
+        return self.found.classify(settings, self.capacity_ml)
 
 
 def _reading_before(view: View, at: datetime) -> Reading | None:
@@ -56,7 +66,9 @@ def reconcile(view: View, index: int) -> Reconciliation | None:
     else:
         return None
     found = therapy.discrepancy(expected, refill.residual_ml, should_have)
-    return Reconciliation(refill, found, source, should_have)
+    sized = reading if reading is not None else view.latest
+    capacity = None if sized is None else sized.capacity_ml
+    return Reconciliation(refill, found, source, should_have, capacity)
 
 
 def _refill_discrepancy(view: View) -> Finding | None:
@@ -65,11 +77,11 @@ def _refill_discrepancy(view: View) -> Finding | None:
     latest = reconcile(view, len(view.refills) - 1)
     if latest is None:
         return None
-    kind = latest.found.classify(view.settings)
+    kind = latest.kind(view.settings)
     if kind == "none":
         return None
     before = reconcile(view, len(view.refills) - 2) if len(view.refills) > 1 else None
-    repeated = before is not None and before.found.classify(view.settings) == kind
+    repeated = before is not None and before.kind(view.settings) == kind
     delta = abs(latest.found.delta_ml)
     over = kind == "over_delivery"
     title = f"Refill: {delta:.1f} mL {'less' if over else 'more'} left than expected"
@@ -103,6 +115,8 @@ def _refill_discrepancy(view: View) -> Finding | None:
             "should_have_delivered_ml": rounded(latest.should_have_delivered_ml),
             "expected_from": latest.source,
             "kind": kind,
+            "capacity_ml": latest.capacity_ml,
+            "limit_ml": latest.limit_ml(view.settings),
             "previous_delta_ml": None if before is None else rounded(before.found.delta_ml),
         },
         occurrence=f"refill {iso(latest.refill.recorded_at)}",

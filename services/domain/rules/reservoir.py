@@ -1,17 +1,20 @@
 """Reservoir rules: the drug runs low or out before a refill, or has been in the pump too long.
 
-- refill_due: the low-alarm date is at most ``refill_due_low_days`` ahead and no visit is booked
-  at or before it (a visit in the past counts as none). Low; medium at ``refill_due_medium_days``;
-  high at ``refill_due_high_days``; one higher for high withdrawal risk. Only while the low-alarm
-  date is ahead: at or past it reservoir_low holds instead.
-- refill_due_worst_case: a future visit is booked in time for the low-alarm date at the
-  programmed rate, but the date at rate x ``worst_case_delivery_factor`` is before it. Medium.
-  Not when the visit is late even at the programmed rate (refill_due says so), nor once the low
-  alarm has been reached (reservoir_low or reservoir_empty, both high, say more).
+- refill_due: the effective refill deadline (:mod:`.deadlines`: the low-alarm date, or the
+  drug's stability limit if sooner) is at most ``refill_due_low_days`` ahead and no visit is
+  booked at or before it (a visit in the past counts as none). Low; medium at
+  ``refill_due_medium_days``; high at ``refill_due_high_days``; one higher for high withdrawal
+  risk — for a deadline of drug age medium at most, also once it has passed (the drug is
+  expired, not gone). Not once the low alarm has been reached: reservoir_low holds instead.
+  (drug_age, its own rule before, is this deadline now: the rule code stays for old alerts.)
+- refill_due_worst_case: a future visit is booked in time for the refill deadline, but at rate x
+  ``worst_case_delivery_factor`` since the volume was last known the reservoir runs empty before
+  it (:func:`.deadlines.worst_case`). Medium. The date moves only with the programme, a bolus or
+  a refill, so one booked visit raises one alert, which holds until the visit is brought
+  forward or the pump is refilled. Not when the visit is late even at the programmed rate
+  (refill_due says so), nor once the low alarm has been reached.
 - reservoir_low: projected volume at or below the low alarm, or a ``low_reservoir`` alarm; not
   when empty. reservoir_empty: projected volume 0 or an ``empty_reservoir`` alarm. Both high.
-- drug_age: days since the last refill >= ``drug_age_low_days`` (low) / ``drug_age_medium_days``
-  (medium). Nothing without a known refill.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from services.domain import therapy
 from services.domain.alerting import Finding, Priority, Rule
+from services.domain.rules import deadlines
 from services.domain.rules.common import (
     WITHDRAWAL,
     Check,
@@ -56,15 +60,15 @@ def _booked_in_time(view: View, deadline: datetime) -> bool:
 
 
 def _refill_due(view: View) -> Finding | None:
-    nominal, settings = view.nominal, view.settings
-    if nominal is None or nominal.low_alarm_at is None or view.at_low_alarm:
+    deadline, nominal, settings = deadlines.refill_deadline(view), view.nominal, view.settings
+    if deadline is None or nominal is None or view.at_low_alarm:
         return None
-    low_at = nominal.low_alarm_at
-    left = low_at - view.now  # positive: at or past the low alarm, reservoir_low holds instead
-    if _booked_in_time(view, low_at):
+    left = deadline.at - view.now
+    if _booked_in_time(view, deadline.at):
         return None
+    drug = deadline.reason == "drug_age"
     if left <= timedelta(days=settings.refill_due_high_days):
-        priority = Priority.HIGH
+        priority = Priority.MEDIUM if drug else Priority.HIGH
     elif left <= timedelta(days=settings.refill_due_medium_days):
         priority = Priority.MEDIUM
     elif left <= timedelta(days=settings.refill_due_low_days):
@@ -78,53 +82,92 @@ def _refill_due(view: View) -> Finding | None:
         else "No refill visit is booked."
     )
     facts = _reservoir_facts(view) | {
-        "days_to_low_alarm": rounded(therapy.days_until(low_at, view.now), 2)
+        "refill_deadline_at": iso(deadline.at),
+        "refill_deadline_reason": deadline.reason,
+        "days_to_refill_deadline": rounded(therapy.days_until(deadline.at, view.now), 2),
+        "days_to_low_alarm": rounded(therapy.days_until(nominal.low_alarm_at, view.now), 2)
+        if nominal.low_alarm_at is not None
+        else None,
     }
+    if drug:
+        title = (
+            f"Refill due in {span(left)}: drug age"
+            if left > timedelta(0)
+            else "Refill overdue: drug past its stability limit"
+        )
+        reservoir = (
+            f"The reservoir reaches its low-alarm volume on {view.day(nominal.low_alarm_at)}."
+            if nominal.low_alarm_at is not None
+            else ""
+        )
+        why = (
+            f"On {view.day(deadline.at)} {deadline.why}."
+            if left > timedelta(0)
+            else f"Since {view.day(deadline.at)} {deadline.why.replace('reaches', 'is past')}."
+        )
+        detail: tuple[str, ...] = (
+            why,
+            reservoir,
+            "A drug kept past its limit may lose strength, and the patient then gets less than "
+            "programmed.",
+            booked,
+            f"Action: book a refill visit to replace the drug by {view.day(deadline.at)}."
+            if left > timedelta(0)
+            else "Action: replace the drug as soon as possible.",
+        )
+        return finding(Rule.REFILL_DUE, priority, title, detail, facts)
     return finding(
         Rule.REFILL_DUE,
         view.raised(priority),
         f"Refill due in {span(left)}",
         (
             f"At the programmed {nominal.rate_ml_per_day:.3g} mL/day the reservoir reaches its "
-            f"low-alarm volume of {view.low_alarm_ml:g} mL on {view.day(low_at)} and is empty "
-            f"on {view.day(nominal.empty_at or low_at)}.",
+            f"low-alarm volume of {view.low_alarm_ml:g} mL on {view.day(deadline.at)} and is "
+            f"empty on {view.day(nominal.empty_at or deadline.at)}.",
             booked,
             WITHDRAWAL,
             "Patient at high withdrawal risk: raised one priority." if view.high_risk else "",
-            f"Action: book a refill visit before {view.day(low_at)}.",
+            f"Action: book a refill visit before {view.day(deadline.at)}.",
         ),
         facts,
     )
 
 
 def _refill_due_worst_case(view: View) -> Finding | None:
-    visit, nominal = view.snapshot.refill_appointment_at, view.nominal
-    if visit is None or visit <= view.now or nominal is None or view.at_low_alarm:
+    visit, deadline = view.snapshot.refill_appointment_at, deadlines.refill_deadline(view)
+    if visit is None or visit <= view.now or deadline is None or view.at_low_alarm:
         return None
-    if nominal.low_alarm_at is not None and visit > nominal.low_alarm_at:
+    if visit > deadline.at:
         return None  # late even at the programmed rate: refill_due says so
-    factor = view.settings.worst_case_delivery_factor
-    worst = view.forecast(factor)
-    if worst is None or worst.low_alarm_at is None or worst.low_alarm_at >= visit:
+    worst = deadlines.worst_case(view)
+    if worst is None or worst.empty_at is None or worst.empty_at >= visit:
         return None
+    factor = view.settings.worst_case_delivery_factor
     facts = _reservoir_facts(view) | {
         "worst_case_factor": factor,
         "worst_case_low_alarm_at": iso(worst.low_alarm_at),
         "worst_case_empty_at": iso(worst.empty_at),
+        "refill_deadline_at": iso(deadline.at),
+        "refill_deadline_reason": deadline.reason,
     }
+    refill = view.last_refill
+    since = (
+        f"since the refill on {view.day(refill.recorded_at)}"
+        if refill is not None and worst.basis != "measured"
+        else "from now"
+    )
     return finding(
         Rule.REFILL_DUE_WORST_CASE,
         Priority.MEDIUM,
         "Refill visit may come too late",
         (
-            f"A refill visit is booked for {view.day(visit)}. If the pump delivers "
-            f"{factor - 1:.1%} more than programmed (within its labelled accuracy), the "
-            f"reservoir reaches its low-alarm volume of {view.low_alarm_ml:g} mL on "
-            f"{view.day(worst.low_alarm_at)}, before the visit.",
+            f"A refill visit is booked for {view.day(visit)}. If the pump has delivered "
+            f"{factor - 1:.1%} more than programmed {since} (within its labelled accuracy), "
+            f"the reservoir runs empty on {view.day(worst.empty_at)}, before the visit.",
             "A calculated reservoir volume cannot show this: the pump's own alarm would not "
             "sound in time.",
             WITHDRAWAL,
-            f"Action: bring the refill visit forward to before {view.day(worst.low_alarm_at)}.",
+            f"Action: bring the refill visit forward to before {view.day(worst.empty_at)}.",
         ),
         facts,
     )
@@ -176,36 +219,6 @@ def _reservoir_empty(view: View) -> Finding | None:
     )
 
 
-def _drug_age(view: View) -> Finding | None:
-    refill, settings = view.last_refill, view.settings
-    if refill is None:
-        return None
-    age = view.now - refill.recorded_at
-    if age >= timedelta(days=settings.drug_age_medium_days):
-        priority = Priority.MEDIUM
-    elif age >= timedelta(days=settings.drug_age_low_days):
-        priority = Priority.LOW
-    else:
-        return None
-    replace_by = refill.recorded_at + timedelta(days=settings.drug_age_medium_days)
-    return finding(
-        Rule.DRUG_AGE,
-        priority,
-        f"Drug in the pump is {age.days} days old",
-        (
-            f"The last refill was on {view.day(refill.recorded_at)}.",
-            f"Baclofen in the reservoir must be replaced at least every "
-            f"{settings.drug_age_medium_days:g} days, even if the reservoir is not empty.",
-            f"Action: book a refill to replace the drug by {view.day(replace_by)}.",
-        ),
-        {
-            "last_refill_at": iso(refill.recorded_at),
-            "days_since_refill": rounded(age / timedelta(days=1), 2),
-            "replace_by": iso(replace_by),
-        },
-    )
-
-
 # --- resolutions ---------------------------------------------------------------------------------
 
 
@@ -221,21 +234,20 @@ def _refilled(view: View) -> str | None:
 
 
 def _resolve_refill_due(view: View) -> str:
-    nominal = view.nominal
     refilled = _refilled(view)
     if refilled is not None:
         return refilled
-    if nominal is None:
-        return "no reading to forecast from"
-    low_at = nominal.low_alarm_at
-    if low_at is None:
+    deadline = deadlines.refill_deadline(view)
+    if deadline is None:
+        if view.nominal is None:
+            return "no reading to forecast from"
         return "the program delivers nothing, so the reservoir does not run low"
     if view.at_low_alarm:
         return "the reservoir reached its low-alarm volume (the reservoir-low alert takes over)"
     visit = view.snapshot.refill_appointment_at
-    if visit is not None and _booked_in_time(view, low_at):
-        return f"a refill visit is booked for {view.day(visit)}, before the low-alarm date"
-    return f"the reservoir now reaches its low-alarm volume on {view.day(low_at)}"
+    if visit is not None and _booked_in_time(view, deadline.at):
+        return f"a refill visit is booked for {view.day(visit)}, before the refill deadline"
+    return f"the refill deadline is now {view.day(deadline.at)}: {deadline.why}"
 
 
 def _resolve_worst_case(view: View) -> str:
@@ -247,7 +259,7 @@ def _resolve_worst_case(view: View) -> str:
         return "no future refill visit is booked any more (refill-due watches the date)"
     if view.at_low_alarm:
         return "the reservoir reached its low-alarm volume (the reservoir-low alert takes over)"
-    return f"the visit on {view.day(visit)} now comes before the worst-case low-alarm date"
+    return f"the visit on {view.day(visit)} now comes before the worst-case empty date"
 
 
 def _resolve_reservoir(view: View) -> str:
@@ -273,10 +285,10 @@ def _resolve_empty(view: View) -> str:
 
 
 def _resolve_drug_age(view: View) -> str:
-    refill = view.last_refill
-    if refill is None:
-        return "no refill is on record any more"
-    return f"a refill was recorded on {view.day(refill.recorded_at)}"
+    refilled = _refilled(view)
+    if refilled is not None:
+        return refilled
+    return "drug age is now part of the refill deadline (refill due)"
 
 
 CHECKS: dict[Rule, Check] = {
@@ -284,7 +296,6 @@ CHECKS: dict[Rule, Check] = {
     Rule.REFILL_DUE_WORST_CASE: _refill_due_worst_case,
     Rule.RESERVOIR_LOW: _reservoir_low,
     Rule.RESERVOIR_EMPTY: _reservoir_empty,
-    Rule.DRUG_AGE: _drug_age,
 }
 
 RESOLUTIONS: dict[Rule, Resolve] = {
