@@ -152,8 +152,8 @@ async def test_snooze_limits_by_priority_and_the_history_names_who_and_until(
     assert (await snooze(now + timedelta(hours=23))).status_code == 200
     resolved_id = await s.pool.fetchval(
         "INSERT INTO alerts (serial, rule, priority, status, title, detail, opened_at, "
-        "updated_at, condition_at, resolved_at) VALUES ($1, 'drug_age', 'low', 'resolved', 't', "
-        "'d', now(), now(), now(), now()) RETURNING id",
+        "updated_at, condition_at, resolved_at) VALUES ($1, 'dose_escalation', 'low', "
+        "'resolved', 't', 'd', now(), now(), now(), now()) RETURNING id",
         SERIAL,
     )
     gone = await s.api.call(

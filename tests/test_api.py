@@ -222,26 +222,42 @@ async def test_bad_cursors_and_windows_are_4xx_problems(api: Api, w: World) -> N
         ).status_code == 422
 
 
-async def test_the_worklist_orders_pumps_by_their_low_alarm_date(api: Api, w: World) -> None:
+async def test_the_worklist_orders_pumps_by_their_effective_refill_deadline(
+    api: Api, w: World
+) -> None:
+    now = datetime.now(UTC)
     conn = await api.conn()
-    try:  # a pump of clinic A that runs low sooner
+    try:  # a pump of clinic A that runs low sooner, and one whose drug is nearly 180 days old
         from tests import alert_fixtures as fx
 
         patient = await fx.patient(conn, w.a.id)
         await fx.pump(conn, "NGPAAAA02", patient_id=patient)
-        await fx.reading(conn, "NGPAAAA02", datetime.now(UTC) - timedelta(hours=1), volume_ml=3.0)
+        await fx.reading(conn, "NGPAAAA02", now - timedelta(hours=1), volume_ml=3.0)
+        old_drug = await fx.patient(conn, w.a.id)
+        await fx.pump(conn, "NGPAAAA03", patient_id=old_drug)
+        await fx.refill_event(
+            conn, "NGPAAAA03", now - timedelta(days=177), residual_ml=5.0, expected_residual_ml=5.0
+        )
+        await fx.reading(conn, "NGPAAAA03", now - timedelta(hours=1), volume_ml=30.0)
     finally:
         await conn.close()
     due = await api.call("GET", "/v1/refills/due", w.a.clinician, params={"within_days": 100})
     assert due.status_code == 200
     items = due.json()["items"]
-    assert [i["serial"] for i in items] == ["NGPAAAA02", w.a.serial]
+    assert [i["serial"] for i in items] == ["NGPAAAA03", "NGPAAAA02", w.a.serial]
+    drug, low = items[0], items[1]
+    assert drug["refill_deadline_reason"] == "drug_age"
+    assert drug["days_to_refill_deadline"] == pytest.approx(3.0, abs=0.01)
+    assert drug["days_left"] > 100  # the reservoir itself would last
+    assert low["refill_deadline_reason"] == "low_alarm"
+    assert low["days_to_refill_deadline"] == low["days_left"]
+    items = items[1:]
     assert items[0]["days_left"] == pytest.approx(5.0 - 1 / 24, abs=0.01)
     assert items[1]["last_refill_at"] is not None
     assert items[1]["open_alerts"][0]["rule"] == "refill_due"
     assert items[0]["patient"]["id"] == patient
     near = await api.call("GET", "/v1/refills/due", w.a.clinician, params={"within_days": 10})
-    assert [i["serial"] for i in near.json()["items"]] == ["NGPAAAA02"]
+    assert [i["serial"] for i in near.json()["items"]] == ["NGPAAAA03", "NGPAAAA02"]
     fleet = await api.call("GET", "/v1/refills/due", w.fleet, params={"within_days": 100})
     assert {i["serial"] for i in fleet.json()["items"]} >= {w.a.serial, w.b.serial, "NGPAAAA02"}
     assert all(i["patient"] is None for i in fleet.json()["items"])

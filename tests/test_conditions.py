@@ -31,11 +31,11 @@ def test_an_empty_reservoir_and_what_it_sets_off_is_one_finding_named_by_its_cau
             _finding(Rule.REFILL_DUE, Priority.HIGH),
             _finding(Rule.RESERVOIR_EMPTY, Priority.HIGH),
             _finding(Rule.RESERVOIR_LOW, Priority.HIGH),
-            _finding(Rule.DRUG_AGE, Priority.LOW),
+            _finding(Rule.DOSE_ESCALATION, Priority.LOW),
         ]
     )
     assert [(f.rule, f.priority) for f in folded] == [
-        (Rule.DRUG_AGE, Priority.LOW),
+        (Rule.DOSE_ESCALATION, Priority.LOW),
         (Rule.RESERVOIR_EMPTY, Priority.HIGH),
     ]
     empty = folded[1]

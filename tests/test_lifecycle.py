@@ -130,7 +130,9 @@ def test_rules_are_planned_independently() -> None:
         [finding(Rule.FLOW_STOPPED, Priority.HIGH, "Flow stopped")],
         [
             stored(rule=Rule.REFILL_DUE),
-            stored(rule=Rule.DRUG_AGE, status="resolved", resolved_at=NOW - timedelta(days=3)),
+            stored(
+                rule=Rule.DOSE_ESCALATION, status="resolved", resolved_at=NOW - timedelta(days=3)
+            ),
         ],
         now=NOW,
         flap_window=WINDOW,

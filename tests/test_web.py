@@ -90,8 +90,8 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
         await conn.execute(
             """INSERT INTO alerts (serial, rule, priority, status, title, detail, opened_at,
                    updated_at, condition_at)
-               VALUES ('NGPWEBA02', 'drug_age', 'low', 'open',
-                   'Drug 60 days in the reservoir', 'Plan the refill.', now(), now(), now())"""
+               VALUES ('NGPWEBA02', 'dose_escalation', 'low', 'open',
+                   'Dose up 55 % in 180 days', 'Review the titration.', now(), now(), now())"""
         )
         await fx.rollup(conn)
         made = {}

@@ -114,6 +114,8 @@ class BenchReport:
     judgement: Judgement
     measured: dict[str, bool] = field(default_factory=dict)
     """Serial -> whether the pump reports a measured volume."""
+    healthy: frozenset[str] = frozenset()
+    """The pumps given no fault: what their alerts cost is the burden of normal life."""
     latency: LatencyFigures | None = None
 
 
@@ -186,7 +188,8 @@ def _detection_phase(
             f"{time.monotonic() - started:.1f} s"
         )
         measured = {p.serial: p.basis == "measured" for p in fleet.pumps}
-        return BenchReport(options, result, truth, judgement, measured)
+        healthy = frozenset(p.serial for p in fleet.healthy())
+        return BenchReport(options, result, truth, judgement, measured, healthy)
     finally:
         asyncio.run(_drop_database(admin_url, database_url))
 
@@ -370,6 +373,19 @@ def overall_table(report: BenchReport) -> Table:
         "false (matched no condition)",
         f"{by_verdict['false']:,}  " + ", ".join(f"{r} {n:,}" for r, n in false.most_common()),
     )
+    healthy = [o for o in openings if o.change.serial in report.healthy]
+    healthy_years = len(report.healthy) * options.days / 365.0
+    if healthy_years:
+        by_rule = Counter(o.change.rule.value for o in healthy)
+        table.add_row(
+            f"healthy pumps ({len(report.healthy):,}): alerts per pump-year",
+            f"{len(healthy) / healthy_years:.2f}  "
+            + ", ".join(f"{r} {n / healthy_years:.2f}" for r, n in by_rule.most_common()),
+        )
+        table.add_row(
+            "healthy pumps: high priority",
+            _percent(sum(o.highest is Priority.HIGH for o in healthy), len(healthy)),
+        )
     reopened = sum(o.change.action == "reopened" for o in openings)
     table.add_row("of which reopened an older alert", f"{reopened:,}")
     result = report.result

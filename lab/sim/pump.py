@@ -31,6 +31,10 @@ _LEAD_SHARE = 0.15
 _DRUG_MAX_DAYS = (170.0, 178.0)
 """Drug must be replaced at least every 180 days: the latest refill lands in this range."""
 _MIN_REFILL_DAYS = 7.0
+_WORST_CASE_FACTOR = 1.145
+_WORST_CASE_MARGIN_DAYS = 1.0
+"""Clinics book the visit at least this long before the worst-case empty date pumpwatch shows
+(the reservoir at 1.145 x the programmed rate since the last refill)."""
 _CLINIC_HOURS = (9 * 3600, 16 * 3600)
 """Visits (refills, boluses, prescription changes) happen in local clinic hours."""
 _BOLUS_MEAN_DAYS = 45.0
@@ -583,8 +587,9 @@ class PumpSim:
     # -- planning --------------------------------------------------------------------------
 
     def _plan_days(self, volume_ml: float, *, fresh: bool = True) -> float:
-        """Days from now to the next refill: a few days before the projected low alarm, and
-        before the drug is 180 days old (only counted from a fresh fill)."""
+        """Days from now to the next refill: a few days before the projected low alarm, before
+        the drug is 180 days old (only counted from a fresh fill), and a day before the
+        worst-case empty date the clinic's forecast shows."""
         rng = self._rng
         rate = max(self.program.rate_ml_per_day, 1e-6)
         to_alarm = (volume_ml - self.profile.low_alarm_ml) / rate
@@ -593,6 +598,12 @@ class PumpSim:
         days = to_alarm - min(rng.uniform(lo, hi), max(lo, _LEAD_SHARE * to_alarm))
         if fresh:
             days = min(days, rng.uniform(*_DRUG_MAX_DAYS))
+        worst_ml = volume_ml
+        if not fresh and self._last_refill_at is not None:
+            filled = float(self.profile.capacity_ml)
+            worst_ml = max(0.0, filled - _WORST_CASE_FACTOR * max(0.0, filled - volume_ml))
+        to_worst_empty = worst_ml / (_WORST_CASE_FACTOR * rate)
+        days = min(days, to_worst_empty - _WORST_CASE_MARGIN_DAYS)
         return max(days, _MIN_REFILL_DAYS if fresh else 1.0)
 
     def _clinic_time(self, target: int, *, not_before: int) -> int:

@@ -3,7 +3,7 @@
 Tenancy is in the statements: ``$scope`` parameters are a clinic id, or NULL for the roles that
 see every clinic (admin, fleet); a row of another clinic is simply not found. A pump's history
 (readings, events, refills, resolved alerts) is a clinic's only for the periods in which the clinic
-held the pump (``held_by``, migration 0008); an unresolved alert is its pump's holder's now.
+held the pump (``held_periods``, migration 0012); an unresolved alert is its pump's holder's now.
 """
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -186,14 +186,15 @@ READINGS = f"""
 SELECT {_READING} FROM readings
 WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
   AND ($4::timestamptz IS NULL OR (recorded_at, msg_id) < ($4, $5::uuid))
-  AND ($7::uuid IS NULL OR held_by(serial, recorded_at, $7, NULL))
+  AND ($7::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $7, NULL)))
 ORDER BY recorded_at DESC, msg_id DESC
 LIMIT $6
 """
-# An hourly bucket is a holder's when the whole hour was theirs.
+# An hourly bucket is a holder's when the whole hour was theirs. The periods are read once per
+# query (a subquery that does not depend on the row), not once per hour.
 _WHOLE_HOUR_HELD = """
-held_by(serial, hour, {clinic}, {patient})
-AND held_by(serial, hour + interval '1 hour' - interval '1 microsecond', {clinic}, {patient})
+tstzrange({hour}, {hour} + interval '1 hour')
+    <@ (SELECT held_periods({serial}, {clinic}, {patient}))
 """
 HOURLY = f"""
 SELECT hour, readings, volume_ml_sum / readings AS volume_ml, volume_ml_min, volume_ml_max,
@@ -203,7 +204,9 @@ SELECT hour, readings, volume_ml_sum / readings AS volume_ml, volume_ml_min, vol
        rate_ml_per_day_sum / readings AS rate_ml_per_day
 FROM readings_hourly
 WHERE serial = $1 AND hour >= $2 AND hour < $3 AND ($4::timestamptz IS NULL OR hour < $4)
-  AND ($6::uuid IS NULL OR ({_WHOLE_HOUR_HELD.format(clinic="$6", patient="NULL")}))
+  AND ($6::uuid IS NULL OR ({
+    _WHOLE_HOUR_HELD.format(hour="hour", serial="$1", clinic="$6", patient="NULL")
+}))
 ORDER BY hour DESC
 LIMIT $5
 """
@@ -220,7 +223,7 @@ SELECT '[' || coalesce(string_agg(
 ), '') || ']'
 FROM readings_hourly h WHERE h.serial = p.serial AND h.hour >= $2 AND h.hour <= $3
   AND ("""
-    + _WHOLE_HOUR_HELD.format(clinic="p.clinic_id", patient="$1")
+    + _WHOLE_HOUR_HELD.format(hour="h.hour", serial="p.serial", clinic="p.clinic_id", patient="$1")
     + ")\n"
 )
 # The dashboard's pump: the patient's ($1) most recently reporting one, with its series from
@@ -249,7 +252,7 @@ EVENT = "SELECT serial, type, recorded_at FROM events WHERE msg_id = $1"
 REFILL_TIMES = """
 SELECT recorded_at FROM events
 WHERE serial = $1 AND type = 'refill' AND ($2::timestamptz IS NULL OR recorded_at < $2)
-  AND ($4::uuid IS NULL OR held_by(serial, recorded_at, $4, NULL))
+  AND ($4::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $4, NULL)))
 ORDER BY recorded_at DESC LIMIT $3
 """
 
@@ -370,7 +373,7 @@ WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
   AND ($4::timestamptz IS NULL OR (recorded_at, msg_id) <= ($4, $5::uuid))
   AND ($6::boolean OR ($7::boolean AND daily_dose_mcg IS NOT NULL)
        OR ($8::boolean AND battery_pct IS NOT NULL))
-  AND ($10::uuid IS NULL OR held_by(serial, recorded_at, $10, NULL))
+  AND ($10::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $10, NULL)))
 ORDER BY recorded_at DESC, msg_id DESC
 LIMIT $9
 """
