@@ -330,14 +330,16 @@ def test_healthy_pumps_raise_only_what_their_normal_life_explains(scenario: Scen
 
 def test_unbooked_healthy_pumps_are_reminded_before_every_refill(scenario: Scenario) -> None:
     """The negative scenario is not empty: without a booking, a refill due alert (for the low
-    alarm, or for the drug's age) was active in the 14 days before each refill, and it resolved
-    with the refill."""
+    alarm, the worst case or the drug's age) was active in the 14 days before each refill after
+    the first, and it resolved with the refill."""
     checked = 0
     for serial in scenario.healthy:
         if serial in scenario.booked:
             continue
         changes = [c for c in scenario.result.changes if c.serial == serial]
-        for refill in scenario.refills[serial]:
+        # The first refill was planned from a fill before the record starts, which pumpwatch
+        # never saw: the clinic may come earlier than any deadline pumpwatch counts down to.
+        for refill in scenario.refills[serial][1:]:
             if refill < scenario.result.start + timedelta(days=14):
                 continue
             before = [
@@ -347,7 +349,10 @@ def test_unbooked_healthy_pumps_are_reminded_before_every_refill(scenario: Scena
                 and c.active
                 and refill - timedelta(days=14) <= c.condition_at <= refill
             ]
-            assert before, f"{serial}: nothing before the refill of {refill}"
+            assert before, f"{serial}: nothing before the refill of {refill}: " + "; ".join(
+                f"{c.condition_at:%m-%d %H:%M} {c.rule} {c.action} {c.priority.label}"
+                for c in changes
+            )
             after = [
                 c
                 for c in changes

@@ -348,7 +348,9 @@ def test_a_visit_late_even_at_the_programmed_rate_is_refill_due_not_worst_case()
     low_at = NOW + timedelta(days=112)
     late = snapshot(latest=pump, appointment=low_at + MINUTE, now=NOW + timedelta(days=100))
     assert Rule.REFILL_DUE_WORST_CASE not in fired(late)
-    assert priority(late, Rule.REFILL_DUE) is Priority.LOW
+    due = fired(late)[Rule.REFILL_DUE]  # counting down to the worst-case empty date, 4.8 days
+    assert (due.priority, due.facts["refill_deadline_reason"]) == (Priority.MEDIUM, "worst_case")
+    assert due.title == "Refill due in 5 days (worst case)"
     in_time = snapshot(latest=pump, appointment=low_at, now=NOW + timedelta(days=100))
     assert Rule.REFILL_DUE not in fired(in_time)
     assert priority(in_time, Rule.REFILL_DUE_WORST_CASE) is Priority.MEDIUM
@@ -430,11 +432,44 @@ def test_a_visit_before_the_drug_limit_silences_refill_due() -> None:
 
 def test_no_drug_age_deadline_without_a_known_refill() -> None:
     assert not fired(snapshot(refills=()))
-    assert pump_deadline(snapshot(refills=())) == Deadline(
-        NOW + timedelta(days=112),
+    assert pump_deadline(snapshot(latest=days_left(20), refills=())) == Deadline(
+        NOW + timedelta(days=20),
         "low_alarm",
         "the reservoir reaches its low-alarm volume of 2 mL",
     )
+
+
+@pytest.mark.parametrize(
+    ("before", "expected"),
+    [
+        (timedelta(days=14) + MINUTE, None),
+        (timedelta(days=14), Priority.LOW),
+        (timedelta(days=7), Priority.MEDIUM),
+        (timedelta(days=2), Priority.HIGH),
+        (-timedelta(days=1), Priority.HIGH),  # past it: the reservoir may be empty
+    ],
+)
+def test_unbooked_refill_due_counts_down_to_the_worst_case_empty_date_when_sooner(
+    before: timedelta, expected: Priority | None
+) -> None:
+    """30 mL at 0.25 mL/day: the low alarm in 112 days, but at 1.145 x the rate empty in 104.8;
+    with no visit booked, the reminder counts down to the earlier date."""
+    worst = worst_case_empty_at(HEALTHY)
+    found = fired(snapshot(now=worst - before)).get(Rule.REFILL_DUE)
+    assert (None if found is None else found.priority) == expected
+    if found is not None:
+        assert found.facts["refill_deadline_reason"] == "worst_case"
+        assert "Sooner in the worst case" in found.detail
+
+
+def test_a_visit_in_time_at_the_programmed_rate_leaves_the_worst_case_to_its_own_rule() -> None:
+    worst = worst_case_empty_at(HEALTHY)
+    visit = NOW + timedelta(days=110)  # before the low alarm (112), after the worst case (104.8)
+    at = worst - timedelta(days=3)
+    fresh = reading(at=at, volume_ml=HEALTHY.volume_ml - RATE * ((at - NOW) / timedelta(days=1)))
+    filled = refill(at=NOW, added_ml=HEALTHY.volume_ml, expected_residual_ml=10.0)
+    found = fired(snapshot(now=at, latest=fresh, refills=(filled,), appointment=visit))
+    assert set(found) == {Rule.REFILL_DUE_WORST_CASE}
 
 
 def test_the_effective_deadline_is_the_earliest_with_its_reason() -> None:

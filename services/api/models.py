@@ -148,7 +148,7 @@ class AppointmentIn(_In):
     )
 
 
-DeadlineReason = Literal["low_alarm", "drug_age", "battery"]
+DeadlineReason = Literal["low_alarm", "worst_case", "drug_age", "battery"]
 
 
 class Forecast(BaseModel):
@@ -161,8 +161,8 @@ class Forecast(BaseModel):
     basis: str | None = Field(examples=["calculated"])
     refill_deadline_at: datetime | None = Field(
         description="The effective refill deadline: the earliest of the low-alarm date, the "
-        "drug's stability limit in the pump and the battery's stop after its elective "
-        "replacement indicator."
+        "worst-case empty date, the drug's stability limit in the pump and the battery's stop "
+        "after its elective replacement indicator."
     )
     refill_deadline_reason: DeadlineReason | None = Field(examples=["low_alarm"])
     days_to_refill_deadline: float | None = Field(examples=[61.7])

@@ -4,20 +4,27 @@ The refill a clinic must book is the earliest of (docs/clinical-background.md, "
 than an empty reservoir"):
 
 - ``low_alarm``: the reservoir reaches its low-alarm volume at the programmed rate;
+- ``worst_case``: it runs *empty* at ``worst_case_delivery_factor`` x the programmed rate since
+  its volume was last known (below) — earlier than the low alarm for most fills larger than
+  about 16 mL;
 - ``drug_age``: the drug reaches its stability limit in the reservoir, counted from the last
   refill (``drug_stability_<drug>_days``: baclofen 180, morphine 90, ziconotide 40, others 90);
 - ``battery``: the pump stops ``battery_eri_stop_days`` after its first reading with the
   elective replacement indicator. A refill does not move this one: the pump needs replacing
-  (battery_eri says so), so the refill rules use :func:`refill_deadline`, the earliest of the
-  first two, while the forecast and the worklist show :func:`effective_deadline`, all three.
+  (battery_eri says so).
 
-The worst case (refill_due_worst_case): the reservoir at ``worst_case_delivery_factor`` x the
-programmed rate *since its volume was last known* — the last refill, where a pump reports a
-calculated volume (each reading only repeats the programmed arithmetic, so projecting from it
-would forget the drift so far and let the date creep later with every reading), or the latest
-reading where the pump measures its reservoir. The date that matters is when it would run
-**empty**: at the low alarm the patient still has the alarm's volume to go, and a booked visit
-before the worst-case empty date is safe.
+:func:`booking_deadline` (low alarm, drug age) is what a booked visit must come before at the
+programmed rate; a visit in time for it but after the worst-case empty date is
+refill_due_worst_case's, one alert for the visit. :func:`refill_deadline` (low alarm, worst
+case, drug age) is what refill_due counts down to when no visit is booked in time.
+:func:`effective_deadline` adds the battery: the forecast object and the worklist show it.
+
+The worst case: the reservoir at ``worst_case_delivery_factor`` x the programmed rate *since its
+volume was last known* — the last refill, where a pump reports a calculated volume (each reading
+only repeats the programmed arithmetic, so projecting from it would forget the drift so far and
+let the date creep later with every reading), or the latest reading where the pump measures its
+reservoir. The date that matters is when it would run **empty**: at the low alarm the patient
+still has the alarm's volume to go.
 
 Pure: no I/O.
 """
@@ -35,10 +42,11 @@ _FILLED_SINCE_ML = 0.5
 """A calculated volume this much above the last refill's fill: the pump was filled since by a
 refill the record lacks, so the worst case starts from the reading."""
 
-Reason = Literal["low_alarm", "drug_age", "battery"]
+Reason = Literal["low_alarm", "worst_case", "drug_age", "battery"]
 
 REASON_WORDS: dict[str, str] = {
     "low_alarm": "reservoir low",
+    "worst_case": "reservoir, worst case",
     "drug_age": "drug age",
     "battery": "battery",
 }
@@ -90,16 +98,43 @@ def _battery(view: View) -> Deadline | None:
     )
 
 
+def _worst_case_empty(view: View) -> Deadline | None:
+    worst = worst_case(view)
+    if worst is None or worst.empty_at is None:
+        return None
+    factor = view.settings.worst_case_delivery_factor
+    refill = view.last_refill
+    since = (
+        f"since the refill on {view.day(refill.recorded_at)}"
+        if refill is not None and worst.basis != "measured"
+        else "from the latest reading"
+    )
+    return Deadline(
+        worst.empty_at,
+        "worst_case",
+        f"the reservoir could run empty if the pump delivers {factor - 1:.1%} more than "
+        f"programmed {since} (within its labelled accuracy)",
+    )
+
+
+def _earliest(*found: Deadline | None) -> Deadline | None:
+    known = [d for d in found if d is not None]
+    return min(known, key=lambda d: d.at) if known else None
+
+
+def booking_deadline(view: View) -> Deadline | None:
+    """What a booked visit must come before at the programmed rate (low alarm, drug age)."""
+    return _earliest(_low_alarm(view), _drug_age(view))
+
+
 def refill_deadline(view: View) -> Deadline | None:
-    """The earliest deadline a refill answers (low alarm, drug age)."""
-    found = [d for d in (_low_alarm(view), _drug_age(view)) if d is not None]
-    return min(found, key=lambda d: d.at) if found else None
+    """What refill_due counts down to (low alarm, worst case, drug age: the earliest)."""
+    return _earliest(_low_alarm(view), _worst_case_empty(view), _drug_age(view))
 
 
 def effective_deadline(view: View) -> Deadline | None:
-    """The earliest of every deadline (low alarm, drug age, battery), with its reason."""
-    found = [d for d in (refill_deadline(view), _battery(view)) if d is not None]
-    return min(found, key=lambda d: d.at) if found else None
+    """The earliest of every deadline (low alarm, worst case, drug age, battery)."""
+    return _earliest(refill_deadline(view), _battery(view))
 
 
 def worst_case(view: View) -> therapy.Forecast | None:

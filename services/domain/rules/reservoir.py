@@ -1,8 +1,9 @@
 """Reservoir rules: the drug runs low or out before a refill, or has been in the pump too long.
 
-- refill_due: the effective refill deadline (:mod:`.deadlines`: the low-alarm date, or the
-  drug's stability limit if sooner) is at most ``refill_due_low_days`` ahead and no visit is
-  booked at or before it (a visit in the past counts as none). Low; medium at
+- refill_due: no visit is booked at or before the booking deadline (:mod:`.deadlines`: the
+  low-alarm date, or the drug's stability limit if sooner; a visit in the past counts as none),
+  and the refill deadline (the same, or the worst-case empty date if sooner) is at most
+  ``refill_due_low_days`` ahead. Low; medium at
   ``refill_due_medium_days``; high at ``refill_due_high_days``; one higher for high withdrawal
   risk — for a deadline of drug age medium at most, also once it has passed (the drug is
   expired, not gone). Not once the low alarm has been reached: reservoir_low holds instead.
@@ -60,12 +61,13 @@ def _booked_in_time(view: View, deadline: datetime) -> bool:
 
 
 def _refill_due(view: View) -> Finding | None:
-    deadline, nominal, settings = deadlines.refill_deadline(view), view.nominal, view.settings
-    if deadline is None or nominal is None or view.at_low_alarm:
+    nominal, settings = view.nominal, view.settings
+    booking, deadline = deadlines.booking_deadline(view), deadlines.refill_deadline(view)
+    if booking is None or deadline is None or nominal is None or view.at_low_alarm:
         return None
+    if _booked_in_time(view, booking.at):
+        return None  # in time at the programmed rate: the worst case, if any, is its own rule
     left = deadline.at - view.now
-    if _booked_in_time(view, deadline.at):
-        return None
     drug = deadline.reason == "drug_age"
     if left <= timedelta(days=settings.refill_due_high_days):
         priority = Priority.MEDIUM if drug else Priority.HIGH
@@ -77,7 +79,7 @@ def _refill_due(view: View) -> Finding | None:
         return None
     visit = view.snapshot.refill_appointment_at
     booked = (
-        f"The visit booked for {view.day(visit)} comes after that date."
+        f"The visit booked for {view.day(visit)} comes after {view.day(booking.at)}."
         if visit is not None and visit > view.now
         else "No refill visit is booked."
     )
@@ -90,51 +92,88 @@ def _refill_due(view: View) -> Finding | None:
         else None,
     }
     if drug:
+        return _refill_due_for_drug_age(
+            view, deadline, left=left, priority=priority, booked=booked, facts=facts
+        )
+    worst = deadline.reason == "worst_case"
+    if worst:
         title = (
-            f"Refill due in {span(left)}: drug age"
+            f"Refill due in {span(left)} (worst case)"
             if left > timedelta(0)
-            else "Refill overdue: drug past its stability limit"
+            else "Refill overdue: the reservoir may be empty (worst case)"
         )
-        reservoir = (
-            f"The reservoir reaches its low-alarm volume on {view.day(nominal.low_alarm_at)}."
-            if nominal.low_alarm_at is not None
-            else ""
-        )
-        why = (
-            f"On {view.day(deadline.at)} {deadline.why}."
+    else:
+        title = f"Refill due in {span(left)}"
+    low_at = nominal.low_alarm_at or deadline.at
+    return finding(
+        Rule.REFILL_DUE,
+        view.raised(priority),
+        title,
+        (
+            f"At the programmed {nominal.rate_ml_per_day:.3g} mL/day the reservoir reaches its "
+            f"low-alarm volume of {view.low_alarm_ml:g} mL on {view.day(low_at)} and is "
+            f"empty on {view.day(nominal.empty_at or low_at)}.",
+            f"Sooner in the worst case: {deadline.why}, on {view.day(deadline.at)}."
+            if worst
+            else "",
+            booked,
+            WITHDRAWAL,
+            "Patient at high withdrawal risk: raised one priority." if view.high_risk else "",
+            f"Action: book a refill visit before {view.day(deadline.at)}."
             if left > timedelta(0)
-            else f"Since {view.day(deadline.at)} {deadline.why.replace('reaches', 'is past')}."
-        )
-        detail: tuple[str, ...] = (
+            else "Action: refill as soon as possible.",
+        ),
+        facts,
+    )
+
+
+def _refill_due_for_drug_age(
+    view: View,
+    deadline: deadlines.Deadline,
+    *,
+    left: timedelta,
+    priority: Priority,
+    booked: str,
+    facts: dict[str, Any],
+) -> Finding:
+    nominal = view.nominal
+    assert nominal is not None
+    ahead = left > timedelta(0)
+    title = (
+        f"Refill due in {span(left)}: drug age"
+        if ahead
+        else "Refill overdue: drug past its stability limit"
+    )
+    why = (
+        f"On {view.day(deadline.at)} {deadline.why}."
+        if ahead
+        else f"Since {view.day(deadline.at)} {deadline.why.replace('reaches', 'is past')}."
+    )
+    reservoir = (
+        f"The reservoir reaches its low-alarm volume on {view.day(nominal.low_alarm_at)}."
+        if nominal.low_alarm_at is not None
+        else ""
+    )
+    return finding(
+        Rule.REFILL_DUE,
+        priority,
+        title,
+        (
             why,
             reservoir,
             "A drug kept past its limit may lose strength, and the patient then gets less than "
             "programmed.",
             booked,
             f"Action: book a refill visit to replace the drug by {view.day(deadline.at)}."
-            if left > timedelta(0)
+            if ahead
             else "Action: replace the drug as soon as possible.",
-        )
-        return finding(Rule.REFILL_DUE, priority, title, detail, facts)
-    return finding(
-        Rule.REFILL_DUE,
-        view.raised(priority),
-        f"Refill due in {span(left)}",
-        (
-            f"At the programmed {nominal.rate_ml_per_day:.3g} mL/day the reservoir reaches its "
-            f"low-alarm volume of {view.low_alarm_ml:g} mL on {view.day(deadline.at)} and is "
-            f"empty on {view.day(nominal.empty_at or deadline.at)}.",
-            booked,
-            WITHDRAWAL,
-            "Patient at high withdrawal risk: raised one priority." if view.high_risk else "",
-            f"Action: book a refill visit before {view.day(deadline.at)}.",
         ),
         facts,
     )
 
 
 def _refill_due_worst_case(view: View) -> Finding | None:
-    visit, deadline = view.snapshot.refill_appointment_at, deadlines.refill_deadline(view)
+    visit, deadline = view.snapshot.refill_appointment_at, deadlines.booking_deadline(view)
     if visit is None or visit <= view.now or deadline is None or view.at_low_alarm:
         return None
     if visit > deadline.at:
@@ -238,14 +277,15 @@ def _resolve_refill_due(view: View) -> str:
     if refilled is not None:
         return refilled
     deadline = deadlines.refill_deadline(view)
-    if deadline is None:
+    booking = deadlines.booking_deadline(view)
+    if deadline is None or booking is None:
         if view.nominal is None:
             return "no reading to forecast from"
         return "the program delivers nothing, so the reservoir does not run low"
     if view.at_low_alarm:
         return "the reservoir reached its low-alarm volume (the reservoir-low alert takes over)"
     visit = view.snapshot.refill_appointment_at
-    if visit is not None and _booked_in_time(view, deadline.at):
+    if visit is not None and _booked_in_time(view, booking.at):
         return f"a refill visit is booked for {view.day(visit)}, before the refill deadline"
     return f"the refill deadline is now {view.day(deadline.at)}: {deadline.why}"
 
