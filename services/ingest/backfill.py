@@ -31,6 +31,7 @@ from services.domain.contract import encode_resend
 from services.ingest import sql
 from services.ingest.metrics import IngestMetrics
 from services.logs import get
+from services.storage import channels
 from services.storage.database import DATABASE_ERRORS
 
 log = get(__name__)
@@ -97,6 +98,10 @@ class Backfill:
     async def _give_up(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(sql.GIVE_UP_GAPS, self.config.give_up_after_s)
+            if rows:
+                # The alert service judges these pumps again now (telemetry_gap), not at its
+                # next sweep.
+                await channels.pumps_changed(conn, {r["serial"] for r in rows})
         if not rows:
             return
         self.metrics.gaps_given_up.inc(len({r["root"] for r in rows}))
