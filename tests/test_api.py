@@ -171,6 +171,36 @@ async def test_pump_state_carries_the_engine_s_forecast(api: Api, w: World) -> N
     assert body["therapy"]["concentration_mcg_per_ml"] == 2000.0
 
 
+async def test_pump_state_shows_only_gaps_backfill_gave_up_on(api: Api, w: World) -> None:
+    path = f"/v1/pumps/{w.a.serial}"
+    before = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+    conn = await api.conn()
+    try:
+        await conn.execute(
+            "INSERT INTO sequence_gaps (serial, source_id, first_missing, last_missing, state, "
+            "before_at, after_at) VALUES ($1, 'HUB-1', 10, 12, 'open', $2, $3)",
+            w.a.serial,
+            before,
+            before + timedelta(hours=1),
+        )
+        assert (await api.call("GET", path, w.a.clinician)).json()["unrecovered_gaps"] is None
+        await conn.execute(
+            "INSERT INTO sequence_gaps (serial, source_id, first_missing, last_missing, state, "
+            "before_at, after_at) VALUES ($1, 'HUB-1', 20, 24, 'unrecoverable', $2, $3)",
+            w.a.serial,
+            before + timedelta(hours=2),
+            before + timedelta(hours=3),
+        )
+    finally:
+        await conn.close()
+    gaps = (await api.call("GET", path, w.a.clinician)).json()["unrecovered_gaps"]
+    assert gaps == {
+        "missing_messages": 5,
+        "missing_from": "2026-11-20T10:00:00Z",
+        "missing_until": "2026-11-20T11:00:00Z",
+    }
+
+
 async def test_telemetry_pages_newest_first_without_gaps_or_repeats(api: Api, w: World) -> None:
     seen: list[str] = []
     cursor = None

@@ -619,7 +619,9 @@ def pipeline() -> dashboard.Dashboard:
         .with_panel(
             _series(
                 "Sequence gaps",
-                "Gaps open and messages missing in them, as last counted in the database.",
+                "Gaps open (backfill asking the devices) and given up on (unrecoverable: "
+                "telemetry_gap alerts), and messages missing in them, as last counted in the "
+                "database.",
                 "short",
             ).targets(
                 [
@@ -628,6 +630,52 @@ def pipeline() -> dashboard.Dashboard:
                         "max(pumpwatch_ingest_sequence_missing_open_messages)",
                         "missing messages",
                         "B",
+                    ),
+                    prom(
+                        "max(pumpwatch_ingest_sequence_gaps_unrecoverable)",
+                        "unrecoverable gaps",
+                        "C",
+                    ),
+                    prom(
+                        "max(pumpwatch_ingest_sequence_missing_unrecoverable_messages)",
+                        "unrecoverable messages",
+                        "D",
+                    ),
+                ]
+            )
+        )
+        .with_panel(
+            _series(
+                "Backfill",
+                "Gaps opened, recovered from the devices after a resend request, and given up "
+                "on (per minute); the 95th percentile of the time from a gap's detection to "
+                "its recovery is in the legend's last series (seconds).",
+                "short",
+            ).targets(
+                [
+                    prom(
+                        f"sum(rate(pumpwatch_ingest_sequence_gaps_total[{RATE}])) * 60",
+                        "opened",
+                        "A",
+                    ),
+                    prom(
+                        "sum(rate(pumpwatch_ingest_backfill_gaps_recovered_total"
+                        f'{{requested="true"}}[{RATE}])) * 60',
+                        "recovered",
+                        "B",
+                    ),
+                    prom(
+                        f"sum(rate(pumpwatch_ingest_backfill_gaps_unrecoverable_total[{RATE}]))"
+                        " * 60",
+                        "unrecoverable",
+                        "C",
+                    ),
+                    prom(
+                        "histogram_quantile(0.95, sum by (le) (rate("
+                        "pumpwatch_ingest_backfill_recovery_seconds_bucket"
+                        f'{{requested="true"}}[{RATE}])))',
+                        "p95 time to recover (s)",
+                        "D",
                     ),
                 ]
             )

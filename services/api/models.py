@@ -181,6 +181,21 @@ class Therapy(BaseModel):
     schedule: list[dict[str, Any]] | None = None
 
 
+class UnrecoveredGaps(BaseModel):
+    """Telemetry the pump's devices sent and pumpwatch never received: gaps in their sequence
+    numbers that backfill asked for and gave up on (``unrecoverable``)."""
+
+    missing_messages: int = Field(examples=[12])
+    missing_from: datetime | None = Field(
+        description="recorded_at of the last message received before the missing ones "
+        "(the earliest over the pump's gaps); null if unknown."
+    )
+    missing_until: datetime | None = Field(
+        description="recorded_at of the first message received after them (the latest); "
+        "null if unknown."
+    )
+
+
 class PumpState(BaseModel):
     serial: str = Field(examples=["NGP204519H"])
     model: str | None
@@ -200,6 +215,10 @@ class PumpState(BaseModel):
     battery_status: str | None
     alarms: list[str]
     forecast: Forecast | None
+    unrecovered_gaps: UnrecoveredGaps | None = Field(
+        default=None,
+        description="Messages lost for good (contract 1.1, backfill gave up); null: none.",
+    )
 
 
 class ReadingOut(BaseModel):

@@ -87,6 +87,13 @@ def pump_state(
         battery_status=row["battery_status"],
         alarms=list(row["alarms"] or ()),
         forecast=None if snapshot is None else forecast(snapshot),
+        unrecovered_gaps=None
+        if snapshot is None or not snapshot.missing_messages
+        else models.UnrecoveredGaps(
+            missing_messages=snapshot.missing_messages,
+            missing_from=snapshot.missing_from,
+            missing_until=snapshot.missing_until,
+        ),
     )
 
 

@@ -117,7 +117,8 @@ class RuleSettings(BaseModel):
     """…(days), or this many increases in a row:"""
     dose_escalation_increases: int = Field(default=3, ge=2)
     telemetry_gap_min_minutes: float = Field(default=60.0, gt=0)
-    """Messages missing from a pump's sequence for this long: telemetry gap (low)."""
+    """Messages missing from a pump's sequence for this long, and given up on by backfill
+    (``unrecoverable``, ingest's ``backfill_give_up_after_s``): telemetry gap (low)."""
     default_low_alarm_ml: float = Field(default=2.0, ge=0)
     """The pump's low-reservoir alarm when a reading does not say."""
     disabled_rules: frozenset[Rule] = frozenset()
@@ -247,8 +248,16 @@ class Snapshot:
     """None: the pump is not assigned to a patient."""
     refill_appointment_at: datetime | None = None
     open_gap_minutes: float | None = None
-    """Age of the oldest sequence gap still open, if any."""
+    """Age (since detection) of the oldest *unrecoverable* sequence gap, if any: one that
+    backfill asked the device for and that did not arrive within the give-up time. Gaps still
+    being asked for are not here (backfill may yet fill them)."""
     missing_messages: int = 0
+    """Messages in the unrecoverable gaps."""
+    missing_from: datetime | None = None
+    """The missing period: from the recorded_at of the last message a source sent before its
+    unrecoverable gap (the earliest over the pump's gaps; None if unknown)…"""
+    missing_until: datetime | None = None
+    """…to that of the first message after it (the latest; None if unknown)."""
     battery_eri_since: datetime | None = None
     """The first reading of the battery's elective replacement indicator (the latest reading
     reports it; looked back ``battery_eri_stop_days``): the pump stops within that many days."""

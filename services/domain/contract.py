@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
 from enum import StrEnum
 from importlib import resources
@@ -453,3 +453,44 @@ def _json_type(value: object) -> str:
     return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number"
     )
+
+
+# -- commands to devices (contract 1.1: backfill) --------------------------------------------
+
+
+class Resend(Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
+    """``pumps/{serial}/commands``: ask a source to re-publish the messages ``from_seq`` to
+    ``to_seq`` (inclusive) that it still holds, unchanged (same ``msg_id``, same ``seq``)."""
+
+    v: Literal[1] = 1
+    type: Literal["resend"] = "resend"
+    source_id: str
+    from_seq: Annotated[int, Meta(ge=0)]
+    to_seq: Annotated[int, Meta(ge=0)]
+    request_id: str
+    requested_at: str
+    """RFC 3339, UTC (``Z``)."""
+
+
+def encode_resend(
+    source_id: str, from_seq: int, to_seq: int, request_id: str, requested_at: datetime
+) -> bytes:
+    """The payload of one ``resend`` command."""
+    stamp = requested_at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    command = Resend(
+        source_id=source_id,
+        from_seq=from_seq,
+        to_seq=to_seq,
+        request_id=request_id,
+        requested_at=stamp,
+    )
+    return msgspec.json.encode(command)
+
+
+def decode_resend(raw: bytes) -> Resend:
+    """A ``resend`` command (devices' side); raises ``msgspec.ValidationError`` or
+    ``msgspec.DecodeError`` for anything else."""
+    command = msgspec.json.decode(raw, type=Resend)
+    if command.to_seq < command.from_seq:
+        raise msgspec.ValidationError("to_seq is below from_seq")
+    return command

@@ -58,12 +58,63 @@ class IngestMetrics:
         )
         self.gaps_open = Gauge(
             "pumpwatch_ingest_sequence_gaps_open",
-            "Gaps not (yet) filled, as last counted in the database.",
+            "Gaps not (yet) filled and still asked for (backfill), as last counted in the "
+            "database (pieces of a split gap count apart).",
             registry=r,
         )
         self.missing_open = Gauge(
             "pumpwatch_ingest_sequence_missing_open_messages",
             "Messages in open gaps, as last counted in the database.",
+            registry=r,
+        )
+        self.gaps_unrecoverable = Gauge(
+            "pumpwatch_ingest_sequence_gaps_unrecoverable",
+            "Gaps given up on (not filled within the give-up time), as last counted in the "
+            "database.",
+            registry=r,
+        )
+        self.missing_unrecoverable = Gauge(
+            "pumpwatch_ingest_sequence_missing_unrecoverable_messages",
+            "Messages in unrecoverable gaps, as last counted in the database.",
+            registry=r,
+        )
+        # Backfill (MQTT contract 1.1): resend requests and what came of them.
+        self.backfill_requests = Counter(
+            "pumpwatch_ingest_backfill_requests",
+            "resend commands published to devices, one per gap (piece) and attempt.",
+            registry=r,
+        )
+        self.backfill_refused = Counter(
+            "pumpwatch_ingest_backfill_requests_refused",
+            "resend commands the broker refused or could not take (not connected, not "
+            "authorised); the gap is asked for again at its next due time.",
+            registry=r,
+        )
+        self.gaps_recovered = Counter(
+            "pumpwatch_ingest_backfill_gaps_recovered",
+            "Gaps wholly filled; requested: whether a resend had been asked for (else the "
+            "messages were only late, e.g. commits in flight).",
+            ["requested"],
+            registry=r,
+        )
+        self.recovery_seconds = Histogram(
+            "pumpwatch_ingest_backfill_recovery_seconds",
+            "Time from a gap's detection to the commit that filled it.",
+            ["requested"],
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86400),
+            registry=r,
+        )
+        for requested in ("true", "false"):
+            self.gaps_recovered.labels(requested=requested)
+            self.recovery_seconds.labels(requested=requested)
+        self.gaps_given_up = Counter(
+            "pumpwatch_ingest_backfill_gaps_unrecoverable",
+            "Gaps marked unrecoverable: not filled within the give-up time.",
+            registry=r,
+        )
+        self.missing_given_up = Counter(
+            "pumpwatch_ingest_backfill_unrecoverable_messages",
+            "Messages in gaps marked unrecoverable.",
             registry=r,
         )
         self.batch_size = Histogram(

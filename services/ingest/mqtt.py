@@ -138,6 +138,7 @@ class MqttBridge:
         reconnect_max_delay_s: float = 0.5,
         on_connection_change: Callable[[bool], None] = lambda _: None,
         on_pause: Callable[[], None] = lambda: None,
+        on_publish_refused: Callable[[], None] = lambda: None,
         retiring: bool = False,
     ) -> None:
         self.target = target
@@ -151,6 +152,7 @@ class MqttBridge:
         self.reconnect_max_delay_s = reconnect_max_delay_s
         self.on_connection_change = on_connection_change
         self.on_pause = on_pause
+        self.on_publish_refused = on_publish_refused
         self.retiring = retiring
         """Unsubscribe instead of subscribing: take only what the session still holds."""
         self.generation = 0
@@ -251,6 +253,15 @@ class MqttBridge:
                 sent += 1
         return sent
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish one message with QoS 1 (backfill's commands); False when not connected or
+        paho refused it. Runs on the loop's thread; paho writes it when the socket is writable.
+        A PUBACK with a failure reason (MQTT 5: not authorised) calls ``on_publish_refused``."""
+        if not self.connected:
+            return False
+        info = self._client.publish(topic, payload, qos=1)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
     # -- connection --------------------------------------------------------------------------
 
     def _make_client(self) -> _BufferedClient:
@@ -271,6 +282,7 @@ class MqttBridge:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         client.on_unsubscribe = self._on_unsubscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -403,6 +415,18 @@ class MqttBridge:
             # readiness finds the record.
             log.info("mqtt_subscribed", topics=self.topics)
             self.subscribed = True
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("mqtt_publish_refused", reason=str(reason))
+            self.on_publish_refused()
 
     def _on_unsubscribe(
         self,

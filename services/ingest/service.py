@@ -19,6 +19,7 @@ import asyncpg
 
 from services.errors import FatalError
 from services.health import Health, serve
+from services.ingest.backfill import Backfill, BackfillConfig
 from services.ingest.backlog import Backlog, Incoming
 from services.ingest.metrics import IngestMetrics
 from services.ingest.mqtt import MqttBridge
@@ -128,12 +129,28 @@ class IngestService:
                 reconnect_max_delay_s=settings.mqtt_reconnect_max_delay_s,
                 on_connection_change=self._connection_changed,
                 on_pause=self.metrics.reading_paused.inc,
+                on_publish_refused=self.metrics.backfill_refused.inc,
                 retiring=self.retire,
             )
             if not await self._start_bridge(bridge):
                 return
             stack.push_async_callback(lambda: bridge.stop(end_session=self.retired))
-            await self._serve(writer, bridge)
+            backfill = Backfill(
+                pool,
+                BackfillConfig(
+                    give_up_after_s=settings.backfill_give_up_after_s,
+                    retry_initial_s=settings.backfill_retry_initial_s,
+                    retry_max_s=settings.backfill_retry_max_s,
+                    poll_interval_s=settings.backfill_poll_interval_s,
+                    batch_max_gaps=settings.backfill_batch_max_gaps,
+                    command_topic=settings.command_topic,
+                ),
+                self.metrics,
+                publish=bridge.publish,
+                connected=lambda: bridge.subscribed,
+            )
+            writer.on_gaps_opened = backfill.wake
+            await self._serve(writer, bridge, backfill)
 
     async def _open_pool(self, url: str) -> asyncpg.Pool | None:
         """Connect, waiting while the database is unavailable; None if stopped meanwhile."""
@@ -171,6 +188,7 @@ class IngestService:
                 oldest_recorded_at=settings.ingest_oldest_recorded_at,
                 retention=timedelta(days=retention) if retention else None,
                 live_window_s=settings.ingest_live_window_s,
+                gap_settle_s=settings.backfill_settle_s,
             ),
             self.metrics,
         )
@@ -196,12 +214,15 @@ class IngestService:
         self.health.check("mqtt", up, "not connected to the MQTT broker")
         self.metrics.mqtt_connected.set(1 if up else 0)
 
-    async def _serve(self, writer: BatchWriter, bridge: MqttBridge) -> None:
+    async def _serve(self, writer: BatchWriter, bridge: MqttBridge, backfill: Backfill) -> None:
         consumer = asyncio.create_task(self._consume(writer, bridge), name="consume")
         helpers = [
             asyncio.create_task(self._heartbeat(bridge), name="heartbeat"),
             asyncio.create_task(self._maintenance(writer), name="maintenance"),
         ]
+        if not self.retire:
+            # A retiring instance only drains its session; the others ask for what is missing.
+            helpers.append(asyncio.create_task(backfill.run(), name="backfill"))
         if self.retire:
             helpers.append(asyncio.create_task(self._retire_when_drained(bridge), name="retire"))
         stopper = asyncio.create_task(self.stop.wait(), name="stop")

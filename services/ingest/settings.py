@@ -60,7 +60,30 @@ class IngestSettings(CommonSettings):
     ingest_gauge_interval_s: float = Field(default=30.0, gt=0)
     """The open-gap gauges are recounted in the database this often."""
 
+    backfill_give_up_after_s: float = Field(default=3600.0, gt=0)
+    """A sequence gap not filled this long after its detection is marked ``unrecoverable``:
+    never asked for again, and the telemetry_gap alert is raised for it. An hour, as long as
+    the alert used to wait for any open gap: backfill never makes that alert later."""
+    backfill_settle_s: float = Field(default=5.0, ge=0)
+    """A new gap is first asked for once it has stood this long: a gap opened for a moment by
+    commits in flight or by several instances closes by itself meanwhile."""
+    backfill_retry_initial_s: float = Field(default=30.0, gt=0)
+    """The first repeat of an unanswered resend comes after this; each further one after
+    twice the previous wait…"""
+    backfill_retry_max_s: float = Field(default=900.0, gt=0)
+    """…at most this."""
+    backfill_poll_interval_s: float = Field(default=1.0, gt=0)
+    """The backfill worker looks for due requests and expired gaps this often (and at once
+    when a commit opened a gap)."""
+    backfill_batch_max_gaps: int = Field(default=200, ge=1)
+    """Gaps claimed (and resend commands published) per round."""
+
     def topics(self) -> list[str]:
         prefix = f"{self.mqtt_topic_prefix.strip('/')}/" if self.mqtt_topic_prefix else ""
         share = f"$share/{self.mqtt_share_group}/" if self.mqtt_share_group else ""
         return [f"{share}{prefix}pumps/+/telemetry", f"{share}{prefix}pumps/+/events"]
+
+    def command_topic(self, serial: str) -> str:
+        """Where a pump's devices read their commands (backfill's ``resend``)."""
+        prefix = f"{self.mqtt_topic_prefix.strip('/')}/" if self.mqtt_topic_prefix else ""
+        return f"{prefix}pumps/{serial}/commands"

@@ -148,25 +148,33 @@ WITH new AS (
 SELECT msg_id FROM new
 """
 
-# Lock the batch's streams in key order, read each one's maximum so far, move it forward; the
-# caller works out the gaps from the previous maximum returned.
+# Lock the batch's streams in key order, read each one's maximum so far (and when the message
+# holding it was recorded), move it forward; the caller works out the gaps from the previous
+# maximum returned. The lock also serialises gap filling per stream: a batch that fills part of a
+# gap waits here until a concurrent batch that split the same gap has committed its pieces.
 ADVANCE_SEQUENCE_STREAMS = """
 WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) AS b(serial, source_id, top)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[])
+        AS b(serial, source_id, top, top_at)
 ), locked AS (
-    SELECT st.serial, st.source_id, st.max_seq
+    SELECT st.serial, st.source_id, st.max_seq, st.max_recorded_at
     FROM sequence_state st JOIN batch b USING (serial, source_id)
     ORDER BY st.serial, st.source_id
     FOR UPDATE OF st
 )
 UPDATE sequence_state st
-SET max_seq = GREATEST(l.max_seq, b.top), updated_at = now()
+SET max_seq = GREATEST(l.max_seq, b.top),
+    max_recorded_at = CASE WHEN l.max_seq IS NULL OR b.top > l.max_seq
+                           THEN b.top_at ELSE l.max_recorded_at END,
+    updated_at = now()
 FROM locked l JOIN batch b USING (serial, source_id)
 WHERE st.serial = l.serial AND st.source_id = l.source_id
-RETURNING st.serial, st.source_id, l.max_seq AS previous_max
+RETURNING st.serial, st.source_id, l.max_seq AS previous_max,
+          l.max_recorded_at AS previous_max_at
 """
 LOCK_GAPS_HIT = """
-SELECT g.id, g.serial, g.source_id, g.first_missing, g.last_missing
+SELECT g.id, coalesce(g.root_id, g.id) AS root, g.serial, g.source_id, g.first_missing,
+       g.last_missing, g.detected_at, g.requests
 FROM sequence_gaps g
 WHERE EXISTS (
     SELECT 1 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS l(serial, source_id, seq)
@@ -177,9 +185,33 @@ ORDER BY g.id
 FOR UPDATE OF g
 """
 DELETE_GAPS = "DELETE FROM sequence_gaps WHERE id = ANY($1::bigint[])"
+# A newly found gap: first asked for once it has stood $7 seconds (a gap that commits in flight
+# or several instances open for a moment closes by itself meanwhile).
 INSERT_GAPS = """
-INSERT INTO sequence_gaps (serial, source_id, first_missing, last_missing)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+INSERT INTO sequence_gaps (serial, source_id, first_missing, last_missing, before_at, after_at,
+                           next_request_at)
+SELECT g.*, now() + make_interval(secs => $7)
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
+            $6::timestamptz[]) AS g
+"""
+# What is left of a gap after late arrivals: each piece keeps its gap's root, age, request state
+# and missing period (run before the gap itself is deleted).
+INSERT_GAP_PIECES = """
+INSERT INTO sequence_gaps (root_id, serial, source_id, first_missing, last_missing, detected_at,
+                           state, requests, next_request_at, last_requested_at,
+                           unrecoverable_at, before_at, after_at)
+SELECT coalesce(g.root_id, g.id), g.serial, g.source_id, p.first_missing, p.last_missing,
+       g.detected_at, g.state, g.requests, g.next_request_at, g.last_requested_at,
+       g.unrecoverable_at, g.before_at, g.after_at
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS p(parent, first_missing, last_missing)
+JOIN sequence_gaps g ON g.id = p.parent
+"""
+# Of the given roots, those with no piece left: gaps wholly recovered.
+ROOTS_CLOSED = """
+SELECT r.root FROM unnest($1::bigint[]) AS r(root)
+WHERE NOT EXISTS (
+    SELECT 1 FROM sequence_gaps g WHERE g.id = r.root OR g.root_id = r.root
+)
 """
 
 UPSERT_QUARANTINE = """
@@ -197,8 +229,51 @@ ON CONFLICT (digest) DO UPDATE SET
 """
 
 COUNT_OPEN_GAPS = """
-SELECT count(*) AS gaps, coalesce(sum(last_missing - first_missing + 1), 0) AS missing
+SELECT count(*) FILTER (WHERE state = 'open') AS gaps,
+       coalesce(sum(last_missing - first_missing + 1) FILTER (WHERE state = 'open'), 0)
+           AS missing,
+       count(*) FILTER (WHERE state = 'unrecoverable') AS unrecoverable,
+       coalesce(sum(last_missing - first_missing + 1) FILTER (WHERE state = 'unrecoverable'), 0)
+           AS unrecoverable_missing
 FROM sequence_gaps
+"""
+
+# -- backfill (services/ingest/backfill.py) ---------------------------------------------------
+
+# Open gaps that have waited past the give-up time ($1 seconds since detection) are marked
+# unrecoverable: never asked for again, kept for the record and the telemetry_gap alert. SKIP
+# LOCKED: a gap a writer is filling right now is left to the next round.
+GIVE_UP_GAPS = """
+WITH due AS (
+    SELECT id FROM sequence_gaps
+    WHERE state = 'open' AND detected_at <= now() - make_interval(secs => $1)
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sequence_gaps g SET state = 'unrecoverable', unrecoverable_at = now()
+FROM due WHERE g.id = due.id
+RETURNING g.id, coalesce(g.root_id, g.id) AS root, g.serial, g.source_id, g.first_missing,
+          g.last_missing, g.detected_at, g.requests, g.before_at, g.after_at
+"""
+# Claim up to $1 open gaps due for a request and move each one's next request out by backoff
+# ($2 seconds doubled per request already made, at most $3), in one statement: a gap claimed by
+# one ingest instance is locked (SKIP LOCKED) or no longer due for every other, so each request
+# goes out once. Committed before the command is published: a crash in between costs one
+# request, which the next due time repeats.
+CLAIM_GAP_REQUESTS = """
+WITH due AS (
+    SELECT id FROM sequence_gaps
+    WHERE state = 'open' AND next_request_at <= now()
+    ORDER BY next_request_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sequence_gaps g
+SET requests = g.requests + 1,
+    last_requested_at = now(),
+    next_request_at = now() + make_interval(secs => least($2 * power(2, g.requests), $3))
+FROM due WHERE g.id = due.id
+RETURNING g.id, g.serial, g.source_id, g.first_missing, g.last_missing, g.requests
 """
 
 ENSURE_PARTITION = "SELECT ensure_readings_partition($1)"

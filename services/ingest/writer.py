@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,6 +46,16 @@ class Outcome:
     gaps_opened: int = 0
     missing: int = 0
     late_filled: int = 0
+    recovered: list[Recovered] = field(default_factory=list)
+    """Gaps wholly filled (their last piece closed) by this batch."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    age_s: float
+    """From the gap's detection to the commit that filled it."""
+    requested: bool
+    """Whether a resend had been asked for it (else the messages were only late)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +65,8 @@ class WriterConfig:
     oldest_recorded_at: datetime = datetime(2000, 1, 1, tzinfo=UTC)
     retention: timedelta | None = None
     live_window_s: float = 600.0
+    gap_settle_s: float = 5.0
+    """A new gap is first asked for (backfill) once it has stood this long."""
 
 
 async def prepare_connection(conn: asyncpg.Connection) -> None:
@@ -80,6 +92,8 @@ class BatchWriter:
         self._months: set[tuple[int, int]] = set()
         self._pumps: set[str] = set()
         self._streams: set[tuple[str, str]] = set()
+        self.on_gaps_opened: Callable[[], None] | None = None
+        """Called after a commit that opened gaps (wakes the backfill worker)."""
 
     def rules(self, now: datetime) -> Rules:
         oldest = self.config.oldest_recorded_at
@@ -152,6 +166,8 @@ class BatchWriter:
         assert row is not None
         self.metrics.gaps_open.set(row["gaps"])
         self.metrics.missing_open.set(row["missing"])
+        self.metrics.gaps_unrecoverable.set(row["unrecoverable"])
+        self.metrics.missing_unrecoverable.set(row["unrecoverable_missing"])
 
     # -- storing ---------------------------------------------------------------------------
 
@@ -242,6 +258,9 @@ class BatchWriter:
         outcome.gaps_opened += part.gaps_opened
         outcome.missing += part.missing
         outcome.late_filled += part.late_filled
+        outcome.recovered.extend(part.recovered)
+        if part.gaps_opened and self.on_gaps_opened is not None:
+            self.on_gaps_opened()
 
     def _observe(
         self, judged: Judged, part: Outcome, seconds: float, fresh: list[Accepted]
@@ -257,6 +276,10 @@ class BatchWriter:
         m.sequence_gaps.inc(part.gaps_opened)
         m.sequence_missing.inc(part.missing)
         m.sequence_filled.inc(part.late_filled)
+        for gap in part.recovered:
+            requested = "true" if gap.requested else "false"
+            m.gaps_recovered.labels(requested=requested).inc()
+            m.recovery_seconds.labels(requested=requested).observe(gap.age_s)
         now = time.time()
         m.last_commit.set(now)
         m.database_up.set(1)
@@ -271,11 +294,12 @@ class BatchWriter:
         self, conn: Connection, fresh: list[Accepted], part: Outcome
     ) -> set[tuple[str, str]]:
         """Advance each (pump, source) stream; returns the streams this batch created."""
-        streams: dict[tuple[str, str], list[int]] = defaultdict(list)
+        streams: dict[tuple[str, str], dict[int, datetime]] = defaultdict(dict)
         for a in fresh:
             seq = a.message.sequence
             if seq is not None:
-                streams[(a.message.serial, a.message.source_id or "")].append(seq)
+                key = (a.message.serial, a.message.source_id or "")
+                streams[key][seq] = a.message.recorded_at
         if not streams:
             return set()
         keys = sorted(streams)
@@ -284,24 +308,34 @@ class BatchWriter:
             await conn.execute(
                 sql.ENSURE_SEQUENCE_STREAMS, [k[0] for k in unknown], [k[1] for k in unknown]
             )
+        tops = [max(streams[k]) for k in keys]
         rows = await conn.fetch(
             sql.ADVANCE_SEQUENCE_STREAMS,
             [k[0] for k in keys],
             [k[1] for k in keys],
-            [max(streams[k]) for k in keys],
+            tops,
+            [streams[k][top] for k, top in zip(keys, tops, strict=True)],
         )
-        new_gaps: list[tuple[str, str, int, int]] = []
+        new_gaps: list[tuple[str, str, int, int, datetime | None, datetime | None]] = []
         late: dict[tuple[str, str], list[int]] = {}
         for row in rows:
             key = (row["serial"], row["source_id"])
-            step = sequence.advance(row["previous_max"], streams[key])
-            new_gaps.extend((key[0], key[1], first, last) for first, last in step.new_gaps)
+            arrived = streams[key]
+            step = sequence.advance(row["previous_max"], arrived)
+            # When the messages around each new gap were recorded: its missing period.
+            seen = dict(arrived)
+            if row["previous_max"] is not None and row["previous_max_at"] is not None:
+                seen.setdefault(row["previous_max"], row["previous_max_at"])
+            new_gaps.extend(
+                (key[0], key[1], first, last, seen.get(first - 1), seen.get(last + 1))
+                for first, last in step.new_gaps
+            )
             if step.late:
                 late[key] = step.late
         if late:
             await self._fill_gaps(conn, late, part)
         if new_gaps:
-            await conn.execute(sql.INSERT_GAPS, *_columns(new_gaps))
+            await conn.execute(sql.INSERT_GAPS, *_columns(new_gaps), self.config.gap_settle_s)
         part.gaps_opened += len(new_gaps)
         part.missing += sequence.missing_count((g[2], g[3]) for g in new_gaps)
         return set(unknown)
@@ -313,16 +347,24 @@ class BatchWriter:
         hit = await conn.fetch(sql.LOCK_GAPS_HIT, *_columns(flat))
         if not hit:
             return
-        remainders: list[tuple[str, str, int, int]] = []
+        pieces: list[tuple[int, int, int]] = []
         for gap in hit:
             key = (gap["serial"], gap["source_id"])
             missing = (gap["first_missing"], gap["last_missing"])
             rest = sequence.fill(missing, late[key])
             part.late_filled += sequence.missing_count([missing]) - sequence.missing_count(rest)
-            remainders.extend((key[0], key[1], first, last) for first, last in rest)
+            pieces.extend((gap["id"], first, last) for first, last in rest)
+        if pieces:
+            await conn.execute(sql.INSERT_GAP_PIECES, *_columns(pieces))
         await conn.execute(sql.DELETE_GAPS, [g["id"] for g in hit])
-        if remainders:
-            await conn.execute(sql.INSERT_GAPS, *_columns(remainders))
+        roots = {g["root"]: g for g in hit}
+        closed = await conn.fetch(sql.ROOTS_CLOSED, list(roots))
+        now = datetime.now(UTC)
+        for row in closed:
+            gap = roots[row["root"]]
+            part.recovered.append(
+                Recovered((now - gap["detected_at"]).total_seconds(), gap["requests"] > 0)
+            )
 
 
 def _is_data_error(exc: BaseException) -> bool:

@@ -130,6 +130,8 @@ async def load(
             if gap is None
             else ((wall_now - gap["oldest"]).total_seconds() / 60),
             missing_messages=0 if gap is None else int(gap["missing"]),
+            missing_from=None if gap is None else gap["missing_from"],
+            missing_until=None if gap is None else gap["missing_until"],
             battery_eri_since=eri_since.get(serial),
         )
         context = PumpContext(

@@ -88,10 +88,12 @@ WHERE serial = ANY($1::text[]) AND recorded_at > $2 AND recorded_at <= $3
 GROUP BY serial
 """
 
+# Only gaps backfill gave up on: one it is still asking the device for may yet be filled.
 OPEN_GAPS = """
 SELECT serial, min(detected_at) AS oldest,
-       sum(last_missing - first_missing + 1) AS missing
-FROM sequence_gaps WHERE serial = ANY($1::text[])
+       sum(last_missing - first_missing + 1) AS missing,
+       min(before_at) AS missing_from, max(after_at) AS missing_until
+FROM sequence_gaps WHERE serial = ANY($1::text[]) AND state = 'unrecoverable'
 GROUP BY serial
 """
 

@@ -86,7 +86,10 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "crashes": (_crashes, "ingest SIGKILLed at random moments mid-stream"),
     "outage": (_outage, "PostgreSQL unreachable mid-stream, ingest SIGKILLed during it"),
     "broker-restart": (_broker, "mosquitto restarted gracefully mid-stream"),
-    "broker-kill": (_broker_kill, "mosquitto SIGKILLed mid-stream: loss flagged as gaps"),
+    "broker-kill": (
+        _broker_kill,
+        "mosquitto SIGKILLed mid-stream: lost messages recovered by backfill",
+    ),
     "workers": (_workers, "alert service SIGKILLed mid-evaluation and mid-delivery"),
     "poison": (_poison, "valid messages interleaved with malformed ones"),
     "abuse": (_abuse, "huge bodies and limits, floods, slow clients against the API"),

@@ -6,10 +6,12 @@
   session. Pass: 0 lost, 0 duplicates.
 - ``broker-kill``: ingest is stopped (SIGTERM, as in a deploy) while the stream goes on, so the
   broker queues messages for its session in memory; then mosquitto gets SIGKILL, and is started
-  again. What it had queued and not yet saved is gone: lost before pumpwatch ever saw it. The
-  figure is how much, and whether sequence-gap detection flagged every lost message (a
-  ``sequence_gaps`` row of that pump and source covering its ``seq``). Pass: 100 % flagged;
-  messages lost and *not* flagged are counted as lost.
+  again. What it had queued and not yet saved is gone from the broker; ingest finds the holes
+  in each source's ``seq`` and asks the simulated devices (lab.sim.resend), which hold what
+  they sent, to resend them (backfill, MQTT contract 1.1). Pass: every message lost by the
+  broker recovered, lost end to end 0. One pump's devices lost their buffer: its gap must end
+  ``unrecoverable`` with a telemetry_gap alert (the only one), and nothing may be stored that
+  no device sent.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ from lab.bench.faults.common import (
     ingest_service,
     publish,
     seconds,
+    total,
     wait_until,
 )
 from lab.embedded import EmbeddedBroker
-from lab.processes import ServiceProcess
+from lab.processes import ServiceProcess, metrics_service
 from lab.sim.fleet import Outgoing
+from lab.sim.resend import DeviceBuffers, ResendResponder
+from services.settings import parse_mqtt_url
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class BrokerSize:
     after_s: float
     queued_s: float
     """broker-kill: how long the broker queues for the stopped ingest before its SIGKILL."""
+    give_up_s: float = 20.0
+    """broker-kill: ingest gives a gap up (unrecoverable) this long after finding it."""
 
 
 SIZES: dict[Size, BrokerSize] = {
@@ -233,11 +240,15 @@ def _loss_figures(lost: int, flagged: int) -> dict[str, str]:
     }
 
 
-def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
+def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one timeline
+    """What the broker lost is asked for again (backfill) from the simulated devices, which hold
+    what they sent, except one pump's devices, which lost their buffer: its gap must end
+    ``unrecoverable``, with the telemetry_gap alert, and nothing stored that was not sent."""
     spec = SIZES[size]
     outcome = Outcome(
         "broker-kill",
-        f"mosquitto SIGKILLed with {spec.queued_s:.0f} s of messages queued for a stopped ingest",
+        f"mosquitto SIGKILLed with {spec.queued_s:.0f} s of messages queued for a stopped ingest; "
+        "backfill asks the devices again",
     )
     started = time.monotonic()
     # One more second of traffic than the timeline publishes: from it, each source's next
@@ -249,12 +260,34 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
     closers = list({(m.serial, _source(m)): m for m in reversed(longer[length:])}.values())
     if {(m.serial, _source(m)) for m in closers} != {(m.serial, _source(m)) for m in stream}:
         raise RuntimeError("the extra second does not give every source a next message")
+    # The devices hold everything they send; one pump's lose it all before anyone asks.
+    forgetful = stream[0].serial
+    buffers = DeviceBuffers([*stream, barrier, *closers])
+    buffers.lose(forgetful)
     database_url = lab.database()
     broker = Restartable(lab.path("kill-mosquitto"))
     lab.stack.callback(broker.close)
-    ingest = ingest_service(lab, database_url, broker.url, name="kill-ingest")
+    ingest = ingest_service(
+        lab, database_url, broker.url, name="kill-ingest", **_backfill_env(spec.give_up_s)
+    )
+    alerts = lab.service(
+        metrics_service(
+            "alerts",
+            {
+                "PUMPWATCH_DATABASE_URL": database_url,
+                "PUMPWATCH_MQTT_URL": broker.url,
+                "PUMPWATCH_NOTIFY_ENABLED": "false",
+                # The gap is given up on after give_up_s; the rule adds no wait of its own here.
+                "PUMPWATCH_RULES__TELEMETRY_GAP_MIN_MINUTES": "0.01",
+            },
+            lab.path("kill-alerts.log"),
+        )
+    )
     ingest.start()
+    alerts.start()
     publisher = PacedPublisher(broker.url, stream, rate=spec.rate, retry_for_s=120).start()
+    devices: ResendResponder | None = None
+    samples: dict[str, float] = {}
     try:
         time.sleep(spec.before_s)
         outcome.check(ingest.terminate() == 0, "ingest did not stop cleanly on SIGTERM")
@@ -262,6 +295,9 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
         broker.kill()
         time.sleep(spec.down_s)
         broker.start()
+        devices = lab.stack.enter_context(
+            ResendResponder(parse_mqtt_url(broker.url), buffers, client_id="kill-devices")
+        )
         ingest.start()
         connected = ingest.records("mqtt_connected")
         outcome.figures["session after the SIGKILL"] = (
@@ -273,26 +309,121 @@ def run_kill(lab: Lab, size: Size, seed: int) -> Outcome:
         # After the barrier (a source's next message must not overtake it).
         publish(broker.url, closers[:-1], client="kill-closers")
         _store_barrier(broker.url, database_url, closers[-1], ingest, client="kill-closers")
+        took = wait_until(
+            lambda: _open_gaps(database_url) == 0,
+            "every gap to be recovered or given up on",
+            timeout_s=spec.give_up_s + 300,
+            every_s=0.25,
+            alive=ingest,
+        )
+        outcome.figures["every gap recovered or given up on after the closers"] = seconds(took)
+        wait_until(
+            lambda: _gap_alerts(database_url) != [],
+            "the telemetry_gap alert",
+            timeout_s=120,
+            every_s=0.25,
+            alive=alerts,
+        )
+        samples = ingest.metrics()
         outcome.check(ingest.terminate() == 0, "ingest did not stop cleanly on SIGTERM")
     except (TimeoutError, RuntimeError) as exc:
         outcome.problems.append(str(exc).splitlines()[0])
     finally:
         publisher.stop.set()
         ingest.stop()
+        alerts.stop()
     acknowledged = stream[: publisher.acked]
+    sent = [*acknowledged, barrier, *closers]
     closing = asyncio.run(check_stored(database_url, closers))
     outcome.check(not closing.lost, "a source's message after the restart was not stored")
-    result = asyncio.run(check_stored(database_url, [*acknowledged, barrier]))
-    flagged = asyncio.run(_flagged(database_url, acknowledged, set(result.lost)))
+    result = asyncio.run(check_stored(database_url, sent))
+    lost = set(result.lost)
+    asked = _asked(devices, stream)
+    forgot = {m.msg_id for m in acknowledged if m.serial == forgetful}
+    unrecoverable = asyncio.run(_in_gaps(database_url, acknowledged, lost, "unrecoverable"))
     outcome.attempted = len(stream)
     outcome.acknowledged = len(acknowledged)
-    outcome.stored = result.stored - 1
-    outcome.lost = len(result.lost) - flagged
+    outcome.stored = result.stored - 1 - len(closers)
     outcome.duplicated = result.duplicated
-    outcome.figures.update(_loss_figures(len(result.lost), flagged))
-    outcome.check(len(result.lost) > 0, "the SIGKILL lost nothing: the check proved nothing")
+    # Lost end to end: every acknowledged message not stored, except the forgetful pump's that
+    # lie in an unrecoverable gap (flagged, alerted, and truly gone from its device).
+    excused = lost & forgot & unrecoverable
+    outcome.lost = len(lost - excused)
+    healthy_asked = {i for i in asked if i not in forgot}
+    outcome.figures.update(
+        {
+            "lost by the broker (PUBACKed, never delivered; asked for by backfill)": (
+                f"{len(asked):,}"
+            ),
+            "of those, from devices holding their buffers": f"{len(healthy_asked):,}",
+            "recovered by backfill": _share(len(healthy_asked - lost), len(healthy_asked)),
+            "lost end to end (devices holding their buffers)": (f"{len(lost - forgot):,}"),
+            "device that lost its buffer: messages lost": f"{len(lost & forgot):,}",
+            "…in unrecoverable gaps": f"{len(excused):,}",
+            "…telemetry_gap alert": ", ".join(_gap_alerts(database_url)) or "none",
+            "stored that no device sent (invented)": f"{result.unexpected:,}",
+            "resend requests (ingest)": (
+                f"{total(samples, 'pumpwatch_ingest_backfill_requests_total'):,.0f}"
+            ),
+            "gaps recovered / unrecoverable (ingest)": (
+                f"{total(samples, 'pumpwatch_ingest_backfill_gaps_recovered_total'):,.0f} / "
+                f"{total(samples, 'pumpwatch_ingest_backfill_gaps_unrecoverable_total'):,.0f}"
+            ),
+        }
+    )
+    outcome.check(len(asked) > 0, "the SIGKILL lost nothing: the check proved nothing")
+    outcome.check(
+        bool(lost & forgot), "the forgetful device lost nothing to the broker: proved nothing"
+    )
+    outcome.check(result.unexpected == 0, "messages stored that no device sent")
+    outcome.check(
+        _gap_alerts(database_url) == [forgetful],
+        f"telemetry_gap alerts: {_gap_alerts(database_url)}, expected only {forgetful}",
+    )
     outcome.elapsed_s = time.monotonic() - started
     return outcome
+
+
+def _backfill_env(give_up_s: float) -> dict[str, str]:
+    """Backfill on a bench's time scale: ask after 1 s, again every 2-4 s, give up after
+    ``give_up_s``."""
+    return {
+        "PUMPWATCH_BACKFILL_SETTLE_S": "1",
+        "PUMPWATCH_BACKFILL_POLL_INTERVAL_S": "0.2",
+        "PUMPWATCH_BACKFILL_RETRY_INITIAL_S": "2",
+        "PUMPWATCH_BACKFILL_RETRY_MAX_S": "4",
+        "PUMPWATCH_BACKFILL_GIVE_UP_AFTER_S": f"{give_up_s:g}",
+        "PUMPWATCH_INGEST_GAUGE_INTERVAL_S": "1",
+    }
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part:,}" + (f" ({100 * part / whole:.1f} %)" if whole else "")
+
+
+def _asked(devices: ResendResponder | None, stream: list[Outgoing]) -> set[str]:
+    """The msg_ids of the stream's messages that some resend request covered."""
+    if devices is None:
+        return set()
+    by_seq = {(m.serial, _source(m), json.loads(m.payload)["seq"]): m.msg_id for m in stream}
+    asked: set[str] = set()
+    for request in devices.requested():
+        c = request.command
+        for seq in range(c.from_seq, c.to_seq + 1):
+            found = by_seq.get((request.serial, c.source_id, seq))
+            if found is not None:
+                asked.add(found)
+    return asked
+
+
+def _open_gaps(database_url: str) -> int:
+    query = "SELECT count(*) FROM sequence_gaps WHERE state = 'open'"
+    return int(asyncio.run(fetchval(database_url, query)))
+
+
+def _gap_alerts(database_url: str) -> list[str]:
+    query = "SELECT DISTINCT serial FROM alerts WHERE rule = 'telemetry_gap' ORDER BY serial"
+    return [r["serial"] for r in asyncio.run(fetch(database_url, query))]
 
 
 def _source(message: Outgoing) -> str:
@@ -302,20 +433,31 @@ def _source(message: Outgoing) -> str:
 
 async def _flagged(database_url: str, acknowledged: list[Outgoing], lost: set[str]) -> int:
     """How many of the lost messages lie inside a recorded sequence gap of their source."""
+    return len(await _in_gaps(database_url, acknowledged, lost))
+
+
+async def _in_gaps(
+    database_url: str, acknowledged: list[Outgoing], lost: set[str], state: str | None = None
+) -> set[str]:
+    """The lost messages that lie inside a recorded sequence gap of their source (in ``state``,
+    if given)."""
     gaps = await fetch(
-        database_url, "SELECT serial, source_id, first_missing, last_missing FROM sequence_gaps"
+        database_url,
+        "SELECT serial, source_id, first_missing, last_missing FROM sequence_gaps "
+        "WHERE $1::text IS NULL OR state = $1",
+        state,
     )
     by_source: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for g in gaps:
         by_source.setdefault((g["serial"], g["source_id"]), []).append(
             (int(g["first_missing"]), int(g["last_missing"]))
         )
-    flagged = 0
+    flagged: set[str] = set()
     for message in acknowledged:
         if message.msg_id not in lost:
             continue
         doc = json.loads(message.payload)
         ranges = by_source.get((doc["serial"], doc["source"]["id"]), [])
         if any(first <= doc["seq"] <= last for first, last in ranges):
-            flagged += 1
+            flagged.add(message.msg_id)
     return flagged

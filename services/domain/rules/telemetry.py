@@ -4,7 +4,9 @@
   reading to its low-alarm date), never less than ``silent_min_hours`` (a pump at its low alarm
   would otherwise be silent between two readings). Low; medium once the low-alarm date has
   passed; one higher for high withdrawal risk. Nothing without any reading.
-- telemetry_gap (low): an open sequence gap at least ``telemetry_gap_min_minutes`` old.
+- telemetry_gap (low): a sequence gap that backfill could not fill (``unrecoverable``: the
+  device was asked again and the messages did not come within the give-up time), at least
+  ``telemetry_gap_min_minutes`` old. A gap still being asked for raises nothing.
 """
 
 from __future__ import annotations
@@ -62,22 +64,37 @@ def _pump_silent(view: View) -> Finding | None:
 
 
 def _telemetry_gap(view: View) -> Finding | None:
-    age = view.snapshot.open_gap_minutes
+    snapshot = view.snapshot
+    age = snapshot.open_gap_minutes
     if age is None or age < view.settings.telemetry_gap_min_minutes - EPS:
         return None
-    missing = view.snapshot.missing_messages
+    missing = snapshot.missing_messages
+    start, end = snapshot.missing_from, snapshot.missing_until
+    if start is not None and end is not None:
+        period = f"recorded between {view.minute(start)} and {view.minute(end)}"
+    elif end is not None:
+        period = f"recorded before {view.minute(end)}"
+    elif start is not None:
+        period = f"recorded after {view.minute(start)}"
+    else:
+        period = "of unknown time"
     return finding(
         Rule.TELEMETRY_GAP,
         Priority.LOW,
-        f"Telemetry gap: {missing} messages missing",
+        f"Telemetry gap: {missing} messages lost",
         (
-            f"{missing} messages from this pump's sources have not arrived for "
-            f"{span(timedelta(minutes=age))}.",
+            f"{missing} messages from this pump's sources, {period}, never arrived: the device "
+            f"was asked to send them again and did not, for {span(timedelta(minutes=age))}.",
             "An alarm may have been among them.",
-            "Action: check the pump's home hub connection; review the pump at its next "
-            "interrogation if the gap does not close.",
+            "Action: check the pump's home hub; interrogate the pump at its next visit to read "
+            "its event log for that period.",
         ),
-        {"missing_messages": missing, "open_gap_minutes": rounded(age, 1)},
+        {
+            "missing_messages": missing,
+            "open_gap_minutes": rounded(age, 1),
+            "missing_from": iso(start),
+            "missing_until": iso(end),
+        },
     )
 
 
@@ -98,5 +115,5 @@ CHECKS: dict[Rule, Check] = {
 
 RESOLUTIONS: dict[Rule, Resolve] = {
     Rule.PUMP_SILENT: _resolve_silent,
-    Rule.TELEMETRY_GAP: lambda v: "the missing messages arrived or the gap was closed",
+    Rule.TELEMETRY_GAP: lambda v: "the missing messages arrived after all",
 }
