@@ -45,8 +45,8 @@ refill the record lacks, so the worst case starts from the reading."""
 Reason = Literal["low_alarm", "worst_case", "drug_age", "battery"]
 
 REASON_WORDS: dict[str, str] = {
-    "low_alarm": "reservoir low",
-    "worst_case": "reservoir, worst case",
+    "low_alarm": "low alarm",
+    "worst_case": "worst case",
     "drug_age": "drug age",
     "battery": "battery",
 }
