@@ -97,13 +97,13 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
         )
         await fx.rollup(conn)
         hashed = passwords.hash_password(PASSWORD)
-        for email, name, clinic in ((NURSE_A, "Nora Nurse", a), (NURSE_B, "Sam South", b)):
+        for email, name, home in ((NURSE_A, "Nora Nurse", a), (NURSE_B, "Sam South", b)):
             await conn.execute(
                 "INSERT INTO users (email, display_name, role, clinic_id, password_hash, "
                 "created_by) VALUES ($1, $2, 'clinician', $3, $4, 'test')",
                 email,
                 name,
-                uuid.UUID(clinic),
+                uuid.UUID(home),
                 hashed,
             )
         made = {}
