@@ -118,6 +118,7 @@ async def change_password(
     "/password-reset",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Email a one-time password-reset link (always 202: no account is revealed)",
+    response_class=Response,
 )
 async def request_reset(body: models.PasswordResetIn, db: Db, request: Request) -> Response:
     """The link is emailed when the email is an active account's and SMTP is configured; the
