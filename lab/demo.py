@@ -25,7 +25,7 @@ from lab.sim.command import simulate
 from lab.sim.fleet import Fault
 from services.alerts.service import AlertsService
 from services.alerts.settings import AlertsSettings
-from services.api import keys
+from services.api import keys, passwords
 from services.api.server import serve_until, server
 from services.api.settings import ApiSettings
 from services.ingest.service import IngestService
@@ -80,6 +80,7 @@ async def run(options: DemoOptions, console: Console) -> None:
             await conn.close()
         console.print(f"database migrated ({len(applied)} migrations applied)")
         admin_key = await _admin_key(database_url)
+        nurse = await _people(database_url)
 
         ingest_settings = settings.model_copy(
             update={
@@ -104,6 +105,7 @@ async def run(options: DemoOptions, console: Console) -> None:
         sim_stop = threading.Event()
         sim = _simulator(options, mqtt_url, mqtt5, seed, sim_stop)
         sim.start()
+        provisioning = asyncio.create_task(_provision(database_url), name="provision")
         _print_links(
             console,
             database_url=database_url,
@@ -111,6 +113,7 @@ async def run(options: DemoOptions, console: Console) -> None:
             options=options,
             seed=seed,
             admin_key=admin_key,
+            nurse=nurse,
         )
         try:
             await _report_until_stopped(
@@ -127,6 +130,9 @@ async def run(options: DemoOptions, console: Console) -> None:
             sim_stop.set()
             stop.set()
             sim.join(10)
+            provisioning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await provisioning
             await ingest  # re-raises a fatal error
             await alerting
             await serving
@@ -235,6 +241,114 @@ async def _admin_key(database_url: str) -> str:
     return key
 
 
+DEMO_CLINICS = (("North spinal unit", "north"), ("South pain clinic", "south"))
+
+
+async def _people(database_url: str) -> tuple[str, str]:
+    """The demo clinics, each with a clinic administrator and a nurse (random passwords, this
+    run's); returns the first nurse's email and password, which the demo prints."""
+    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
+    made: list[tuple[str, str]] = []
+    try:
+        for name, tag in DEMO_CLINICS:
+            clinic = await conn.fetchval("SELECT id FROM clinics WHERE name = $1", name)
+            if clinic is None:
+                clinic = await conn.fetchval(
+                    "INSERT INTO clinics (name, timezone) VALUES ($1, 'Europe/Berlin') "
+                    "RETURNING id",
+                    name,
+                )
+            for role, person in (("clinic_admin", "Ada Admin"), ("clinician", "Nora Nurse")):
+                email = f"{person.split()[0].lower()}@{tag}.demo"
+                password = "-".join(secrets.choice(_WORDS) for _ in range(4))
+                hashed = await asyncio.to_thread(passwords.hash_password, password)
+                await conn.execute(
+                    "INSERT INTO users (email, display_name, role, clinic_id, password_hash, "
+                    "password_changed_at, created_by) VALUES ($1, $2, $3, $4, $5, now(), 'demo') "
+                    "ON CONFLICT (email) DO UPDATE SET password_hash = EXCLUDED.password_hash, "
+                    "deactivated_at = NULL",
+                    email,
+                    f"{person} ({tag})",
+                    role,
+                    clinic,
+                    hashed,
+                )
+                made.append((email, password))
+    finally:
+        await conn.close()
+    return made[1]
+
+
+_WORDS = (
+    "amber",
+    "basil",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "grove",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kelp",
+    "lagoon",
+    "meadow",
+    "nectar",
+    "orchid",
+    "pebble",
+    "quartz",
+    "river",
+    "saffron",
+    "tundra",
+    "umber",
+    "violet",
+    "willow",
+    "yarrow",
+    "zephyr",
+)
+
+
+async def _provision(database_url: str) -> None:
+    """Once the simulator's pumps have reported, give them to the demo clinics in turn, each
+    with a patient, so the clinics' people see a worklist (later pumps stay the admin's)."""
+    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
+    try:
+        for _ in range(120):
+            if await conn.fetchval("SELECT count(*) FROM pumps") > 0:
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2)  # let the first burst of pumps arrive
+        clinics = [
+            await conn.fetchval("SELECT id FROM clinics WHERE name = $1", name)
+            for name, _ in DEMO_CLINICS
+        ]
+        serials = await conn.fetch(
+            "SELECT serial FROM pumps WHERE clinic_id IS NULL ORDER BY serial"
+        )
+        for i, row in enumerate(serials):
+            clinic = clinics[i % len(clinics)]
+            async with conn.transaction():
+                patient = await conn.fetchval(
+                    "INSERT INTO patients (clinic_id, mrn, display_name) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (clinic_id, mrn) DO UPDATE SET mrn = EXCLUDED.mrn RETURNING id",
+                    clinic,
+                    f"DEMO-{row['serial']}",
+                    f"Demo patient {i + 1}",
+                )
+                await conn.execute(
+                    "SELECT set_config('pumpwatch.actor', 'demo', true), "
+                    "set_config('pumpwatch.custody', 'provisioned', true)"
+                )
+                await conn.execute(
+                    "UPDATE pumps SET clinic_id = $2, patient_id = $3 WHERE serial = $1",
+                    row["serial"],
+                    clinic,
+                    patient,
+                )
+    finally:
+        await conn.close()
+
+
 def _print_links(
     console: Console,
     *,
@@ -243,12 +357,18 @@ def _print_links(
     options: DemoOptions,
     seed: int,
     admin_key: str,
+    nurse: tuple[str, str],
 ) -> None:
     port = options.metrics_port
     broker_port = parse_mqtt_url(mqtt_url).port
     api = f"http://127.0.0.1:{options.api_port}"
     console.rule("pumpwatch demo is running — Ctrl-C stops it")
     console.print(f"API              {api}   (OpenAPI: {api}/docs)", soft_wrap=True)
+    console.print(
+        f"web dashboard    {api}/   sign in as a nurse of the first demo clinic:", soft_wrap=True
+    )
+    console.print(f"  nurse email    {nurse[0]}", soft_wrap=True)
+    console.print(f"  nurse password {nurse[1]}", soft_wrap=True)
     console.print(f"admin key        {admin_key}", soft_wrap=True)
     console.print(
         f"  e.g.           curl -H 'Authorization: Bearer {admin_key}' {api}/v1/refills/due",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -206,6 +207,111 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) ->
             typer.echo(f"pumpwatch: error: no active key {parsed}", err=True)
             raise typer.Exit(1)
         typer.echo(f"revoked {parsed}")
+
+    _keys_command(work)
+
+
+users = typer.Typer(help="People's accounts: create (the first admin).", no_args_is_help=True)
+app.add_typer(users, name="users")
+
+
+@users.command("create")
+def users_create(  # noqa: PLR0917 - typer maps each option to a parameter
+    email: Annotated[str, typer.Option(help="The person's email: their sign-in name.")],
+    name: Annotated[str, typer.Option(help="Their name, as pages and history show it.")],
+    role: Annotated[str, typer.Option(help="admin, clinic_admin, clinician or fleet.")] = "admin",
+    clinic: Annotated[
+        str | None, typer.Option(help="Clinic id (clinician and clinic_admin).")
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    invite: Annotated[
+        bool,
+        typer.Option(
+            "--invite",
+            help="No password now: print a one-time link (72 h) where the person chooses one.",
+        ),
+    ] = False,
+) -> None:
+    """Create a person's account (e.g. the first administrator). The password is asked for
+    (twice, hidden), read from stdin, or chosen by the person through a printed link."""
+    from datetime import UTC, datetime
+    from uuid import UUID
+
+    from services.api import passwords, people, sql
+    from services.api.settings import ApiSettings
+
+    settings = _settings(ApiSettings)
+    try:
+        clinic_id = None if clinic is None else UUID(clinic)
+    except ValueError:
+        typer.echo(f"pumpwatch: error: --clinic {clinic!r} is not a clinic id", err=True)
+        raise typer.Exit(2) from None
+    if role not in ("admin", "clinic_admin", "clinician", "fleet"):
+        typer.echo(
+            "pumpwatch: error: --role must be admin, clinic_admin, clinician or fleet", err=True
+        )
+        raise typer.Exit(2)
+    if (role in people.CLINIC_USER_ROLES) != (clinic_id is not None):
+        typer.echo(
+            f"pumpwatch: error: a {role} {'needs' if clinic_id is None else 'takes no'} --clinic",
+            err=True,
+        )
+        raise typer.Exit(2)
+    email = email.strip().lower()
+    hashed = None
+    if not invite:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        try:
+            passwords.check(
+                password,
+                min_length=settings.api_password_min_length,
+                email=email,
+                display_name=name,
+            )
+        except passwords.WeakPassword as exc:
+            typer.echo(f"pumpwatch: error: password refused: {exc}", err=True)
+            raise typer.Exit(2) from None
+        hashed = passwords.hash_password(password)
+
+    async def work(conn: Any) -> None:
+        async with conn.transaction():
+            row = await conn.fetchrow(sql.INSERT_USER, email, name, role, clinic_id, hashed, "cli")
+            if row is None:
+                typer.echo(f"pumpwatch: error: an account with email {email} exists", err=True)
+                raise typer.Exit(1)
+            await conn.execute(
+                sql.INSERT_AUDIT,
+                None,
+                "cli",
+                "cli users create",
+                "users",
+                str(row["id"]),
+                clinic_id,
+                "ok",
+                201,
+                None,
+                None,
+            )
+            link = None
+            if invite:
+                base = settings.api_public_url or f"http://{settings.api_host}:{settings.api_port}"
+                link = await people.new_link(
+                    conn,
+                    settings,
+                    base,
+                    user_id=row["id"],
+                    purpose="invitation",
+                    now=datetime.now(UTC),
+                )
+        typer.echo(f"user {row['id']} ({role}) {email}", err=True)
+        if link is not None:
+            typer.echo(link.url)
+            typer.echo(f"the link works once, until {link.expires_at:%Y-%m-%d %H:%M} UTC", err=True)
 
     _keys_command(work)
 

@@ -19,13 +19,29 @@ from typing import Any
 
 import pytest
 
+from services.api import passwords
 from services.api.app import create_app
 from services.api.keys import hash_key
 from services.api.settings import ApiSettings
 from tests import alert_fixtures as fx
 from tests.api_support import Api, running_api
 
-PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/v1/schemas/mqtt-v1.json"})
+PUBLIC = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/schemas/mqtt-v1.json",
+        # Signing in and choosing a password with a link need no key (they are the way in).
+        "/v1/auth/token",
+        "/v1/auth/password-reset",
+        "/v1/auth/set-password",
+    }
+)
+PASSWORD = "tenancy matrix walnut 42"
+# Callers that belong to clinic A (keys and people) / to clinic B.
+CLINIC_A = ("clinician", "integrator", "nurse", "clinic_admin")
+CLINIC_B = ("other_clinician", "other_clinic_admin")
 
 # Path or query parameter name -> the kind of id it takes.
 ID_KINDS = {
@@ -37,6 +53,7 @@ ID_KINDS = {
     "clinic_id": "clinic",
     "webhook_id": "webhook",
     "key_id": "key",
+    "user_id": "user",
 }
 
 
@@ -67,6 +84,8 @@ class Tenant:
     alert: str
     webhook: str
     key: str
+    user: str
+    user_email: str
     name: str
     mrn: str
     birth_date: date
@@ -79,11 +98,21 @@ class Tenant:
             "clinic": self.clinic,
             "webhook": self.webhook,
             "key": self.key,
+            "user": self.user,
         }
 
     def secrets(self) -> list[str]:
         """What another clinic's key must never see."""
-        return [self.patient, self.serial, self.alert, self.webhook, self.name, self.mrn]
+        return [
+            self.patient,
+            self.serial,
+            self.alert,
+            self.webhook,
+            self.name,
+            self.mrn,
+            self.user,
+            self.user_email,
+        ]
 
 
 async def _tenant(api: Api, tag: str, birth: date) -> tuple[Tenant, str, str]:
@@ -126,16 +155,47 @@ async def _tenant(api: Api, tag: str, birth: date) -> tuple[Tenant, str, str]:
                 uuid.UUID(clinic),
             )
         )
+        email = f"pat.{tag.lower()}@clinic-{tag.lower()}.example"
+        user = str(await _person(conn, email, f"Pat {tag}person", "clinician", clinic))
     finally:
         await conn.close()
     clinician = await api.key("clinician", clinic)
     integrator = await api.key("integrator", clinic)
     key_id = str(uuid.uuid4())  # key ids are only ever admin business
     return (
-        Tenant(clinic, patient, serial, alert, webhook, key_id, name, mrn, birth),
+        Tenant(clinic, patient, serial, alert, webhook, key_id, user, email, name, mrn, birth),
         clinician,
         integrator,
     )
+
+
+async def _person(conn: Any, email: str, name: str, role: str, clinic: str | None) -> Any:
+    return await conn.fetchval(
+        "INSERT INTO users (email, display_name, role, clinic_id, password_hash, created_by) "
+        "VALUES ($1, $2, $3, $4, $5, 'test') RETURNING id",
+        email,
+        name,
+        role,
+        None if clinic is None else uuid.UUID(clinic),
+        HASHED,
+    )
+
+
+HASHED = passwords.hash_password(PASSWORD)
+
+
+async def _signed_in(api: Api, role: str, clinic: str, tag: str) -> str:
+    """A person's bearer token (a person of ``role`` in ``clinic``)."""
+    email = f"{role}.{tag}@people.example"
+    conn = await api.conn()
+    try:
+        await _person(conn, email, f"{role} {tag}", role, clinic)
+    finally:
+        await conn.close()
+    answer = await api.client.post("/v1/auth/token", data={"username": email, "password": PASSWORD})
+    assert answer.status_code == 200, answer.text
+    token: str = answer.json()["access_token"]
+    return token
 
 
 @dataclass
@@ -163,6 +223,9 @@ async def setup(database_url: str) -> AsyncIterator[Setup]:
             "clinician": a_clinician,
             "integrator": a_integrator,
             "other_clinician": await api.key("clinician", b.clinic),
+            "nurse": await _signed_in(api, "clinician", a.clinic, "a"),
+            "clinic_admin": await _signed_in(api, "clinic_admin", a.clinic, "a"),
+            "other_clinic_admin": await _signed_in(api, "clinic_admin", b.clinic, "b"),
             "fleet": await api.key("fleet"),
             "no_key": None,
             "revoked": revoked,
@@ -209,6 +272,14 @@ def _body(method: str, template: str, ids: dict[str, str]) -> dict[str, Any] | N
         "/v1/clinics": {"name": "Another"},
         "/v1/clinics/{clinic_id}/keys": {"role": "clinician"},
         "/v1/clinics/{clinic_id}/alert-settings": {"refill_due_low_days": 20},
+        "/v1/users": {
+            "email": f"{uuid.uuid4().hex[:8]}@new.example",
+            "display_name": "New Person",
+            "role": "clinician",
+            "clinic_id": ids["clinic"],
+        },
+        "/v1/users/{user_id}": {"display_name": "Renamed Person"},
+        "/v1/auth/password": {"current_password": "not it", "new_password": PASSWORD + "!"},
         "/v1/alerts/{alert_id}/snooze": {
             "until": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
             "note": "called the patient",
@@ -244,15 +315,17 @@ async def test_no_route_leaks_across_clinics_or_to_the_fleet(
                 leaks.append(f"{where}: server error {text[:200]}")
             if caller in ("no_key", "revoked") and template not in PUBLIC and status != 401:
                 leaks.append(f"{where}: answered without a valid key")
-            if caller in ("clinician", "integrator"):
+            if caller in CLINIC_A:
                 # A route about one resource (an id in its path) must not know B's; lists
                 # and creations filtered by B's ids must just show none of B's data (below).
-                if which == "other" and 200 <= status < 300 and "{" in template:
+                # ...and a person is not made for another clinic.
+                about_b = "{" in template or (method, template) == ("POST", "/v1/users")
+                if which == "other" and 200 <= status < 300 and about_b:
                     leaks.append(f"{where}: another clinic's resource answered")
                 found = [secret for secret in s.b.secrets() if secret in text]
                 if found:
                     leaks.append(f"{where}: shows clinic B's {found}")
-            if caller == "other_clinician" and which == "own":
+            if caller in CLINIC_B and which == "own":
                 found = [secret for secret in s.a.secrets() if secret in text]
                 if found and 200 <= status < 300:
                     leaks.append(f"{where}: shows clinic A's {found}")

@@ -87,6 +87,19 @@ def test_the_demo_runs_on_embedded_servers_and_stops_cleanly_on_ctrl_c(tmp_path:
         pumps = httpx.get(f"{api}/v1/alerts", headers=headers, timeout=10)
         assert pumps.status_code == 200
         assert httpx.get(f"{api}/v1/alerts", timeout=10).status_code == 401
+        # The printed nurse signs in with her email and password.
+        email = re.search(r"nurse email\s+(\S+)", log.read_text())
+        password = re.search(r"nurse password\s+(\S+)", log.read_text())
+        assert email, log.read_text()
+        assert password, log.read_text()
+        signed = httpx.post(
+            f"{api}/v1/auth/token",
+            data={"username": email.group(1), "password": password.group(1)},
+            timeout=30,
+        )
+        assert signed.status_code == 200, signed.text
+        nurse = {"Authorization": f"Bearer {signed.json()['access_token']}"}
+        assert httpx.get(f"{api}/v1/refills/due", headers=nurse, timeout=30).status_code == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, log.read_text()
     finally:

@@ -18,13 +18,15 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from services.api import keys
+from services.api import keys, passwords
 from services.api.web.chart import Chart, Point, RefillMark, render
 from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 from tests.api_support import api_process, scratch_database
 
 CHROMIUM = "/usr/bin/chromium"
+PASSWORD = "teal bicycle meadow 58"
+NURSE_A, NURSE_B = "nora@north.example", "sam@south.example"
 ARTIFACTS = Path(os.environ.get("PUMPWATCH_ARTIFACTS_DIR", "artifacts")) / "screenshots"
 
 
@@ -94,6 +96,16 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
                    'Dose up 55 % in 180 days', 'Review the titration.', now(), now(), now())"""
         )
         await fx.rollup(conn)
+        hashed = passwords.hash_password(PASSWORD)
+        for email, name, home in ((NURSE_A, "Nora Nurse", a), (NURSE_B, "Sam South", b)):
+            await conn.execute(
+                "INSERT INTO users (email, display_name, role, clinic_id, password_hash, "
+                "created_by) VALUES ($1, $2, 'clinician', $3, $4, 'test')",
+                email,
+                name,
+                uuid.UUID(home),
+                hashed,
+            )
         made = {}
         for name, role, clinic in (
             ("a", "clinician", a),
@@ -147,18 +159,28 @@ def _shot(page: Page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def _sign_in(page: Page, base: str, key: str) -> None:
+def _sign_in(page: Page, base: str, email: str, password: str = PASSWORD) -> None:
     page.goto(f"{base}/login")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+
+
+def _sign_in_with_key(page: Page, base: str, key: str) -> None:
+    """Machines' way in (the fleet page for device teams)."""
+    page.goto(f"{base}/login")
+    page.get_by_text("sign in with an API key").click()
     page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in with the key").click()
 
 
 def test_a_clinician_works_through_the_dashboard(server: Seeded, page: Page) -> None:
     page.goto(f"{server.base}/")
     expect(page).to_have_url(re.compile(r"/login$"))  # no session: sign in first
     _shot(page, "login")
-    _sign_in(page, server.base, server.clinician_a)
+    _sign_in(page, server.base, NURSE_A)
     expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    expect(page.locator(".who")).to_contain_text("Nora Nurse")  # she is signed in as herself
     cookie = next(c for c in page.context.cookies() if c["name"] == "pw_session")
     assert cookie["httpOnly"] is True
     assert cookie["sameSite"] == "Strict"
@@ -196,6 +218,7 @@ def test_a_clinician_works_through_the_dashboard(server: Seeded, page: Page) -> 
     alert.get_by_role("button", name="Acknowledge").click()
     alert = page.locator(f'li[data-alert="{server.high_alert}"]')
     expect(alert.locator(".status")).to_have_text("acknowledged")
+    expect(alert).to_contain_text("acknowledged by Nora Nurse")
     page.reload()  # it persisted
     expect(page.locator(f'li[data-alert="{server.high_alert}"] .status')).to_have_text(
         "acknowledged"
@@ -233,6 +256,9 @@ def test_a_clinician_works_through_the_dashboard(server: Seeded, page: Page) -> 
     expect(page.locator(f'li[data-alert="{server.high_alert}"]')).to_contain_text(
         "refilled on the ward"
     )
+    expect(page.locator(f'li[data-alert="{server.high_alert}"]')).to_contain_text(
+        "resolved by Nora Nurse"
+    )
     _shot(page, "patient-after-resolve")
 
     page.get_by_role("button", name="Sign out").click()
@@ -242,7 +268,7 @@ def test_a_clinician_works_through_the_dashboard(server: Seeded, page: Page) -> 
 
 
 def test_another_clinic_cannot_open_the_patient_page(server: Seeded, page: Page) -> None:
-    _sign_in(page, server.base, server.clinician_b)
+    _sign_in(page, server.base, NURSE_B)
     expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
     expect(page.locator("main")).not_to_contain_text("Ada Soon")
     response = page.goto(f"{server.base}/patients/{server.soon}")
@@ -253,7 +279,7 @@ def test_another_clinic_cannot_open_the_patient_page(server: Seeded, page: Page)
 
 
 def test_a_form_post_without_the_csrf_token_is_refused(server: Seeded, page: Page) -> None:
-    _sign_in(page, server.base, server.clinician_a)
+    _sign_in(page, server.base, NURSE_A)
     expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
     target = f"{server.base}/patients/{server.later}/alerts/{uuid.uuid4()}/acknowledge"
     refused = page.request.post(target, form={"note": "x"})  # the session cookie, no token
@@ -264,14 +290,18 @@ def test_a_form_post_without_the_csrf_token_is_refused(server: Seeded, page: Pag
     assert logout.status == 403  # signing someone out needs the token too
 
 
-def test_a_wrong_key_does_not_sign_in(server: Seeded, page: Page) -> None:
-    _sign_in(page, server.base, "pw_not-a-key")
+def test_a_wrong_password_or_key_does_not_sign_in(server: Seeded, page: Page) -> None:
+    _sign_in(page, server.base, NURSE_A, "not her password at all")
+    expect(page.get_by_role("alert")).to_contain_text("Unknown email or wrong password")
+    expect(page.get_by_label("Password")).to_have_value("")  # never echoed back
+    assert not [c for c in page.context.cookies() if c["name"] == "pw_session"]
+    _sign_in_with_key(page, server.base, "pw_not-a-key")
     expect(page.get_by_role("alert")).to_contain_text("Unknown or revoked key")
     assert not [c for c in page.context.cookies() if c["name"] == "pw_session"]
 
 
 def test_the_fleet_page_is_de_identified(server: Seeded, page: Page) -> None:
-    _sign_in(page, server.base, server.fleet)
+    _sign_in_with_key(page, server.base, server.fleet)
     expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
     expect(page.locator("#fleet-table")).to_contain_text("SynchroMed II 8637-40")
     text = page.locator("main").inner_text()

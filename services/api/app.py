@@ -22,11 +22,13 @@ from services.api.auth import Principal
 from services.api.fhir import routes as fhir_routes
 from services.api.routes import (
     alerts,
+    auth,
     clinics,
     meta,
     patients,
     pumps,
     refills,
+    users,
     webhooks,
 )
 from services.api.settings import ApiSettings
@@ -46,14 +48,20 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 AUDITED_TAGS = frozenset(
     {"patients", "pumps", "telemetry", "refills", "alerts", "dashboard", "worklist", "fhir"}
 )
+# Changes: a route writes its own audit row in its transaction (services.api.audit); the
+# middleware writes the rows of those refused or failed (nothing changed).
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 DESCRIPTION = """
 Telemetry, alerts and refill planning for implanted intrathecal drug pumps.
 
-**Auth**: `Authorization: Bearer <api key>`. Roles: `admin` (every clinic), `clinician` (one
-clinic: read, acknowledge and resolve alerts, record refills, webhooks), `integrator` (one clinic,
-read-only, webhooks), `fleet` (every pump, de-identified: no names, MRNs or birth dates). A
-resource of another clinic answers 404, as one that does not exist.
+**Auth**: `Authorization: Bearer <api key>` (machines) or `Bearer <token>` of a person signed in
+with `POST /v1/auth/token` (the OAuth2 password form). Roles: `admin` (every clinic),
+`clinic_admin` (a person: what a clinician does, plus the clinic's people, webhooks and
+settings), `clinician` (one clinic: read, acknowledge and resolve alerts, record refills,
+webhooks), `integrator` (a key: one clinic, read-only, webhooks), `fleet` (every pump,
+de-identified: no names, MRNs or birth dates). A resource of another clinic answers 404, as one
+that does not exist.
 
 **Errors** are RFC 9457 problem documents (`application/problem+json`) with field-level `errors`
 for validation failures. **Lists** are cursor-paginated: `?limit=` (1-500, default 50) and the
@@ -128,8 +136,20 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_exception_handler(asyncpg.DataError, problems.on_data_error)
     for unavailable in problems.DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, problems.on_unavailable)
+    app.add_exception_handler(asyncpg.InterfaceError, problems.on_interface_error)
     app.add_exception_handler(Exception, problems.on_error)
-    for module in (meta, clinics, patients, pumps, refills, alerts, webhooks, fhir_routes):
+    for module in (
+        meta,
+        auth,
+        users,
+        clinics,
+        patients,
+        pumps,
+        refills,
+        alerts,
+        webhooks,
+        fhir_routes,
+    ):
         app.include_router(module.router)
     app.include_router(web_routes.router)
     app.mount("/static", StaticFiles(directory=str(web_routes.STATIC_DIR)), name="static")
@@ -168,10 +188,12 @@ class _Middleware:
             receive = _replay(body, receive)
 
         status = 500
+        started_response = False
 
         async def watching_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = int(message["status"])
                 try:
                     await _audit(scope, fastapi_app, status)
@@ -185,6 +207,17 @@ class _Middleware:
 
         try:
             await self.app(scope, receive, watching_send)
+        except Exception:
+            if not started_response:
+                # An unhandled error (its 500 is sent by the server error handler, outside
+                # this layer): the attempt is still audited. A change that committed has its
+                # own row already.
+                status = 500
+                try:
+                    await _audit(scope, fastapi_app, status)
+                except Exception as exc:  # the original error matters more: it is re-raised
+                    log.warning("api_audit_skipped", status=status, error=type(exc).__name__)
+            raise
         finally:
             _observe(metrics, scope, fastapi_app, status, started)
 
@@ -258,17 +291,29 @@ def _observe(metrics: Metrics, scope: Scope, app: FastAPI, status: int, started:
 
 
 async def _audit(scope: Scope, app: FastAPI, status: int) -> None:
+    """The middleware's audit row: reads of patient data, and changes refused or failed. A
+    change that succeeded wrote its own row in its transaction (``state.audited``)."""
     route = scope.get("route")
     tags = set(getattr(route, "tags", ()) or ())
-    if not tags & AUDITED_TAGS:
+    state: dict[str, Any] = scope.get("state", {})
+    method = scope.get("method", "")
+    mutating = method in MUTATING and route is not None
+    if not (tags & AUDITED_TAGS) and not mutating:
         return
-    principal: Principal | None = scope.get("state", {}).get("principal")
+    if state.get("audited") and status < 400:
+        return  # written with the change, in its transaction
+    principal: Principal | None = state.get("principal")
     if principal is None:
         return  # not authenticated: nothing was read (the 401 is logged and rate-limited)
     params: dict[str, Any] = scope.get("path_params", {})
-    resource_id = next((str(v) for v in params.values()), None)
+    named = state.get("audit_resource")
+    if named is not None:
+        resource_type, resource_id = named
+    else:
+        resource_type = sorted(tags & AUDITED_TAGS or tags or {"web"})[0]
+        resource_id = next((str(v) for v in params.values()), None)
     outcome = "ok" if status < 400 else "denied" if status in (401, 403, 404) else "error"
-    action = f"{scope.get('method', '').lower()} {getattr(route, 'name', '')}"
+    action = f"{method.lower()} {getattr(route, 'name', '')}"
     client = scope.get("client")
     async with app.state.pool.acquire() as conn:
         await conn.execute(
@@ -276,11 +321,12 @@ async def _audit(scope: Scope, app: FastAPI, status: int) -> None:
             principal.key_id,
             principal.role,
             action,
-            sorted(tags & AUDITED_TAGS)[0],
-            resource_id,
+            resource_type,
+            None if resource_id is None else str(resource_id),
             principal.clinic_id,
             outcome,
             status,
             client[0] if client else None,
+            principal.user_id,
         )
     app.state.metrics.audit_rows.inc()

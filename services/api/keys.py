@@ -12,8 +12,10 @@ from uuid import UUID
 from services.api import sql
 from services.storage.database import Connection
 
-Role = Literal["admin", "clinician", "integrator", "fleet"]
+Role = Literal["admin", "clinician", "clinic_admin", "integrator", "fleet"]
+"""Roles of keys and people (``clinic_admin`` is a person's only: see ``services.api.people``)."""
 ROLES: tuple[Role, ...] = ("admin", "clinician", "integrator", "fleet")
+"""Roles a key may have."""
 CLINIC_ROLES: frozenset[Role] = frozenset({"clinician", "integrator"})
 _PREFIX = "pw_"
 

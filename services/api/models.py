@@ -313,6 +313,16 @@ class RefillOut(BaseModel):
 # --- alerts --------------------------------------------------------------------------------------
 
 
+class Actor(BaseModel):
+    """Who did it: a person (`user`: `display_name`), a key (`key`: `label`), or one of
+    pumpwatch's services (`service`: the alert engine, `pumpwatch-alerts`)."""
+
+    type: Literal["user", "key", "service"] = Field(examples=["user"])
+    id: str = Field(examples=["6f1c2b0e-8d1a-4f5e-9a51-3c0f1b7e2d44"])
+    display_name: str | None = Field(default=None, examples=["Nora Nurse"])
+    label: str | None = Field(default=None, examples=["EHR integration"])
+
+
 class AlertOut(BaseModel):
     id: UUID
     serial: str
@@ -336,20 +346,20 @@ class AlertOut(BaseModel):
     opened_at: datetime
     updated_at: datetime
     acknowledged_at: datetime | None
-    acknowledged_by: str | None
+    acknowledged_by: Actor | None
     resolved_at: datetime | None
-    resolved_by: str | None
+    resolved_by: Actor | None
     resolution: str | None
     snoozed_until: datetime | None = Field(
         default=None, description="Re-notification waits until then (a person snoozed it)."
     )
-    snoozed_by: str | None = None
+    snoozed_by: Actor | None = None
     snooze_note: str | None = None
 
 
 class HistoryEntry(BaseModel):
     at: datetime
-    actor: str
+    actor: Actor
     action: str
     from_status: str | None
     to_status: str
@@ -477,3 +487,86 @@ class QuarantineItem(BaseModel):
     last_received_at: datetime
     occurrences: int
     excerpt: str = Field(description="The first 2 KiB of the payload, undecodable bytes replaced.")
+
+
+# --- people --------------------------------------------------------------------------------------
+
+UserRole = Literal["clinician", "clinic_admin", "admin", "fleet"]
+Email = Annotated[
+    str,
+    Field(
+        min_length=3,
+        max_length=254,
+        pattern=r"^[^@\s]+@[^@\s]+$",
+        examples=["nora.nurse@clinic.example"],
+    ),
+]
+Password = Annotated[str, Field(min_length=1, max_length=200, examples=["correct horse battery"])]
+
+
+class UserIn(_In):
+    email: Email
+    display_name: Text = Field(min_length=1, max_length=200, examples=["Nora Nurse"])
+    role: UserRole = Field(examples=["clinician"])
+    clinic_id: UUID | None = Field(
+        default=None,
+        description="The clinic of `clinician` and `clinic_admin` (implied for a "
+        "clinic administrator's own); none for `admin` and `fleet`.",
+    )
+    password: Password | None = Field(
+        default=None,
+        description="An initial password; without it the answer carries a one-time "
+        "`invitation_url` (also emailed when SMTP is set).",
+    )
+
+
+class UserPatch(_In):
+    display_name: Text | None = Field(default=None, min_length=1, max_length=200)
+    role: UserRole | None = None
+    clinic_id: UUID | None = None
+
+
+class User(BaseModel):
+    id: UUID
+    email: str
+    display_name: str
+    role: UserRole
+    clinic_id: UUID | None
+    created_at: datetime
+    created_by: str
+    active: bool
+    deactivated_at: datetime | None
+
+
+class UserCreated(User):
+    invitation_url: str | None = Field(
+        default=None,
+        description="Where the person chooses a password: works once, for 72 h (no `password` "
+        "given). Shown this once.",
+    )
+    invitation_expires_at: datetime | None = None
+
+
+class Invitation(BaseModel):
+    invitation_url: str = Field(description="Works once, until `expires_at`. Shown this once.")
+    expires_at: datetime
+
+
+class TokenOut(BaseModel):
+    access_token: str = Field(description="Use as `Authorization: Bearer <token>`.")
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - OAuth2's token type
+    expires_in: int = Field(description="Seconds until the token ends (it also idles out).")
+
+
+class PasswordChangeIn(_In):
+    current_password: Password
+    new_password: Password
+
+
+class PasswordResetIn(_In):
+    email: Email
+
+
+class SetPasswordIn(_In):
+    token: str = Field(min_length=10, max_length=200, description="The link's token.")
+    password: Password

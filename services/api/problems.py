@@ -232,6 +232,15 @@ async def on_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return response(unavailable())
 
 
+async def on_interface_error(request: Request, exc: Exception) -> JSONResponse:
+    """asyncpg's "the underlying connection is closed", raised when a transaction ends on a
+    connection the server dropped mid-statement: the database was unavailable (503), as the
+    error it replaced says; any other interface error is a bug (500)."""
+    if isinstance(exc.__context__, DATABASE_UNAVAILABLE):
+        return await on_unavailable(request, exc.__context__)
+    return await on_error(request, exc)
+
+
 async def on_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("api_unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
     return response(Problem(500, "the server failed to answer; the error is logged"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 
 from services.domain.webhook_urls import parse_allow_hosts
@@ -45,6 +47,44 @@ class ApiSettings(CommonSettings):
     """…a high priority alert (at most 4 h: IEC 60601-1-8, never silenced)."""
     web_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     """A dashboard sign-in lasts this long (then the key is asked for again)."""
+    api_token_lifetime_s: float = Field(default=12 * 3600.0, gt=0)
+    """A person's sign-in (bearer token or dashboard session) ends this long after it began,
+    used or not (a shift)."""
+    api_idle_timeout_s: float = Field(default=900.0, gt=0)
+    """…and after this long without a request of the person's (automatic logoff, HIPAA
+    §164.312(a)(2)(iii)); the dashboard's own 30-second refresh does not count as use."""
+    api_invitation_validity_h: float = Field(default=72.0, gt=0)
+    """An invitation link (a new account's first password) works once, for this long."""
+    api_reset_validity_min: float = Field(default=60.0, gt=0)
+    """A password-reset link works once, for this long."""
+    api_password_min_length: int = Field(default=12, ge=8, le=64)
+    """The shortest password accepted (common ones are refused at any length)."""
+    api_signin_slow_after_failures: int = Field(default=3, ge=1)
+    """Wrong passwords for one email from one address after which each further attempt from
+    there must wait (``api_signin_slow_delay_s``, doubling)…"""
+    api_signin_slow_delay_s: float = Field(default=5.0, ge=0)
+    """…this long after the last wrong one, doubling with each further one…"""
+    api_signin_lock_after_failures: int = Field(default=6, ge=2)
+    """…and after this many the email is locked at that address for ``api_signin_lockout_s``
+    (the right password included). Other addresses are not affected."""
+    api_signin_lockout_s: float = Field(default=900.0, gt=0)
+    """How long a lock lasts, and the window in which wrong passwords are counted."""
+    api_signin_account_lock_failures: int = Field(default=30, ge=2)
+    """Wrong passwords for one email from all addresses within ``api_signin_lockout_s`` after
+    which the account takes sign-ins only from addresses it signed in from before (a
+    distributed guesser is stopped; the person at their usual places is not locked out)."""
+    api_test_clock: bool = False
+    """Tests only: the clock of sign-ins, tokens and lockout is the database's plus the offset
+    in table ``api_test_clock`` (expiry and idle timeouts tested without waiting)."""
+    smtp_url: str | None = None
+    """The notifier's SMTP server (``PUMPWATCH_SMTP_URL``): invitation and reset links are
+    emailed through it; unset, invitations are only answered to the administrator."""
+    smtp_starttls: Literal["require", "auto", "off"] = "require"
+    """As the notifier's: STARTTLS for ``smtp://``."""
+    smtp_from: str = "pumpwatch <pumpwatch@localhost>"
+    """As the notifier's: the From of the emails."""
+    smtp_timeout_s: float = Field(default=30.0, gt=0)
+    """As the notifier's: SMTP timeout."""
     webhook_allow_hosts: str = ""
     """Comma-separated hosts that webhooks may target over http or on private/loopback
     addresses (development, tests)."""

@@ -19,9 +19,9 @@ FROM api_keys WHERE $1::uuid IS NULL OR clinic_id = $1 ORDER BY created_at, id
 REVOKE_KEY = """
 UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING true
 """
-KEY_BY_HASH = (
-    "SELECT id, role, clinic_id, last_used_at, revoked_at FROM api_keys WHERE key_hash = $1"
-)
+KEY_BY_HASH = """
+SELECT id, role, clinic_id, label, last_used_at, revoked_at FROM api_keys WHERE key_hash = $1
+"""
 TOUCH_KEY = "UPDATE api_keys SET last_used_at = $2 WHERE id = $1"
 
 # Failed authentications of a source over the last minute (migration 0011).
@@ -43,9 +43,114 @@ ON CONFLICT (source, bucket) DO UPDATE SET failures = auth_failures.failures + 1
 
 INSERT_AUDIT = """
 INSERT INTO audit_log (key_id, role, action, resource_type, resource_id, clinic_id, outcome,
-                       status, source)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                       status, source, user_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
+
+# --- people (migration 0014) ---------------------------------------------------------------------
+
+TEST_CLOCK = """
+SELECT now() + make_interval(secs => coalesce((SELECT offset_s FROM api_test_clock), 0))
+"""
+_USER = "id, email, display_name, role, clinic_id, created_at, created_by, deactivated_at"
+INSERT_USER = f"""
+INSERT INTO users (email, display_name, role, clinic_id, password_hash, password_changed_at,
+                   created_by)
+VALUES ($1, $2, $3, $4, $5, CASE WHEN $5::text IS NOT NULL THEN now() END, $6)
+ON CONFLICT (email) DO NOTHING
+RETURNING {_USER}
+"""
+USER = f"SELECT {_USER} FROM users WHERE id = $1"
+# $1 scope (NULL: every clinic's and the clinic-less roles'), $2/$3 cursor (name, id), $4 limit.
+LIST_USERS = f"""
+SELECT {_USER} FROM users
+WHERE ($1::uuid IS NULL OR clinic_id = $1)
+  AND ($2::text IS NULL OR (display_name, id) > ($2, $3::uuid))
+ORDER BY display_name, id
+LIMIT $4
+"""
+UPDATE_USER = f"""
+UPDATE users SET display_name = coalesce($2, display_name), role = coalesce($3, role),
+       clinic_id = CASE WHEN $5::boolean THEN $4 ELSE clinic_id END
+WHERE id = $1 AND deactivated_at IS NULL
+RETURNING {_USER}
+"""
+DEACTIVATE_USER = f"""
+UPDATE users SET deactivated_at = $2 WHERE id = $1 AND deactivated_at IS NULL RETURNING {_USER}
+"""
+# A deactivated person's sessions and tokens end in the same transaction (and every lookup
+# also refuses a deactivated user's).
+END_USER_TOKENS = "DELETE FROM user_tokens WHERE user_id = $1"
+END_USER_SESSIONS = "DELETE FROM web_sessions WHERE user_id = $1"
+SET_PASSWORD = """
+UPDATE users SET password_hash = $2, password_changed_at = $3
+WHERE id = $1 AND deactivated_at IS NULL RETURNING id
+"""
+USER_FOR_SIGNIN = """
+SELECT id, email, display_name, role, clinic_id, password_hash FROM users
+WHERE email = $1 AND deactivated_at IS NULL
+"""
+PASSWORD_HASH = "SELECT password_hash FROM users WHERE id = $1 AND deactivated_at IS NULL"
+
+INSERT_LINK = """
+INSERT INTO user_links (token_hash, user_id, purpose, created_at, expires_at)
+VALUES ($1, $2, $3, $4, $4::timestamptz + make_interval(secs => $5))
+"""
+# Used once, before it expires, by an active user: the link is spent in this statement.
+USE_LINK = """
+UPDATE user_links l SET used_at = $2
+FROM users u
+WHERE l.token_hash = $1 AND l.used_at IS NULL AND l.expires_at > $2
+  AND u.id = l.user_id AND u.deactivated_at IS NULL
+RETURNING l.user_id, l.purpose, u.email, u.display_name, u.role, u.clinic_id
+"""
+# A new link replaces the person's unused ones of the same purpose.
+SPEND_LINKS = """
+UPDATE user_links SET used_at = $3 WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL
+"""
+
+INSERT_USER_TOKEN = """
+INSERT INTO user_tokens (token_hash, user_id, created_at, expires_at, last_used_at)
+VALUES ($1, $2, $3, $3::timestamptz + make_interval(secs => $4), $3)
+"""
+# $2 now, $3 the idle timeout (s).
+USER_TOKEN = """
+SELECT t.user_id, t.last_used_at, u.role, u.clinic_id, u.display_name
+FROM user_tokens t JOIN users u ON u.id = t.user_id
+WHERE t.token_hash = $1 AND t.expires_at > $2
+  AND t.last_used_at > $2::timestamptz - make_interval(secs => $3) AND u.deactivated_at IS NULL
+"""
+TOUCH_USER_TOKEN = "UPDATE user_tokens SET last_used_at = $2 WHERE token_hash = $1"
+END_USER_TOKEN = "DELETE FROM user_tokens WHERE token_hash = $1 RETURNING user_id"
+DELETE_EXPIRED_USER_TOKENS = "DELETE FROM user_tokens WHERE expires_at <= $1"
+
+# Wrong passwords of the email typed at this source in the window: count and the last one.
+# $1 email, $2 source, $3 now, $4 window (s).
+SIGNIN_FAILURES_HERE = """
+SELECT count(*) AS failures, max(at) AS last_at FROM signin_failures
+WHERE email = $1 AND source = $2 AND at > $3::timestamptz - make_interval(secs => $4)
+"""
+SIGNIN_FAILURES_EVERYWHERE = """
+SELECT count(*) FROM signin_failures
+WHERE email = $1 AND at > $2::timestamptz - make_interval(secs => $3)
+"""
+KNOWN_SOURCE = """
+SELECT true FROM signin_sources s JOIN users u ON u.id = s.user_id
+WHERE u.email = $1 AND s.source = $2
+"""
+# One wrong password (and forget everyone's older than the window).
+RECORD_SIGNIN_FAILURE = """
+WITH forgotten AS (
+    DELETE FROM signin_failures WHERE at < $3::timestamptz - make_interval(secs => $4)
+)
+INSERT INTO signin_failures (email, source, at) VALUES ($1, $2, $3)
+"""
+SIGNED_IN = """
+WITH forgiven AS (DELETE FROM signin_failures WHERE email = $1 AND source = $3)
+INSERT INTO signin_sources (user_id, source, last_signed_in) VALUES ($2, $3, $4)
+ON CONFLICT (user_id, source) DO UPDATE SET last_signed_in = EXCLUDED.last_signed_in
+"""
+REHASH_PASSWORD = "UPDATE users SET password_hash = $2 WHERE id = $1"
 
 # --- clinics -------------------------------------------------------------------------------------
 
@@ -262,8 +367,9 @@ ORDER BY recorded_at DESC LIMIT $3
 _ALERT = """
 id, serial, alert_patient(serial, resolved_at) AS patient_id,
 alert_clinic(serial, resolved_at) AS clinic_id, rule, condition, priority, status, title, detail,
-facts, opened_at, updated_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by,
-resolution, snoozed_until, snoozed_by, snooze_note
+facts, opened_at, updated_at, acknowledged_at, actor_json(acknowledged_by) AS acknowledged_by,
+resolved_at, actor_json(resolved_by) AS resolved_by, resolution, snoozed_until,
+actor_json(snoozed_by) AS snoozed_by, snooze_note
 """
 # Alerts a clinic may hold: of pumps it held at some time (the index narrows, the owner decides).
 _CLINIC_ALERTS = """
@@ -288,7 +394,8 @@ SELECT {_ALERT} FROM alerts WHERE serial = ANY($1::text[]) AND status <> 'resolv
 ORDER BY serial, opened_at DESC
 """
 ALERT_HISTORY = """
-SELECT at, actor, action, from_status, to_status, from_priority, to_priority, reason
+SELECT at, actor_json(actor) AS actor, action, from_status, to_status, from_priority,
+       to_priority, reason
 FROM alert_history WHERE alert_id = $1 ORDER BY id
 """
 ACKNOWLEDGE = f"""
@@ -336,7 +443,7 @@ RETURNING {_WEBHOOK}
 DELETE_WEBHOOK = """
 UPDATE webhooks SET deleted_at = now()
 WHERE id = $1 AND deleted_at IS NULL AND ($2::uuid IS NULL OR clinic_id = $2)
-RETURNING id
+RETURNING id, clinic_id
 """
 
 # --- quarantine ----------------------------------------------------------------------------------
@@ -392,17 +499,30 @@ LIMIT $6
 
 # --- web sessions --------------------------------------------------------------------------------
 
+# A key's session or a person's ($7); $8 now (the API's clock).
 INSERT_SESSION = """
-INSERT INTO web_sessions (token_hash, key_id, role, clinic_id, csrf_token, expires_at)
-VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+INSERT INTO web_sessions (token_hash, key_id, role, clinic_id, csrf_token, expires_at, user_id,
+                          created_at, last_used_at)
+VALUES ($1, $2, $3, $4, $5, $8::timestamptz + make_interval(secs => $6), $7, $8, $8)
 """
+# A key's session while the key is not revoked; a person's while the person is active and has
+# not been idle for $3 s (their role and clinic as they are now). $2 now.
 SESSION = """
-SELECT s.key_id, s.role, s.clinic_id, s.csrf_token, s.expires_at
-FROM web_sessions s JOIN api_keys k ON k.id = s.key_id
-WHERE s.token_hash = $1 AND s.expires_at > now() AND k.revoked_at IS NULL
+SELECT s.key_id, s.user_id, coalesce(u.role, s.role) AS role,
+       CASE WHEN s.user_id IS NULL THEN s.clinic_id ELSE u.clinic_id END AS clinic_id,
+       s.csrf_token, s.expires_at, s.last_used_at, coalesce(u.display_name, k.label) AS name
+FROM web_sessions s
+LEFT JOIN api_keys k ON k.id = s.key_id
+LEFT JOIN users u ON u.id = s.user_id
+WHERE s.token_hash = $1 AND s.expires_at > $2
+  AND CASE WHEN s.user_id IS NULL THEN k.revoked_at IS NULL AND k.id IS NOT NULL
+           ELSE u.deactivated_at IS NULL
+                AND s.last_used_at > $2::timestamptz - make_interval(secs => $3)
+      END
 """
-DELETE_SESSION = "DELETE FROM web_sessions WHERE token_hash = $1"
-DELETE_EXPIRED_SESSIONS = "DELETE FROM web_sessions WHERE expires_at <= now()"
+TOUCH_SESSION = "UPDATE web_sessions SET last_used_at = $2 WHERE token_hash = $1"
+DELETE_SESSION = "DELETE FROM web_sessions WHERE token_hash = $1 RETURNING user_id"
+DELETE_EXPIRED_SESSIONS = "DELETE FROM web_sessions WHERE expires_at <= $1"
 
 # --- fleet overview (de-identified) --------------------------------------------------------------
 

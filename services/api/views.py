@@ -144,7 +144,8 @@ def alert_out(row: asyncpg.Record, principal: Principal) -> models.AlertOut:
     """The alert object; for the fleet role without people or their free text (who
     acknowledged, resolved or snoozed it, and their notes: they may name a patient)."""
     people = principal.identified
-    by_engine = row["resolved_by"] in (None, "pumpwatch-alerts")
+    resolver = row["resolved_by"]
+    by_engine = resolver is None or resolver.get("type") == "service"
     return models.AlertOut(
         id=row["id"],
         serial=row["serial"],

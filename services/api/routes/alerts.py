@@ -9,7 +9,7 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Query, Request
 
-from services.api import models, sql, views
+from services.api import audit, models, sql, views
 from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
@@ -99,6 +99,7 @@ async def get_alert(alert_id: UUID, principal: Auth, db: Db) -> models.AlertDeta
 async def _change(
     db: Connection,
     principal: Principal,
+    request: Request,
     alert_id: UUID,
     action: Literal["acknowledged", "resolved"],
     note: str | None,
@@ -127,7 +128,7 @@ async def _change(
             row = await db.fetchrow(sql.RESOLVE, alert_id, principal.actor, note)
         if row is None:  # changed under us (the engine, another clinician)
             raise Problem(409, "the alert changed meanwhile; read it again", kind="conflict")
-        reason = note or f"{action} by {principal.actor}"
+        reason = note or f"{action} by {principal.name or principal.actor}"
         await db.execute(
             sql.INSERT_HISTORY,
             alert_id,
@@ -139,11 +140,14 @@ async def _change(
             reason,
         )
         payload = views.alert_out(row, principal).model_dump(mode="json") | {
-            "actor": principal.actor,
+            "actor": principal.actor_object,
             "note": note,
         }
         await outbox.add(
             db, f"alert.{action}", payload, alert_id=alert_id, clinic_id=row["clinic_id"]
+        )
+        await audit.record(
+            db, request, resource_type="alerts", resource_id=alert_id, clinic_id=row["clinic_id"]
         )
     return await _detail(db, principal, row)
 
@@ -163,18 +167,20 @@ async def _still_holding(db: Connection, alert: asyncpg.Record) -> Finding | Non
 
 @router.post("/{alert_id}/acknowledge", summary="Acknowledge (clinician); idempotent")
 async def acknowledge(
-    alert_id: UUID, principal: Auth, db: Db, body: models.NoteIn | None = None
+    alert_id: UUID, principal: Auth, db: Db, request: Request, body: models.NoteIn | None = None
 ) -> models.AlertDetail:
     return await _change(
-        db, principal, alert_id, "acknowledged", None if body is None else body.note
+        db, principal, request, alert_id, "acknowledged", None if body is None else body.note
     )
 
 
 @router.post("/{alert_id}/resolve", summary="Resolve (clinician), with an optional note")
 async def resolve(
-    alert_id: UUID, principal: Auth, db: Db, body: models.NoteIn | None = None
+    alert_id: UUID, principal: Auth, db: Db, request: Request, body: models.NoteIn | None = None
 ) -> models.AlertDetail:
-    return await _change(db, principal, alert_id, "resolved", None if body is None else body.note)
+    return await _change(
+        db, principal, request, alert_id, "resolved", None if body is None else body.note
+    )
 
 
 @router.post(
@@ -219,6 +225,9 @@ async def snooze(
             row["status"],
             row["priority"],
             f"reminders snoozed until {until.astimezone(UTC).isoformat()}: {body.note}",
+        )
+        await audit.record(
+            db, request, resource_type="alerts", resource_id=alert_id, clinic_id=row["clinic_id"]
         )
     return await _detail(db, principal, row)
 

@@ -6,9 +6,9 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
-from services.api import keys, models, sql
+from services.api import audit, keys, models, sql
 from services.api.auth import require
 from services.api.common import Auth, Db, visible
 from services.api.problems import FieldError, Problem, not_found
@@ -50,11 +50,23 @@ def _clinic(row: Any) -> models.Clinic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Create a clinic (admin)")
-async def create_clinic(body: models.ClinicIn, principal: Auth, db: Db) -> models.Clinic:
+async def create_clinic(
+    body: models.ClinicIn, principal: Auth, db: Db, request: Request
+) -> models.Clinic:
     require(principal, "admin")
-    row = await db.fetchrow(
-        sql.INSERT_CLINIC, body.name, _zone(body.timezone), _alert_settings(body.alert_settings)
-    )
+    async with db.transaction():
+        row = await db.fetchrow(
+            sql.INSERT_CLINIC, body.name, _zone(body.timezone), _alert_settings(body.alert_settings)
+        )
+        assert row is not None
+        await audit.record(
+            db,
+            request,
+            resource_type="clinics",
+            resource_id=row["id"],
+            clinic_id=row["id"],
+            status=201,
+        )
     return _clinic(row)
 
 
@@ -75,19 +87,28 @@ async def get_clinic(clinic_id: UUID, principal: Auth, db: Db) -> models.Clinic:
     summary="Create an API key for the clinic (admin); the key is shown once",
 )
 async def create_key(
-    clinic_id: UUID, body: models.KeyIn, principal: Auth, db: Db
+    clinic_id: UUID, body: models.KeyIn, principal: Auth, db: Db, request: Request
 ) -> models.KeyCreated:
     require(principal, "admin")
     if not await db.fetchval(sql.CLINIC_EXISTS, clinic_id):
         raise not_found("clinic")
     scoped = body.role in keys.CLINIC_ROLES
-    key_id, key = await keys.create(
-        db,
-        role=body.role,
-        clinic_id=clinic_id if scoped else None,
-        label=body.label,
-        created_by=principal.actor,
-    )
+    async with db.transaction():
+        key_id, key = await keys.create(
+            db,
+            role=body.role,
+            clinic_id=clinic_id if scoped else None,
+            label=body.label,
+            created_by=principal.actor,
+        )
+        await audit.record(
+            db,
+            request,
+            resource_type="keys",
+            resource_id=key_id,
+            clinic_id=clinic_id,
+            status=201,
+        )
     return models.KeyCreated(
         id=key_id, key=key, role=body.role, clinic_id=clinic_id if scoped else None
     )
@@ -111,13 +132,17 @@ async def get_alert_settings(
     summary="Set the clinic's alert thresholds (admin, clinician); omitted ones use the defaults",
 )
 async def put_alert_settings(
-    clinic_id: UUID, body: models.ClinicAlertSettings, principal: Auth, db: Db
+    clinic_id: UUID, body: models.ClinicAlertSettings, principal: Auth, db: Db, request: Request
 ) -> models.ClinicAlertSettings:
     require(principal, "admin", "clinician")
     visible(principal, clinic_id, "clinic")
-    row = await db.fetchrow(sql.UPDATE_ALERT_SETTINGS, clinic_id, _alert_settings(body))
-    if row is None:
-        raise not_found("clinic")
+    async with db.transaction():
+        row = await db.fetchrow(sql.UPDATE_ALERT_SETTINGS, clinic_id, _alert_settings(body))
+        if row is None:
+            raise not_found("clinic")
+        await audit.record(
+            db, request, resource_type="clinics", resource_id=clinic_id, clinic_id=clinic_id
+        )
     return models.ClinicAlertSettings(**row["alert_settings"])
 
 
@@ -140,15 +165,19 @@ async def get_notifications(clinic_id: UUID, principal: Auth, db: Db) -> Notific
     summary="Set the clinic's notification routing (admin, clinician); `{}` restores defaults",
 )
 async def put_notifications(
-    clinic_id: UUID, body: NotificationSettings, principal: Auth, db: Db
+    clinic_id: UUID, body: NotificationSettings, principal: Auth, db: Db, request: Request
 ) -> NotificationSettings:
     require(principal, "admin", "clinician")
     visible(principal, clinic_id, "clinic")
-    stored = await db.fetchval(
-        sql.UPDATE_NOTIFICATION_SETTINGS,
-        clinic_id,
-        body.model_dump(mode="json", exclude_defaults=True),
-    )
-    if stored is None:
-        raise not_found("clinic")
+    async with db.transaction():
+        stored = await db.fetchval(
+            sql.UPDATE_NOTIFICATION_SETTINGS,
+            clinic_id,
+            body.model_dump(mode="json", exclude_defaults=True),
+        )
+        if stored is None:
+            raise not_found("clinic")
+        await audit.record(
+            db, request, resource_type="clinics", resource_id=clinic_id, clinic_id=clinic_id
+        )
     return NotificationSettings.stored(stored)

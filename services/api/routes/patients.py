@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import TypeAdapter
 
-from services.api import models, sql, views
+from services.api import audit, models, sql, views
 from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
@@ -41,23 +41,34 @@ def _no_fleet(role: str) -> None:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Register a patient")
-async def create_patient(body: models.PatientIn, principal: Auth, db: Db) -> models.Patient:
+async def create_patient(
+    body: models.PatientIn, principal: Auth, db: Db, request: Request
+) -> models.Patient:
     require(principal, "admin", "clinician")
     clinic_id = clinic_for_write(principal, body.clinic_id)
     if not await db.fetchval(sql.CLINIC_EXISTS, clinic_id):
         raise not_found("clinic")
-    row = await db.fetchrow(
-        sql.INSERT_PATIENT,
-        clinic_id,
-        body.mrn,
-        body.display_name,
-        body.birth_date,
-        body.withdrawal_risk,
-        body.low_alarm_margin_ml,
-    )
-    if row is None:
-        raise Problem(
-            409, f"the clinic already has a patient with MRN {body.mrn!r}", kind="conflict"
+    async with db.transaction():
+        row = await db.fetchrow(
+            sql.INSERT_PATIENT,
+            clinic_id,
+            body.mrn,
+            body.display_name,
+            body.birth_date,
+            body.withdrawal_risk,
+            body.low_alarm_margin_ml,
+        )
+        if row is None:
+            raise Problem(
+                409, f"the clinic already has a patient with MRN {body.mrn!r}", kind="conflict"
+            )
+        await audit.record(
+            db,
+            request,
+            resource_type="patients",
+            resource_id=row["id"],
+            clinic_id=clinic_id,
+            status=201,
         )
     return views.patient_out(row)
 

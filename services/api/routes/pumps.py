@@ -10,7 +10,7 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from services.api import custody, models, sql, views
+from services.api import audit, custody, models, sql, views
 from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
@@ -142,6 +142,14 @@ async def put_pump(
                 how=how,
             )
         await channels.pumps_changed(db, [serial])
+        await audit.record(
+            db,
+            request,
+            resource_type="pumps",
+            resource_id=serial,
+            clinic_id=clinic_id,
+            status=201 if created else 200,
+        )
     response.status_code = 201 if created else 200
     return await _state(db, principal, serial)
 
@@ -354,14 +362,17 @@ def _cursor_time(value: str | None) -> datetime:
     summary="Book (or clear, with null) the refill visit (admin, clinician)",
 )
 async def put_appointment(
-    serial: Serial, body: models.AppointmentIn, principal: Auth, db: Db
+    serial: Serial, body: models.AppointmentIn, principal: Auth, db: Db, request: Request
 ) -> models.PumpState:
     require(principal, "admin", "clinician")
-    await pump_clinic(db, principal, serial)
+    clinic_id = await pump_clinic(db, principal, serial)
     at = None if body.scheduled_for is None else _body_utc(body.scheduled_for)
     async with db.transaction():
         await db.execute(sql.SET_APPOINTMENT, serial, at)
         await channels.pumps_changed(db, [serial])
+        await audit.record(
+            db, request, resource_type="pumps", resource_id=serial, clinic_id=clinic_id
+        )
     return await _state(db, principal, serial)
 
 

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 
-from services.api import models, sql, views
+from services.api import audit, models, sql, views
 from services.api.auth import require
 from services.api.common import (
     Auth,
@@ -68,6 +68,7 @@ async def record_refill(
     body: models.RefillIn,
     principal: Auth,
     db: Db,
+    request: Request,
     response: Response,
 ) -> models.RefillOut:
     require(principal, "admin", "clinician")
@@ -130,8 +131,16 @@ async def record_refill(
             await outbox.add(
                 db,
                 "refill.recorded",
-                result.model_dump(mode="json") | {"recorded_by": principal.actor},
+                result.model_dump(mode="json") | {"recorded_by": principal.actor_object},
                 clinic_id=clinic_id,
+            )
+            await audit.record(
+                db,
+                request,
+                resource_type="refills",
+                resource_id=msg_id,
+                clinic_id=clinic_id,
+                status=201,
             )
     return result
 

@@ -6,7 +6,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Request, Response, status
 
-from services.api import models, sql
+from services.api import audit, models, sql
 from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
@@ -51,10 +51,24 @@ async def create_webhook(
             errors=[FieldError(field="body.url", message=problem)],
         )
     secret = new_secret()
-    row = await db.fetchrow(
-        sql.INSERT_WEBHOOK, clinic_id, body.url, sorted(set(body.events)), secret, principal.actor
-    )
-    assert row is not None
+    async with db.transaction():
+        row = await db.fetchrow(
+            sql.INSERT_WEBHOOK,
+            clinic_id,
+            body.url,
+            sorted(set(body.events)),
+            secret,
+            principal.actor,
+        )
+        assert row is not None
+        await audit.record(
+            db,
+            request,
+            resource_type="webhooks",
+            resource_id=row["id"],
+            clinic_id=clinic_id,
+            status=201,
+        )
     response.headers["Location"] = f"/v1/webhooks/{row['id']}"
     return models.WebhookCreated(**dict(row), secret=secret)
 
@@ -81,16 +95,28 @@ async def list_webhooks(
     summary="A new signing secret (shown once); the old one keeps signing for the overlap",
 )
 async def rotate_secret(
-    webhook_id: UUID, principal: Auth, db: Db, body: models.RotateIn | None = None
+    webhook_id: UUID,
+    principal: Auth,
+    db: Db,
+    request: Request,
+    body: models.RotateIn | None = None,
 ) -> models.WebhookCreated:
     _manager(principal)
     overlap = (body or models.RotateIn()).overlap_hours * 3600
     secret = new_secret()
-    row = await db.fetchrow(
-        sql.ROTATE_WEBHOOK_SECRET, webhook_id, scope_of(principal), secret, overlap
-    )
-    if row is None:
-        raise not_found("webhook")
+    async with db.transaction():
+        row = await db.fetchrow(
+            sql.ROTATE_WEBHOOK_SECRET, webhook_id, scope_of(principal), secret, overlap
+        )
+        if row is None:
+            raise not_found("webhook")
+        await audit.record(
+            db,
+            request,
+            resource_type="webhooks",
+            resource_id=webhook_id,
+            clinic_id=row["clinic_id"],
+        )
     return models.WebhookCreated(**dict(row), secret=secret)
 
 
@@ -100,11 +126,20 @@ async def rotate_secret(
     summary="Delete a webhook; pending deliveries to it stop",
     response_class=Response,
 )
-async def delete_webhook(webhook_id: UUID, principal: Auth, db: Db) -> Response:
+async def delete_webhook(webhook_id: UUID, principal: Auth, db: Db, request: Request) -> Response:
     _manager(principal)
     if principal.role == "fleet":
         raise not_found("webhook")
-    found = await db.fetchval(sql.DELETE_WEBHOOK, webhook_id, scope_of(principal))
-    if found is None:
-        raise not_found("webhook")
+    async with db.transaction():
+        found = await db.fetchrow(sql.DELETE_WEBHOOK, webhook_id, scope_of(principal))
+        if found is None:
+            raise not_found("webhook")
+        await audit.record(
+            db,
+            request,
+            resource_type="webhooks",
+            resource_id=webhook_id,
+            clinic_id=found["clinic_id"],
+            status=204,
+        )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -16,11 +16,12 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from services.api import keys, models, sql
+from services.api import audit, keys, models, people, signin, sql
 from services.api.auth import Principal, key_row
 from services.api.common import Db
 from services.api.problems import Problem
 from services.api.routes import alerts as alert_routes
+from services.api.routes import auth as auth_routes
 from services.api.routes import patients as patient_routes
 from services.api.routes import pumps as pump_routes
 from services.api.routes import refills as refill_routes
@@ -44,6 +45,16 @@ def _local(at: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M %Z") -> s
 
 
 templates.filters["local"] = _local
+
+
+def _who(actor: models.Actor | None) -> str:
+    """A person's name, a key's label (or what there is of them)."""
+    if actor is None:
+        return "—"
+    return actor.display_name or actor.label or f"{actor.type} {actor.id}"
+
+
+templates.filters["who"] = _who
 templates.globals["deadline_words"] = rules.deadlines.REASON_WORDS
 STATIC_DIR = resources.files("services.api.web").joinpath("static")
 CHART_DAYS = 90
@@ -80,10 +91,7 @@ def _check_csrf(session: sessions.Session, token: str | None) -> None:
 # --- sign-in -------------------------------------------------------------------------------------
 
 
-@router.get("/login")
-async def login_form(request: Request) -> Response:
-    token = secrets.token_urlsafe(24)
-    response: Response = _page("login.html", csrf_token=token, error=None)
+def _form_cookie(request: Request, response: Response, token: str) -> Response:
     response.set_cookie(
         sessions.LOGIN_COOKIE,
         token,
@@ -95,23 +103,71 @@ async def login_form(request: Request) -> Response:
     return response
 
 
+@router.get("/login")
+async def login_form(request: Request, password: str | None = None) -> Response:
+    token = secrets.token_urlsafe(24)
+    notice = "Your password is set: sign in with it." if password == "set" else None  # noqa: S105
+    page = _page("login.html", csrf_token=token, error=None, notice=notice, email="")
+    return _form_cookie(request, page, token)
+
+
 @router.post("/login")
 async def login(
     request: Request,
     db: Db,
-    key: Annotated[str, Form(max_length=200)],
+    email: Annotated[str, Form(max_length=254)] = "",
+    password: Annotated[str, Form(max_length=200)] = "",
+    key: Annotated[str, Form(max_length=200)] = "",
     csrf_token: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
+    """A person signs in with email and password (the API's sign-in: the same lockout and
+    audit); a machine's API key still opens the dashboard (device teams' fleet page)."""
     if not sessions.csrf_ok(request.cookies.get(sessions.LOGIN_COOKIE, "\0"), csrf_token):
         raise Problem(403, "the sign-in form expired; reload it", kind="csrf")
-    row = await key_row(request, db, keys.hash_key(key.strip()))
-    if row is None:
-        return _page(
-            "login.html", status=401, csrf_token=csrf_token, error="Unknown or revoked key."
+    settings = request.app.state.settings
+    if key.strip():
+        row = await key_row(request, db, keys.hash_key(key.strip()))
+        if row is None:
+            return _page(
+                "login.html",
+                status=401,
+                csrf_token=csrf_token,
+                error="Unknown or revoked key.",
+                notice=None,
+                email="",
+            )
+        principal = Principal(row["id"], row["role"], row["clinic_id"], name=row["label"])
+        request.state.principal = principal
+        lifetime = settings.web_session_hours * 3600
+        resource = ("keys", row["id"])
+    else:
+        try:
+            principal = await signin.sign_in(db, request, email, password)
+        except Problem as exc:
+            if exc.status not in (401, 429):
+                raise
+            words = "Unknown email or wrong password." if exc.status == 401 else exc.detail
+            return _page(
+                "login.html",
+                status=exc.status,
+                csrf_token=csrf_token,
+                error=words,
+                notice=None,
+                email=email,
+            )
+        lifetime = settings.api_token_lifetime_s
+        resource = ("users", principal.user_id)
+    async with db.transaction():
+        token = await sessions.create(db, request, principal, lifetime)
+        await audit.record(
+            db,
+            request,
+            action="post sign-in (dashboard)",
+            resource_type=resource[0],
+            resource_id=resource[1],
+            clinic_id=principal.clinic_id,
+            status=303,
         )
-    principal = Principal(row["id"], row["role"], row["clinic_id"])
-    hours = request.app.state.settings.web_session_hours
-    token = await sessions.create(db, principal, hours * 3600)
     target = "/fleet" if principal.role == "fleet" else "/"
     response: Response = RedirectResponse(target, status_code=303)
     response.set_cookie(
@@ -120,7 +176,7 @@ async def login(
         httponly=True,
         samesite="strict",
         secure=_secure(request),
-        max_age=int(hours * 3600),
+        max_age=int(lifetime),
     )
     response.delete_cookie(sessions.LOGIN_COOKIE)
     return response
@@ -133,9 +189,65 @@ async def logout(
     session = await _session(db, request)
     if session is not None:
         _check_csrf(session, csrf_token)
-        await sessions.end(db, request)
+        async with db.transaction():
+            await sessions.end(db, request)
+            who = session.principal
+            await audit.record(
+                db,
+                request,
+                action="post sign-out (dashboard)",
+                resource_type="users" if who.user_id else "keys",
+                resource_id=who.user_id or who.key_id,
+                clinic_id=who.clinic_id,
+                status=303,
+            )
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(sessions.COOKIE)
+    return response
+
+
+@router.get(people.LINK_PATH + "{token}")
+async def set_password_form(token: str, request: Request) -> Response:
+    """The page an invitation or reset link opens: choose a password (the link is spent only
+    when the form is sent)."""
+    form_token = secrets.token_urlsafe(24)
+    page = _set_password_page(request, token, form_token, None, 200)
+    return _form_cookie(request, page, form_token)
+
+
+def _set_password_page(
+    request: Request, token: str, csrf_token: str, error: str | None, status: int
+) -> Response:
+    return _page(
+        "set_password.html",
+        status=status,
+        csrf_token=csrf_token,
+        error=error,
+        action=people.LINK_PATH + token,
+        min_length=request.app.state.settings.api_password_min_length,
+    )
+
+
+@router.post(people.LINK_PATH + "{token}")
+async def set_password(
+    token: str,
+    request: Request,
+    db: Db,
+    password: Annotated[str, Form(max_length=200)] = "",
+    csrf_token: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    if not sessions.csrf_ok(request.cookies.get(sessions.LOGIN_COOKIE, "\0"), csrf_token):
+        raise Problem(403, "the form expired; reload it", kind="csrf")
+    if len(token) > 200:
+        return _set_password_page(request, "", csrf_token, "This link does not work.", 400)
+    try:
+        await auth_routes.set_with_link(db, request, token, password)
+    except Problem as exc:
+        if exc.status not in (400, 422):
+            raise
+        return _set_password_page(request, token, csrf_token, exc.detail, exc.status)
+    response = RedirectResponse("/login?password=set", status_code=303)
+    response.delete_cookie(sessions.LOGIN_COOKIE)
     return response
 
 
@@ -201,7 +313,9 @@ async def worklist(
 async def worklist_fragment(
     request: Request, db: Db, priority: str | None = None, within_days: float = 30
 ) -> Response:
-    session = await _session(db, request)
+    # The page refreshes itself every 30 s: that is not the person's use, so it does not keep
+    # their session from idling out.
+    session = await sessions.current(db, request, touch=False)
     if session is None or session.principal.role == "fleet":
         return Response(status_code=401)
     priority = priority if priority in PRIORITY_ORDER else None
@@ -340,11 +454,14 @@ async def alert_action(
     if action not in ("acknowledge", "resolve"):
         raise Problem(404, "no such action", kind="not-found")
     body = models.NoteIn(note=note.strip() or None)
+    # The audit row names the alert acted on (the API's route writes it with the change); a
+    # refusal's row too, not the page's patient.
+    request.state.audit_resource = ("alerts", alert_id)
     try:
         if action == "acknowledge":
-            await alert_routes.acknowledge(alert_id, session.principal, db, body)
+            await alert_routes.acknowledge(alert_id, session.principal, db, request, body)
         else:
-            await alert_routes.resolve(alert_id, session.principal, db, body)
+            await alert_routes.resolve(alert_id, session.principal, db, request, body)
     except Problem as exc:
         if exc.status != 409:
             raise
