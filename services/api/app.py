@@ -30,6 +30,7 @@ from services.api.fhir import routes as fhir_routes
 from services.api.routes import (
     alerts,
     clinics,
+    exports,
     meta,
     patients,
     pumps,
@@ -138,7 +139,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
     for unavailable in problems.DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, problems.on_unavailable)
     app.add_exception_handler(Exception, problems.on_error)
-    for module in (meta, clinics, patients, pumps, refills, alerts, webhooks, fhir_routes):
+    for module in (
+        meta,
+        clinics,
+        patients,
+        pumps,
+        refills,
+        exports,
+        alerts,
+        webhooks,
+        fhir_routes,
+    ):
         app.include_router(module.router)
     app.include_router(web_routes.router)
     docs.install(app)

@@ -54,6 +54,14 @@ INSERT_CLINIC = f"""
 INSERT INTO clinics (name, timezone, alert_settings) VALUES ($1, $2, $3) RETURNING {_CLINIC}
 """
 CLINIC = f"SELECT {_CLINIC} FROM clinics WHERE id = $1"
+# $1 scope (NULL: every clinic), $2/$3 the cursor (name, id), $4 limit.
+LIST_CLINICS = f"""
+SELECT {_CLINIC} FROM clinics
+WHERE ($1::uuid IS NULL OR id = $1)
+  AND ($2::text IS NULL OR (name, id) > ($2, $3::uuid))
+ORDER BY name, id
+LIMIT $4
+"""
 CLINIC_EXISTS = "SELECT true FROM clinics WHERE id = $1"
 CLINIC_TIMEZONE = "SELECT timezone FROM clinics WHERE id = $1"
 NOTIFICATION_SETTINGS = "SELECT notification_settings FROM clinics WHERE id = $1"
@@ -104,6 +112,16 @@ LEFT JOIN patients pt ON pt.id = p.patient_id
 LEFT JOIN pump_state s ON s.serial = p.serial
 """
 PUMP = f"{_PUMP}{_PUMP_JOINS} WHERE p.serial = $1"
+# The pumps a scope holds now ($1 NULL: every pump, unassigned ones included), by serial after
+# the cursor $2, of the patient $3 (NULL: any), $4 limit.
+LIST_PUMPS = f"""
+{_PUMP}{_PUMP_JOINS}
+WHERE ($1::uuid IS NULL OR p.clinic_id = $1)
+  AND ($2::text IS NULL OR p.serial > $2)
+  AND ($3::uuid IS NULL OR p.patient_id = $3)
+ORDER BY p.serial
+LIMIT $4
+"""
 PUMP_CLINIC = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1"
 HELD_EVER = "SELECT true FROM pump_assignments WHERE serial = $1 AND clinic_id = $2 LIMIT 1"
 PUMP_FOR_CUSTODY = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1 FOR UPDATE"
@@ -189,6 +207,13 @@ WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
   AND ($7::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $7, NULL)))
 ORDER BY recorded_at DESC, msg_id DESC
 LIMIT $6
+"""
+# The CSV export: oldest first, read through a cursor. $4 scope as in READINGS.
+READINGS_CSV = f"""
+SELECT {_READING} FROM readings
+WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
+  AND ($4::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $4, NULL)))
+ORDER BY recorded_at, msg_id
 """
 # An hourly bucket is a holder's when the whole hour was theirs. The periods are read once per
 # query (a subquery that does not depend on the row), not once per hour.
