@@ -20,12 +20,15 @@ from typing import Any
 import pytest
 
 from services.api.app import create_app
+from services.api.fhir.resources import MEASURES, observation_id
 from services.api.keys import hash_key
 from services.api.settings import ApiSettings
 from tests import alert_fixtures as fx
 from tests.api_support import Api, running_api
 
-PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/v1/schemas/mqtt-v1.json"})
+PUBLIC = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v1/schemas/mqtt-v1.json", "/fhir/metadata"}
+)
 
 # Path or query parameter name -> the kind of id it takes.
 ID_KINDS = {
@@ -37,6 +40,7 @@ ID_KINDS = {
     "clinic_id": "clinic",
     "webhook_id": "webhook",
     "key_id": "key",
+    "observation_id": "observation",
 }
 
 
@@ -67,6 +71,7 @@ class Tenant:
     alert: str
     webhook: str
     key: str
+    observation: str
     name: str
     mrn: str
     birth_date: date
@@ -79,6 +84,7 @@ class Tenant:
             "clinic": self.clinic,
             "webhook": self.webhook,
             "key": self.key,
+            "observation": self.observation,
         }
 
     def secrets(self) -> list[str]:
@@ -118,6 +124,13 @@ async def _tenant(api: Api, tag: str, birth: date) -> tuple[Tenant, str, str]:
                 serial,
             )
         )
+        newest = await conn.fetchrow(
+            "SELECT msg_id, recorded_at FROM readings WHERE serial = $1 "
+            "ORDER BY recorded_at DESC LIMIT 1",
+            serial,
+        )
+        assert newest is not None
+        observation = observation_id(serial, newest["recorded_at"], newest["msg_id"], MEASURES[0])
         webhook = str(
             await conn.fetchval(
                 "INSERT INTO webhooks (clinic_id, url, events, secret) "
@@ -132,7 +145,7 @@ async def _tenant(api: Api, tag: str, birth: date) -> tuple[Tenant, str, str]:
     integrator = await api.key("integrator", clinic)
     key_id = str(uuid.uuid4())  # key ids are only ever admin business
     return (
-        Tenant(clinic, patient, serial, alert, webhook, key_id, name, mrn, birth),
+        Tenant(clinic, patient, serial, alert, webhook, key_id, observation, name, mrn, birth),
         clinician,
         integrator,
     )

@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from services.api import docs, problems, sql
 from services.api.auth import Principal
+from services.api.fhir import patients as fhir_patients
 from services.api.fhir import routes as fhir_routes
 from services.api.routes import (
     alerts,
@@ -148,6 +149,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         exports,
         alerts,
         webhooks,
+        fhir_patients,
         fhir_routes,
     ):
         app.include_router(module.router)
