@@ -308,6 +308,13 @@ def test_the_route_table_is_what_the_contract_lists() -> None:
         ("GET", "/v1/webhooks"),
         ("DELETE", "/v1/webhooks/{webhook_id}"),
         ("GET", "/v1/quarantine"),
+        # Version 1.1, "Integrators"
+        ("GET", "/v1/clinics"),
+        ("GET", "/v1/pumps"),
+        ("GET", "/v1/pumps/{serial}/telemetry.csv"),
+        ("GET", "/fhir/metadata"),
+        ("GET", "/fhir/Patient/{patient_id}"),
+        ("GET", "/fhir/Observation/{observation_id}"),
     }
     assert contract <= set(ROUTES), contract - set(ROUTES)
     assert len(ROUTES) >= len(contract)  # the parametrised test above ran for every one
