@@ -15,10 +15,12 @@ import asyncpg
 import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.patient import Patient
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -385,8 +387,8 @@ async def test_observations_carry_each_readings_values_in_ucum_units(w: World) -
             ] == [("https://pumpwatch.dev/fhir/CodeSystem/observation-category", "device")]
             assert item.device is not None
             assert item.device.reference == f"Device/{w.serial_a}"
-            assert item.subject is not None
-            assert item.subject.reference == f"Device/{w.serial_a}"
+            assert item.subject is not None  # the pump's patient when it read this
+            assert item.subject.reference == f"Patient/{w.patient_a}"
             assert when(item.issued) >= reading.at
     # Newest reading first; within a reading, the codes in one fixed order.
     assert [(when(o.effectiveDateTime), o.code.coding[0].code) for o in observations] == [
@@ -709,12 +711,23 @@ def test_the_openapi_document_describes_the_fhir_routes_with_valid_examples() ->
     document = create_app(ApiSettings(database_url="postgresql://unused/unused")).openapi()
     paths = {p: ops for p, ops in document["paths"].items() if p.startswith("/fhir/")}
     assert set(paths) == {
+        "/fhir/metadata",
         "/fhir/Device/{serial}",
+        "/fhir/Patient",
+        "/fhir/Patient/{patient_id}",
         "/fhir/Observation",
+        "/fhir/Observation/{observation_id}",
         "/fhir/Flag",
         "/fhir/Flag/{alert_id}",
     }
-    models: dict[str, Any] = {"Device": Device, "Flag": Flag, "Bundle": Bundle}
+    models: dict[str, Any] = {
+        "Device": Device,
+        "Flag": Flag,
+        "Bundle": Bundle,
+        "Observation": Observation,
+        "Patient": Patient,
+        "CapabilityStatement": CapabilityStatement,
+    }
     for path, operations in paths.items():
         operation = operations["get"]
         assert operation["tags"] == ["fhir"]
@@ -724,6 +737,8 @@ def test_the_openapi_document_describes_the_fhir_routes_with_valid_examples() ->
         assert list(ok) == [FHIR_JSON]
         example = ok[FHIR_JSON]["example"]
         models[example["resourceType"]].model_validate(example)
+        if path == "/fhir/metadata":
+            continue  # no key needed, nothing to refuse
         for status in ("401", "404", "422"):
             error = operation["responses"][status]["content"][FHIR_JSON]
             OperationOutcome.model_validate(error["example"])

@@ -21,6 +21,7 @@ import pytest
 
 from services.api import passwords
 from services.api.app import create_app
+from services.api.fhir.resources import MEASURES, observation_id
 from services.api.keys import hash_key
 from services.api.settings import ApiSettings
 from tests import alert_fixtures as fx
@@ -36,6 +37,7 @@ PUBLIC = frozenset(
         "/v1/auth/token",
         "/v1/auth/password-reset",
         "/v1/auth/set-password",
+        "/fhir/metadata",
     }
 )
 PASSWORD = "tenancy matrix walnut 42"
@@ -54,6 +56,7 @@ ID_KINDS = {
     "webhook_id": "webhook",
     "key_id": "key",
     "user_id": "user",
+    "observation_id": "observation",
 }
 
 
@@ -86,6 +89,7 @@ class Tenant:
     key: str
     user: str
     user_email: str
+    observation: str
     name: str
     mrn: str
     birth_date: date
@@ -99,6 +103,7 @@ class Tenant:
             "webhook": self.webhook,
             "key": self.key,
             "user": self.user,
+            "observation": self.observation,
         }
 
     def secrets(self) -> list[str]:
@@ -147,6 +152,13 @@ async def _tenant(api: Api, tag: str, birth: date) -> tuple[Tenant, str, str]:
                 serial,
             )
         )
+        newest = await conn.fetchrow(
+            "SELECT msg_id, recorded_at FROM readings WHERE serial = $1 "
+            "ORDER BY recorded_at DESC LIMIT 1",
+            serial,
+        )
+        assert newest is not None
+        observation = observation_id(serial, newest["recorded_at"], newest["msg_id"], MEASURES[0])
         webhook = str(
             await conn.fetchval(
                 "INSERT INTO webhooks (clinic_id, url, events, secret) "
@@ -163,7 +175,20 @@ async def _tenant(api: Api, tag: str, birth: date) -> tuple[Tenant, str, str]:
     integrator = await api.key("integrator", clinic)
     key_id = str(uuid.uuid4())  # key ids are only ever admin business
     return (
-        Tenant(clinic, patient, serial, alert, webhook, key_id, user, email, name, mrn, birth),
+        Tenant(
+            clinic,
+            patient,
+            serial,
+            alert,
+            webhook,
+            key_id,
+            user,
+            email,
+            observation,
+            name,
+            mrn,
+            birth,
+        ),
         clinician,
         integrator,
     )
@@ -368,6 +393,13 @@ def test_the_route_table_is_what_the_contract_lists() -> None:
         ("GET", "/v1/webhooks"),
         ("DELETE", "/v1/webhooks/{webhook_id}"),
         ("GET", "/v1/quarantine"),
+        # Version 1.1, "Integrators"
+        ("GET", "/v1/clinics"),
+        ("GET", "/v1/pumps"),
+        ("GET", "/v1/pumps/{serial}/telemetry.csv"),
+        ("GET", "/fhir/metadata"),
+        ("GET", "/fhir/Patient/{patient_id}"),
+        ("GET", "/fhir/Observation/{observation_id}"),
     }
     assert contract <= set(ROUTES), contract - set(ROUTES)
     assert len(ROUTES) >= len(contract)  # the parametrised test above ran for every one

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from standardwebhooks import Webhook
 
+from services.api.fhir.resources import MEASURES, observation_id
 from tests import alert_fixtures as fx
 from tests.api_support import ADMIN_TOKEN, Api, running_api
 from tests.notify_support import (
@@ -359,6 +360,16 @@ async def test_no_route_shows_a_clinic_another_clinics_period_of_a_moved_pump(
             "SELECT msg_id::text AS id, volume_ml FROM readings WHERE serial = $1", SERIAL
         )
     a_ids = [r["id"] for r in ids if r["volume_ml"] in _A_VOLUMES]
+    async with c.pool.acquire() as conn:
+        a_reading = await conn.fetchrow(
+            "SELECT msg_id, recorded_at FROM readings WHERE serial = $1 AND volume_ml = $2",
+            SERIAL,
+            _A_VOLUMES[0],
+        )
+    assert a_reading is not None
+    a_observation = observation_id(
+        SERIAL, a_reading["recorded_at"], a_reading["msg_id"], MEASURES[0]
+    )
     b_ids = [r["id"] for r in ids if r["volume_ml"] in _B_VOLUMES]
     assert len(a_ids) == len(_A_VOLUMES)
     assert len(b_ids) == len(_B_VOLUMES)
@@ -381,6 +392,7 @@ async def test_no_route_shows_a_clinic_another_clinics_period_of_a_moved_pump(
                 "clinic": c.a if "A" in who else c.b,
                 "webhook": str(uuid.uuid4()),
                 "key": str(uuid.uuid4()),
+                "observation": a_observation,  # of A's period: B must not read it
             }
             params = _query(method, template, route_ids)
             if template.startswith("/fhir/Observation"):

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    MutableMapping,
+)
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,16 +21,18 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 
-from services.api import problems, sql
+from services.api import docs, problems, sql
 from services.api.auth import Principal
+from services.api.fhir import patients as fhir_patients
 from services.api.fhir import routes as fhir_routes
 from services.api.routes import (
     alerts,
     auth,
     clinics,
+    exports,
     meta,
     patients,
     pumps,
@@ -127,6 +136,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         responses=problems.PROBLEM_RESPONSES,
+        docs_url=None,  # served by services.api.docs, offline
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -146,12 +157,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
         patients,
         pumps,
         refills,
+        exports,
         alerts,
         webhooks,
+        fhir_patients,
         fhir_routes,
     ):
         app.include_router(module.router)
     app.include_router(web_routes.router)
+    docs.install(app)
     app.mount("/static", StaticFiles(directory=str(web_routes.STATIC_DIR)), name="static")
     app.add_middleware(_Middleware)
     return app
@@ -171,19 +185,21 @@ class _Middleware:
         settings: ApiSettings = fastapi_app.state.settings
         metrics: Metrics = fastapi_app.state.metrics
         started = time.perf_counter()
+        # The request as it came: routing changes a mounted app's scope (its path and root).
+        asked = (scope.get("path", ""), scope.get("root_path", ""))
         limit = settings.api_max_body_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_problem(send, problems.Problem(413, f"request body over {limit} bytes"))
-            _observe(metrics, scope, fastapi_app, 413, started)
+            await _send_problem(send, _too_large(limit))
+            _observe(metrics, scope, fastapi_app, 413, started, asked=asked)
             return
         if declared is None:
             # No Content-Length (chunked): read the body here, within the limit, so that an
             # over-size one is a 413 and not a parse error of a body cut off mid-route.
             body = await _read_body(receive, limit)
             if body is None:
-                await _send_problem(send, problems.Problem(413, f"request body over {limit} bytes"))
-                _observe(metrics, scope, fastapi_app, 413, started)
+                await _send_problem(send, _too_large(limit))
+                _observe(metrics, scope, fastapi_app, 413, started, asked=asked)
                 return
             receive = _replay(body, receive)
 
@@ -219,7 +235,7 @@ class _Middleware:
                     log.warning("api_audit_skipped", status=status, error=type(exc).__name__)
             raise
         finally:
-            _observe(metrics, scope, fastapi_app, status, started)
+            _observe(metrics, scope, fastapi_app, status, started, asked=asked)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -272,19 +288,48 @@ async def _send_problem(send: Send, problem: problems.Problem) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-def _route(scope: Scope, app: FastAPI) -> Any:
+def _flat(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes of a route table, those of included routers included (FastAPI keeps an
+    included router as one entry that holds its ``original_router``)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is None:
+            yield route
+        else:
+            yield from _flat(inner.routes)
+
+
+def _template(scope: Scope, asked: tuple[str, str], app: FastAPI) -> str:
+    """The route template a request went to: a route's path (``/v1/pumps/{serial}``), a
+    mounted app's with ``{path}`` (the dashboard's ``/static/{path}``), or ``unmatched`` for a
+    path no route has (a 404): never the path itself, so labels cannot grow with requests."""
     route = scope.get("route")
     if route is None:
-        for candidate in app.router.routes:
-            match, _ = candidate.matches(scope)
+        original = {**scope, "path": asked[0], "root_path": asked[1]}
+        partial = None
+        for candidate in _flat(app.router.routes):
+            match, _ = candidate.matches(original)
             if match is Match.FULL:
-                return candidate
-    return route
+                route = candidate
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate  # the path, another method (405)
+        route = route or partial
+    if isinstance(route, Mount):
+        return f"{route.path}/{{path}}"
+    return getattr(route, "path", None) or "unmatched"
 
 
-def _observe(metrics: Metrics, scope: Scope, app: FastAPI, status: int, started: float) -> None:
-    route = _route(scope, app)
-    template = getattr(route, "path", None) or "unmatched"
+def _observe(
+    metrics: Metrics,
+    scope: Scope,
+    app: FastAPI,
+    status: int,
+    started: float,
+    *,
+    asked: tuple[str, str],
+) -> None:
+    template = _template(scope, asked, app)
     method = scope.get("method", "")
     metrics.requests.labels(template, method, str(status)).inc()
     metrics.latency.labels(template, method).observe(time.perf_counter() - started)
@@ -330,3 +375,7 @@ async def _audit(scope: Scope, app: FastAPI, status: int) -> None:
             principal.user_id,
         )
     app.state.metrics.audit_rows.inc()
+
+
+def _too_large(limit: int) -> problems.Problem:
+    return problems.Problem(413, f"request body over {limit} bytes", kind="too-large")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.domain import json_syntax
 from services.logs import get
 
 log = get(__name__)
@@ -36,8 +38,27 @@ class ProblemDocument(BaseModel):
     errors: list[FieldError] | None = None
 
 
+TITLES: dict[str, str] = {
+    "validation": "Request validation failed",
+    "bad-cursor": "Cursor not recognised",
+    "unauthenticated": "Authentication required",
+    "rate-limited": "Too many failed authentications",
+    "forbidden": "Not allowed for this role",
+    "csrf": "Form check failed",
+    "custody": "Pump not held by your clinic",
+    "not-found": "Not found",
+    "conflict": "Conflicts with the current state",
+    "condition-holds": "The condition still holds",
+    "too-many-claims": "Too many wrong claim codes",
+    "unavailable": "Database unavailable",
+    "too-large": "Request body too large",
+}
+"""One title per problem type (``type`` ends in the kind): the same kind always reads the same.
+A kind not listed here is an HTTP status's own (``method-not-allowed``), titled by its phrase."""
+
+
 class Problem(Exception):
-    """Raise to answer with a problem document."""
+    """Raise to answer with a problem document. Its title follows from its kind (``TITLES``)."""
 
     def __init__(
         self,
@@ -45,7 +66,6 @@ class Problem(Exception):
         detail: str,
         *,
         kind: str | None = None,
-        title: str | None = None,
         errors: list[FieldError] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -53,7 +73,7 @@ class Problem(Exception):
         self.status = status
         self.detail = detail
         self.kind = kind or _slug(status)
-        self.title = title or HTTPStatus(status).phrase
+        self.title = TITLES.get(self.kind) or HTTPStatus(status).phrase
         self.errors = errors
         self.headers = headers
 
@@ -136,13 +156,38 @@ _WORDS: dict[str, str] = {
 document says the same thing whichever release of the library found the error."""
 
 
-def field_error(error: Mapping[str, Any]) -> FieldError:
-    """One validation error as a field and a message in our words."""
+_BYTE_AT = re.compile(r"\bbyte (\d+)")
+
+
+def json_syntax_error(body: str | bytes) -> str:
+    """Why a request body is not JSON, in our words, where it is said by line and column
+    (counted from 1, columns in characters): our own diagnosis of JSON text
+    (``services.domain.json_syntax``), whichever parser refused it."""
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    found = json_syntax.diagnose(raw)
+    if not found:
+        return "is not valid JSON"
+
+    def place(match: re.Match[str]) -> str:
+        at = min(int(match.group(1)), len(raw))
+        line_start = raw.rfind(b"\n", 0, at) + 1
+        line = raw.count(b"\n", 0, at) + 1
+        column = len(raw[line_start:at].decode("utf-8", "replace")) + 1
+        return f"line {line}, column {column}"
+
+    return "is not valid JSON: " + _BYTE_AT.sub(place, found.removeprefix("JSON is "))
+
+
+def field_error(error: Mapping[str, Any], body: object = None) -> FieldError:
+    """One validation error as a field and a message in our words; ``body`` is the request
+    body as received, for a JSON syntax error's line and column."""
     kind = str(error.get("type", ""))
     loc = tuple(error.get("loc", ()))
     ctx = error.get("ctx") or {}
     if kind == "json_invalid":
         loc = loc[:1]  # ("body", 30): the second part is a character offset, not a field
+        if isinstance(body, str | bytes):
+            return FieldError(field=_location(loc), message=json_syntax_error(body))
     if kind == "value_error" and "error" in ctx:
         message = str(ctx["error"])  # raised by our own validators, in our words
     elif kind in _WORDS:
@@ -161,9 +206,9 @@ def _number(value: object) -> object:
 
 
 def validation_problem(exc: RequestValidationError) -> Problem:
-    errors = [field_error(e) for e in exc.errors()]
+    errors = [field_error(e, exc.body) for e in exc.errors()]
     detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
-    return Problem(422, detail, kind="validation", title="Request validation failed", errors=errors)
+    return Problem(422, detail, kind="validation", errors=errors)
 
 
 async def on_problem(_: Request, exc: Exception) -> JSONResponse:
@@ -193,7 +238,6 @@ async def on_data_error(request: Request, exc: Exception) -> JSONResponse:
             422,
             f"a value in the request cannot be stored: {exc}".splitlines()[0][:300],
             kind="validation",
-            title="Request validation failed",
         )
     )
 

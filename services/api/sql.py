@@ -159,6 +159,14 @@ INSERT_CLINIC = f"""
 INSERT INTO clinics (name, timezone, alert_settings) VALUES ($1, $2, $3) RETURNING {_CLINIC}
 """
 CLINIC = f"SELECT {_CLINIC} FROM clinics WHERE id = $1"
+# $1 scope (NULL: every clinic), $2/$3 the cursor (name, id), $4 limit.
+LIST_CLINICS = f"""
+SELECT {_CLINIC} FROM clinics
+WHERE ($1::uuid IS NULL OR id = $1)
+  AND ($2::text IS NULL OR (name, id) > ($2, $3::uuid))
+ORDER BY name, id
+LIMIT $4
+"""
 CLINIC_EXISTS = "SELECT true FROM clinics WHERE id = $1"
 CLINIC_TIMEZONE = "SELECT timezone FROM clinics WHERE id = $1"
 NOTIFICATION_SETTINGS = "SELECT notification_settings FROM clinics WHERE id = $1"
@@ -209,6 +217,16 @@ LEFT JOIN patients pt ON pt.id = p.patient_id
 LEFT JOIN pump_state s ON s.serial = p.serial
 """
 PUMP = f"{_PUMP}{_PUMP_JOINS} WHERE p.serial = $1"
+# The pumps a scope holds now ($1 NULL: every pump, unassigned ones included), by serial after
+# the cursor $2, of the patient $3 (NULL: any), $4 limit.
+LIST_PUMPS = f"""
+{_PUMP}{_PUMP_JOINS}
+WHERE ($1::uuid IS NULL OR p.clinic_id = $1)
+  AND ($2::text IS NULL OR p.serial > $2)
+  AND ($3::uuid IS NULL OR p.patient_id = $3)
+ORDER BY p.serial
+LIMIT $4
+"""
 PUMP_CLINIC = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1"
 HELD_EVER = "SELECT true FROM pump_assignments WHERE serial = $1 AND clinic_id = $2 LIMIT 1"
 PUMP_FOR_CUSTODY = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1 FOR UPDATE"
@@ -294,6 +312,13 @@ WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
   AND ($7::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $7, NULL)))
 ORDER BY recorded_at DESC, msg_id DESC
 LIMIT $6
+"""
+# The CSV export: oldest first, read through a cursor. $4 scope as in READINGS.
+READINGS_CSV = f"""
+SELECT {_READING} FROM readings
+WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
+  AND ($4::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $4, NULL)))
+ORDER BY recorded_at, msg_id
 """
 # An hourly bucket is a holder's when the whole hour was theirs. The periods are read once per
 # query (a subquery that does not depend on the row), not once per hour.
@@ -484,6 +509,29 @@ WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
 ORDER BY recorded_at DESC, msg_id DESC
 LIMIT $9
 """
+# One reading by its serial, time and the start of its id (an Observation id); $4 scope.
+FHIR_READING = """
+SELECT msg_id, recorded_at, received_at, volume_ml, rate_ml_per_day, daily_dose_mcg, battery_pct
+FROM readings
+WHERE serial = $1 AND recorded_at = $2 AND left(replace(msg_id::text, '-', ''), 8) = $3
+  AND ($4::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $4, NULL)))
+ORDER BY msg_id
+LIMIT 1
+"""
+# How many Observations a search finds: $1..$3 as FHIR_READINGS, $4..$7 whether volume, rate,
+# dose, battery are wanted, $8 scope.
+FHIR_OBSERVATIONS_TOTAL = """
+SELECT coalesce(sum($4::int + $5::int + ($6::boolean AND daily_dose_mcg IS NOT NULL)::int
+                    + ($7::boolean AND battery_pct IS NOT NULL)::int), 0)
+FROM readings
+WHERE serial = $1 AND recorded_at >= $2 AND recorded_at < $3
+  AND ($8::uuid IS NULL OR recorded_at <@ (SELECT held_periods($1, $8, NULL)))
+"""
+# The pump's periods of custody, each with its patient (since NULL: from the beginning).
+PUMP_PERIODS = """
+SELECT nullif(since, '-infinity') AS since, until, patient_id
+FROM pump_assignments WHERE serial = $1 ORDER BY id
+"""
 # Unresolved alerts (Flags): $1 scope (NULL: every clinic's and unassigned pumps'), $2 serial,
 # $3 patient, $4/$5 the cursor (opened_at, id) of the last row of the previous page, $6 limit.
 FHIR_UNRESOLVED_ALERTS = f"""
@@ -495,6 +543,32 @@ WHERE status <> 'resolved'
   AND ($4::timestamptz IS NULL OR (opened_at, id) < ($4, $5::uuid))
 ORDER BY opened_at DESC, id DESC
 LIMIT $6
+"""
+
+# Patients for FHIR search: $1 scope, $2 MRN, $3 the MRN's clinic, $4 the start of the name or
+# of a word of it (case-insensitive); then the cursor $5/$6 (name, id) and $7 limit.
+_FHIR_PATIENT_MATCH = """
+($1::uuid IS NULL OR clinic_id = $1)
+  AND ($2::text IS NULL OR mrn = $2)
+  AND ($3::uuid IS NULL OR clinic_id = $3)
+  AND ($4::text IS NULL OR starts_with(lower(display_name), lower($4))
+       OR strpos(lower(display_name), ' ' || lower($4)) > 0)
+"""
+FHIR_PATIENTS = f"""
+SELECT {_PATIENT} FROM patients
+WHERE {_FHIR_PATIENT_MATCH}
+  AND ($5::text IS NULL OR (display_name, id) > ($5, $6::uuid))
+ORDER BY display_name, id
+LIMIT $7
+"""
+FHIR_PATIENTS_TOTAL = f"SELECT count(*) FROM patients WHERE {_FHIR_PATIENT_MATCH}"
+
+FHIR_UNRESOLVED_ALERTS_TOTAL = f"""
+SELECT count(*) FROM alerts
+WHERE status <> 'resolved'
+  AND {_CLINIC_ALERTS}
+  AND ($2::text IS NULL OR serial = $2)
+  AND ($3::uuid IS NULL OR alert_patient(serial, resolved_at) = $3)
 """
 
 # --- web sessions --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from services.api.fhir.resources import FHIR_JSON, FhirResponse
 from services.api.problems import MEDIA_TYPE as PROBLEM_JSON
-from services.api.problems import FieldError, Problem
+from services.api.problems import TITLES, FieldError, Problem
 
 PROBLEM_SYSTEM = "https://pumpwatch.dev/problems"
 
@@ -88,8 +88,9 @@ class OperationOutcome(BaseModel):
 
 
 def _error(
-    status: int, kind: str, title: str, detail: str, description: str, *, problem_too: bool = False
+    status: int, kind: str, detail: str, description: str, *, problem_too: bool = False
 ) -> dict[str, Any]:
+    title = TITLES[kind]
     example = {
         "resourceType": "OperationOutcome",
         "issue": [
@@ -115,28 +116,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error(
         400,
         "bad-cursor",
-        "Bad Request",
         "cursor is not one this API gave out",
         "Malformed request: a `_cursor` this API did not give out",
     ),
     401: _error(
         401,
         "unauthenticated",
-        "Unauthorized",
         "send an API key: Authorization: Bearer <key>",
         "No key, or an unknown or revoked one",
     ),
     403: _error(
         403,
         "forbidden",
-        "Forbidden",
         "the fleet role cannot search by patient",
         "The key's role may not do this (the fleet role searching by patient)",
     ),
     404: _error(
         404,
         "not-found",
-        "Not Found",
         "pump not found",
         "No such resource, or one of another clinic (a path that names no route at all, such "
         "as `/fhir/Device/` without a serial, is answered by the API as a problem document)",
@@ -145,7 +142,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: _error(
         409,
         "conflict",
-        "Conflict",
         "the resource changed meanwhile",
         "Conflicts with the current state (not answered by these read-only routes)",
     ),
@@ -153,14 +149,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: _error(
         422,
         "validation",
-        "Request validation failed",
         "query._count: must be at most 500",
         "A parameter is malformed (`issue.diagnostics` names it)",
     ),
     429: _error(
         429,
         "rate-limited",
-        "Too Many Requests",
         "too many failed authentications from this source; retry in 31 s",
         "Too many failed authentications from this source",
     ),

@@ -4,9 +4,11 @@ systems and extensions they use, and beside each mapping the example the OpenAPI
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from fastapi import Request
@@ -17,6 +19,8 @@ from services.api.auth import Principal
 FHIR_JSON = "application/fhir+json"
 
 SERIAL_SYSTEM = "urn:pumpwatch:serial"
+READING_SYSTEM = "urn:pumpwatch:reading"
+"""An Observation's identifier: ``{reading id}-{measure code}`` (its id up to pumpwatch 1.1)."""
 ALERT_SYSTEM = "urn:pumpwatch:alert"
 OBSERVATION_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/pump-observation"
 CATEGORY_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/observation-category"
@@ -33,6 +37,8 @@ class Measure:
     """One Observation code: which reading column it reports, in which UCUM unit."""
 
     code: str
+    letter: str
+    """The measure in an Observation id."""
     display: str
     column: str
     unit: str
@@ -42,10 +48,14 @@ class Measure:
 
 
 MEASURES: tuple[Measure, ...] = (
-    Measure("reservoir-volume", "Reservoir volume", "volume_ml", "mL", "mL"),
-    Measure("programmed-rate", "Programmed infusion rate", "rate_ml_per_day", "mL/d", "mL/d"),
-    Measure("programmed-dose", "Programmed daily dose", "daily_dose_mcg", "µg/d", "ug/d"),
-    Measure("battery-remaining", "Battery remaining", "battery_pct", "%", "%"),
+    Measure("reservoir-volume", "v", "Reservoir volume", "volume_ml", "mL", "mL"),
+    Measure("programmed-rate", "r", "Programmed infusion rate", "rate_ml_per_day", "mL/d", "mL/d"),
+    Measure("programmed-dose", "d", "Programmed daily dose", "daily_dose_mcg", "µg/d", "ug/d"),
+    Measure("battery-remaining", "b", "Battery remaining", "battery_pct", "%", "%"),
+)
+OBSERVATION_ID = re.compile(
+    r"(?P<serial>[A-Za-z0-9-]{4,32})\.(?P<time>-?[0-9a-z]{1,12})\.(?P<reading>[0-9a-f]{8})"
+    r"\.(?P<measure>[vrdb])"
 )
 
 
@@ -121,10 +131,58 @@ DEVICE_EXAMPLE: dict[str, Any] = {
 }
 
 
-def observation(row: asyncpg.Record, measure: Measure, serial: str) -> dict[str, Any]:
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _base36(number: int) -> str:
+    if number < 0:
+        return "-" + _base36(-number)
+    digits = ""
+    while True:
+        number, digit = divmod(number, 36)
+        digits = _BASE36[digit] + digits
+        if number == 0:
+            return digits
+
+
+def observation_id(serial: str, recorded_at: datetime, msg_id: UUID, measure: Measure) -> str:
+    """``{serial}.{time}.{reading}.{measure}``: the reading's time (microseconds since 1970 in
+    base 36) and serial find it through the readings' index; the first 8 hex digits of its id
+    tell readings of one instant apart; the measure is its letter. At most 55 characters (FHIR
+    ids: 64)."""
+    micros = (recorded_at - _EPOCH) // timedelta(microseconds=1)
+    return f"{serial}.{_base36(micros)}.{msg_id.hex[:8]}.{measure.letter}"
+
+
+def parse_observation_id(value: str) -> tuple[str, datetime, str, Measure] | None:
+    """The serial, time, reading id prefix and measure of an Observation id, or None."""
+    found = OBSERVATION_ID.fullmatch(value)
+    if found is None:
+        return None
+    micros = int(found["time"], 36)
+    try:
+        at = _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:
+        return None
+    measure = next(m for m in MEASURES if m.letter == found["measure"])
+    return found["serial"], at, found["reading"], measure
+
+
+def observation(
+    row: asyncpg.Record, measure: Measure, serial: str, patient_id: UUID | None
+) -> dict[str, Any]:
+    """One measure of a reading. ``subject`` is the patient the pump was assigned to when the
+    reading was taken (None: nobody, or the fleet role), else the pump itself."""
+    subject = (
+        _reference("Patient", patient_id)
+        if patient_id is not None
+        else _reference("Device", serial)
+    )
     return {
         "resourceType": "Observation",
-        "id": f"{row['msg_id']}-{measure.code}",
+        "id": observation_id(serial, row["recorded_at"], row["msg_id"], measure),
+        "identifier": [{"system": READING_SYSTEM, "value": f"{row['msg_id']}-{measure.code}"}],
         "status": "final",
         "category": [
             {
@@ -139,7 +197,7 @@ def observation(row: asyncpg.Record, measure: Measure, serial: str) -> dict[str,
             ],
             "text": measure.display,
         },
-        "subject": _reference("Device", serial),
+        "subject": subject,
         "effectiveDateTime": instant(row["recorded_at"]),
         "issued": instant(row["received_at"]),
         "valueQuantity": {
@@ -154,7 +212,10 @@ def observation(row: asyncpg.Record, measure: Measure, serial: str) -> dict[str,
 
 OBSERVATION_EXAMPLE: dict[str, Any] = {
     "resourceType": "Observation",
-    "id": f"{_EXAMPLE_READING}-reservoir-volume",
+    "id": f"{EXAMPLE_SERIAL}.hobyoim4g0.3d9b7c0a.v",
+    "identifier": [
+        {"system": "urn:pumpwatch:reading", "value": f"{_EXAMPLE_READING}-reservoir-volume"}
+    ],
     "status": "final",
     "category": [
         {"coding": [{"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}]}
@@ -169,7 +230,7 @@ OBSERVATION_EXAMPLE: dict[str, Any] = {
         ],
         "text": "Reservoir volume",
     },
-    "subject": {"reference": f"Device/{EXAMPLE_SERIAL}"},
+    "subject": {"reference": f"Patient/{EXAMPLE_PATIENT}"},
     "effectiveDateTime": "2026-11-20T08:30:00Z",
     "issued": "2026-11-20T08:30:02.113Z",
     "valueQuantity": {"value": 17.42, "unit": "mL", "system": UCUM, "code": "mL"},
@@ -237,7 +298,11 @@ FLAG_EXAMPLE: dict[str, Any] = {
 
 
 def searchset(
-    request: Request, entries: list[dict[str, Any]], next_cursor: str | None
+    request: Request,
+    entries: list[dict[str, Any]],
+    next_cursor: str | None,
+    *,
+    total: int | None = None,
 ) -> dict[str, Any]:
     links = [{"relation": "self", "url": str(request.url)}]
     if next_cursor is not None:
@@ -249,8 +314,10 @@ def searchset(
         "resourceType": "Bundle",
         "type": "searchset",
         "timestamp": instant(datetime.now(UTC)),
-        "link": links,
     }
+    if total is not None:
+        bundle["total"] = total  # every match, not this page's
+    bundle["link"] = links
     if entries:  # FHIR JSON has no empty arrays
         bundle["entry"] = entries
     return bundle

@@ -12,6 +12,7 @@ handling (413 from the body limit, 500) stay RFC 9457 problem documents.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from services.api import sql
+from services.api.auth import Principal
 from services.api.common import (
     Auth,
     Db,
@@ -44,6 +46,7 @@ from services.api.fhir.resources import (
     FLAG_EXAMPLE,
     MEASURES,
     OBSERVATION_EXAMPLE,
+    OBSERVATION_ID,
     OBSERVATION_SYSTEM,
     PRIORITY_EXTENSION,
     RULE_SYSTEM,
@@ -54,6 +57,7 @@ from services.api.fhir.resources import (
     flag,
     observation,
     ok,
+    parse_observation_id,
     search_entry,
     searchset,
     searchset_example,
@@ -101,12 +105,12 @@ _TENANCY = (
 )
 _PAGING = (
     "Results are newest first, `_count` per page (1-500, default 50); follow the Bundle's "
-    "`link` with relation `next` (an opaque `_cursor`) for the next page. There is no "
-    "`Bundle.total`."
+    "`link` with relation `next` (an opaque `_cursor`) for the next page. `Bundle.total` "
+    "counts every match."
 )
 
 
-def _base(request: Request) -> str:
+def base_url(request: Request) -> str:
     return f"{str(request.base_url).rstrip('/')}{router.prefix}"
 
 
@@ -139,16 +143,19 @@ async def read_device(serial: Serial, principal: Auth, db: Db) -> FhirResponse:
     summary="A pump's readings as FHIR Observations (searchset Bundle)",
     description=(
         "One `Observation` per reading and measure, `status` `final`, `effectiveDateTime` the "
-        "reading's time, `issued` when it arrived, `subject` and `device` the pump "
-        f"(`Device/{{serial}}`), `category` `device` (system `{CATEGORY_SYSTEM}`). LOINC has no "
-        f"codes for pump telemetry, so `code` is of the system `{OBSERVATION_SYSTEM}`; "
+        "reading's time, `issued` when it arrived, `subject` the patient the pump was assigned "
+        "to then (`Patient/{id}`; the pump, `Device/{serial}`, for the fleet role or when it was "
+        f"nobody's), `device` the pump, `category` `device` (system `{CATEGORY_SYSTEM}`). "
+        "LOINC has no codes for pump telemetry, so `code` is of the system "
+        f"`{OBSERVATION_SYSTEM}`; "
         f"`valueQuantity` is in UCUM (`system` `{UCUM}`):\n\n"
         "| code | value | UCUM |\n|---|---|---|\n"
         "| `reservoir-volume` | drug in the reservoir | `mL` |\n"
         "| `programmed-rate` | programmed infusion rate | `mL/d` |\n"
         "| `programmed-dose` | programmed daily dose | `ug/d` |\n"
         "| `battery-remaining` | battery charge (when the pump reports it) | `%` |\n\n"
-        "Observation ids are `{reading id}-{code}`. Search parameters: `device` (required: "
+        "Observation ids are `{serial}.{time}.{reading}.{measure}` (see `GET "
+        "/fhir/Observation/{observation_id}`). Search parameters: `device` (required: "
         "`{serial}` or `Device/{serial}`), `date` (repeatable, all apply: prefixes `eq` (default), "
         "`ge`, `gt`, `le`, `lt`, `sa`, `eb`; a year, month or day (UTC) or a date-time with an "
         "offset; `date=ge2026-11-01&date=lt2026-12-01` is November), `code` (`code`, "
@@ -164,7 +171,7 @@ async def read_device(serial: Serial, principal: Auth, db: Db) -> FhirResponse:
             searchset_example(
                 OBSERVATION_EXAMPLE,
                 f"{EXAMPLE_BASE}/Observation?device={EXAMPLE_SERIAL}&_count=1",
-                full_url=False,
+                full_url=True,
             ),
             "A searchset Bundle of Observations, newest first",
         ),
@@ -214,8 +221,21 @@ async def search_observations(
     msg_id = None if after is None else cursor_uuid(after[1])
     start_index = 0 if after is None else cursor_index(after[2])
     if not wanted or low >= high:
-        return FhirResponse(searchset(request, [], None))
+        return FhirResponse(searchset(request, [], None, total=0))
     codes = {m.code for m in wanted}
+    total = await db.fetchval(
+        sql.FHIR_OBSERVATIONS_TOTAL,
+        serial,
+        low,
+        high,
+        "reservoir-volume" in codes,
+        "programmed-rate" in codes,
+        "programmed-dose" in codes,
+        "battery-remaining" in codes,
+        scope_of(principal),
+    )
+    patient_at = await patients_at(db, principal, serial)
+    base = base_url(request)
     rows = await db.fetch(
         sql.FHIR_READINGS,
         serial,
@@ -241,10 +261,73 @@ async def search_observations(
             if len(entries) == count:
                 next_cursor = encode_cursor(row["recorded_at"].isoformat(), row["msg_id"], index)
                 break
-            entries.append(search_entry(observation(row, measure, serial), None))
+            resource = observation(row, measure, serial, patient_at(row["recorded_at"]))
+            entries.append(search_entry(resource, f"{base}/Observation/{resource['id']}"))
         if next_cursor is not None:
             break
-    return FhirResponse(searchset(request, entries, next_cursor))
+    return FhirResponse(searchset(request, entries, next_cursor, total=total))
+
+
+async def patients_at(
+    db: Db, principal: Principal, serial: str
+) -> Callable[[datetime], UUID | None]:
+    """Who the pump was assigned to at a time (None: nobody; always None for the fleet)."""
+    if not principal.identified:
+        return lambda _: None
+    periods = await db.fetch(sql.PUMP_PERIODS, serial)
+
+    def at(when: datetime) -> UUID | None:
+        for period in periods:
+            since, until = period["since"], period["until"]
+            if (since is None or since <= when) and (until is None or when < until):
+                found: UUID | None = period["patient_id"]
+                return found
+        return None
+
+    return at
+
+
+@router.get(
+    "/Observation/{observation_id}",
+    summary="One measure of a reading as a FHIR Observation",
+    description=(
+        "The Observation with this id, as `GET /fhir/Observation` finds it: ids are "
+        "`{serial}.{time}.{reading}.{measure}` (the reading's time in microseconds since 1970 "
+        "in base 36, the first 8 hex digits of its id, the measure's letter: `v` volume, `r` "
+        "rate, `d` dose, `b` battery); `identifier` (system `urn:pumpwatch:reading`) is "
+        "`{reading id}-{code}`. `subject` is the patient the pump was assigned to when the "
+        "reading was taken (the pump itself for the fleet role or when it was nobody's), "
+        "`device` the pump. A clinic reads the readings of the periods in which it held the "
+        "pump.\n\n" + _TENANCY
+    ),
+    response_class=FhirResponse,
+    responses={
+        200: ok("Observation", OBSERVATION_EXAMPLE, "The reading's measure as an Observation"),
+        **ERRORS,
+    },
+)
+async def read_observation(
+    observation_id: Annotated[
+        str,
+        Path(
+            pattern=rf"^{OBSERVATION_ID.pattern}$",
+            description="The Observation's id",
+            examples=[OBSERVATION_EXAMPLE["id"]],
+        ),
+    ],
+    principal: Auth,
+    db: Db,
+) -> FhirResponse:
+    parsed = parse_observation_id(observation_id)
+    if parsed is None:
+        raise not_found("observation")
+    serial, at, reading, measure = parsed
+    await pump_clinic(db, principal, serial, history=True)
+    row = await db.fetchrow(sql.FHIR_READING, serial, at, reading, scope_of(principal))
+    if row is None or row[measure.column] is None:
+        raise not_found("observation")
+    patient_at = await patients_at(db, principal, serial)
+    return FhirResponse(observation(row, measure, serial, patient_at(row["recorded_at"])))
 
 
 @router.get(
@@ -351,10 +434,13 @@ async def search_flags(
         None if after is None else cursor_uuid(after[1]),
         count + 1,
     )
-    base = _base(request)
+    total = await db.fetchval(
+        sql.FHIR_UNRESOLVED_ALERTS_TOTAL, scope_of(principal), serial, patient_id
+    )
+    base = base_url(request)
     entries = [search_entry(flag(r, principal), f"{base}/Flag/{r['id']}") for r in rows[:count]]
     next_cursor = None
     if len(rows) > count:
         last = rows[count - 1]
         next_cursor = encode_cursor(last["opened_at"].isoformat(), last["id"])
-    return FhirResponse(searchset(request, entries, next_cursor))
+    return FhirResponse(searchset(request, entries, next_cursor, total=total))

@@ -86,7 +86,6 @@ def _bad_date(why: str) -> Problem:
         422,
         f"date: {why}",
         kind="validation",
-        title="Request validation failed",
         errors=[FieldError(field="query.date", message=why)],
     )
 

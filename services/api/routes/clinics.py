@@ -10,7 +10,17 @@ from fastapi import APIRouter, Request, status
 
 from services.api import audit, keys, models, sql
 from services.api.auth import require
-from services.api.common import Auth, Db, visible
+from services.api.common import (
+    Auth,
+    Cursor,
+    Db,
+    Limit,
+    cursor_uuid,
+    decode_cursor,
+    encode_cursor,
+    scope_of,
+    visible,
+)
 from services.api.problems import FieldError, Problem, not_found
 from services.domain.alerting import RuleSettings
 from services.domain.notifications import NotificationSettings
@@ -68,6 +78,29 @@ async def create_clinic(
             status=201,
         )
     return _clinic(row)
+
+
+@router.get(
+    "", summary="Clinics by name: every one for admin keys, a clinic key's own; none for fleet"
+)
+async def list_clinics(
+    principal: Auth, db: Db, limit: Limit = 50, cursor: Cursor = None
+) -> models.Page[models.Clinic]:
+    if principal.role == "fleet":
+        return models.Page(items=[], next_cursor=None)  # device teams work without clinics
+    after = decode_cursor(cursor, 2)
+    rows = await db.fetch(
+        sql.LIST_CLINICS,
+        scope_of(principal),
+        None if after is None else after[0],
+        None if after is None else cursor_uuid(after[1]),
+        limit + 1,
+    )
+    items = [_clinic(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return models.Page(
+        items=items, next_cursor=encode_cursor(items[-1].name, items[-1].id) if more else None
+    )
 
 
 @router.get("/{clinic_id}", summary="A clinic (admin, or a key of that clinic)")

@@ -262,6 +262,40 @@ async def _state(db: Connection, principal: Principal, serial: str) -> models.Pu
     return views.pump_state(row, snapshot, principal)
 
 
+@router.get(
+    "/v1/pumps",
+    summary="Pumps by serial with their latest state: a clinic's own; every pump for admin and "
+    "fleet keys (fleet: without patients)",
+)
+async def list_pumps(
+    principal: Auth,
+    db: Db,
+    patient_id: Annotated[
+        UUID | None, Query(description="Only the pump of this patient (not for the fleet role)")
+    ] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> models.Page[models.PumpState]:
+    """The pumps the key's clinic holds now (admin and fleet keys: every pump, those nobody
+    holds included), each with the state `GET /v1/pumps/{serial}` answers. The fleet role sees
+    no patients, so it cannot filter by one (403)."""
+    if patient_id is not None and not principal.identified:
+        raise Problem(403, "the fleet role sees no patients", kind="forbidden")
+    after = decode_cursor(cursor, 1)
+    rows = await db.fetch(
+        sql.LIST_PUMPS,
+        scope_of(principal),
+        None if after is None else after[0],
+        patient_id,
+        limit + 1,
+    )
+    page = rows[:limit]
+    found = await views.snapshots(db, [r["serial"] for r in page])
+    items = [views.pump_state(r, found.get(r["serial"]), principal) for r in page]
+    more = len(rows) > limit
+    return models.Page(items=items, next_cursor=encode_cursor(items[-1].serial) if more else None)
+
+
 @router.get("/v1/pumps/{serial}", summary="Latest state: reservoir, therapy, battery, forecast")
 async def get_pump(serial: Serial, principal: Auth, db: Db) -> models.PumpState:
     await pump_clinic(db, principal, serial)

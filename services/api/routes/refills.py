@@ -12,7 +12,7 @@ import msgspec
 from fastapi import APIRouter, Request, Response, status
 
 from services.api import audit, models, sql, views
-from services.api.auth import require
+from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
     Cursor,
@@ -27,6 +27,7 @@ from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
 from services.domain import contract, rules
 from services.domain.alerting import RuleSettings
 from services.storage import channels, outbox
+from services.storage.database import Connection
 
 router = APIRouter(tags=["refills"])
 
@@ -167,9 +168,21 @@ async def list_refills(
     await pump_clinic(db, principal, serial, history=True)
     after = decode_cursor(cursor, 1)
     before = None if after is None else _cursor_time(after[0])
+    items, following = await refill_page(db, principal, serial, before, limit)
+    return models.Page(
+        items=items, next_cursor=None if following is None else encode_cursor(following)
+    )
+
+
+async def refill_page(
+    db: Connection, principal: Principal, serial: str, before: datetime | None, limit: int
+) -> tuple[list[models.RefillOut], datetime | None]:
+    """Up to ``limit`` refills recorded before ``before`` (None: any), newest first, each
+    reconciled with the one before it, in the periods the principal's clinic held the pump;
+    and where the next page begins (None: this is the last)."""
     times = await db.fetch(sql.REFILL_TIMES, serial, before, limit + 1, scope_of(principal))
     if not times:
-        return models.Page(items=[], next_cursor=None)
+        return [], None
     page_times = [r["recorded_at"] for r in times[:limit]]
     # The page's refills and the one before the oldest of them (its expectation).
     upto = page_times[0] + timedelta(microseconds=1)
@@ -183,5 +196,4 @@ async def list_refills(
         for pair in reversed(rules.reconciliations(found))
         if pair[0].recorded_at in wanted
     ]
-    more = len(times) > limit
-    return models.Page(items=items, next_cursor=encode_cursor(page_times[-1]) if more else None)
+    return items, page_times[-1] if len(times) > limit else None
