@@ -52,6 +52,8 @@ TITLES: dict[str, str] = {
     "too-many-claims": "Too many wrong claim codes",
     "unavailable": "Database unavailable",
     "too-large": "Request body too large",
+    "signin-locked": "Sign-in held back after wrong passwords",
+    "link-expired": "Link no longer valid",
 }
 """One title per problem type (``type`` ends in the kind): the same kind always reads the same.
 A kind not listed here is an HTTP status's own (``method-not-allowed``), titled by its phrase."""
