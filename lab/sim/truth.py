@@ -314,7 +314,7 @@ class _Pump:
         """|discrepancy| as a multiple of the rule's threshold (>1: the rule fires)."""
         settings = self.settings
         delta = abs(mark.expected_residual_ml - mark.residual_ml)
-        score = delta / settings.discrepancy_abs_ml
+        score = delta / settings.discrepancy_limit_ml(float(self.sim.profile.capacity_ml))
         should = mark.should_have_delivered_ml
         if should is not None and should > 0:
             score = max(score, delta / (settings.discrepancy_rel_fraction * should))
