@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,22 +175,27 @@ def secure_config(
     return text + f"\nuser {getpass.getuser()}\n"
 
 
-def start_secure_mosquitto(tmp: Path, env: dict[str, str] | None = None) -> SecureBroker:
+def start_secure_mosquitto(
+    tmp: Path, env: dict[str, str] | None = None, *, more_devices: Sequence[str] = ()
+) -> SecureBroker:
     """Certificates from gen-dev-certs.sh, the password file from make-passwd.sh (plus the
     observer), the committed ACL (plus the observer), the committed configuration. ``env``: the
-    accounts' passwords by variable (fresh ones by default)."""
+    accounts' passwords by variable (fresh ones by default). ``more_devices``: further device
+    accounts (pump serials) in the password file, as a deployment adds them; the committed ACL
+    covers them without a line of their own."""
     env = env or account_secrets_env()
     tmp.mkdir(parents=True, exist_ok=True)
     certs = generate_certs(tmp / "certs")
     passwd = tmp / "auth" / "passwd"
     make_password_file(passwd, env)
     passwords = {account: env[name] for account, name in ACCOUNT_SECRETS.items()}
-    passwords[OBSERVER] = secrets.token_urlsafe(12)
-    subprocess.run(
-        ["mosquitto_passwd", "-b", str(passwd), OBSERVER, passwords[OBSERVER]],
-        check=True,
-        capture_output=True,
-    )
+    for account in (OBSERVER, *more_devices):
+        passwords[account] = secrets.token_urlsafe(12)
+        subprocess.run(
+            ["mosquitto_passwd", "-b", str(passwd), account, passwords[account]],
+            check=True,
+            capture_output=True,
+        )
     acl = tmp / "acl"
     acl.write_text(
         (SECURE_DIR / "acl").read_text() + f"\n# observer only\nuser {OBSERVER}\ntopic read #\n"
@@ -255,6 +261,23 @@ class MqttClient:
         info = self.client.publish(topic, payload, qos=qos)
         reason: ReasonCode = self._wait(lambda: self.puback.get(info.mid), f"PUBACK {topic}")
         return reason
+
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], qos: int = 1, timeout_s: float = 60.0
+    ) -> list[ReasonCode]:
+        """Publish in order, a thousand at a time without waiting for each PUBACK (paho keeps
+        its window in flight); every PUBACK's reason code, in the same order."""
+        reasons: list[ReasonCode] = []
+        for start in range(0, len(messages), 1000):
+            chunk = messages[start : start + 1000]
+            mids = [self.client.publish(topic, payload, qos=qos).mid for topic, payload in chunk]
+            self._wait(
+                lambda mids=mids: True if all(mid in self.puback for mid in mids) else None,
+                f"{len(mids)} PUBACKs",
+                timeout_s,
+            )
+            reasons += [self.puback.pop(mid) for mid in mids]
+        return reasons
 
     def wait_messages(self, count: int, timeout_s: float = 15.0) -> list[tuple[str, bytes]]:
         self._wait(lambda: len(self.messages) >= count or None, f"{count} messages", timeout_s)

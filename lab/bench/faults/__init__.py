@@ -82,6 +82,12 @@ def _strangers(lab: Lab, size: Size, seed: int) -> Outcome:
     return strangers.run(lab, size, seed)
 
 
+def _devices(lab: Lab, size: Size, seed: int) -> Outcome:
+    from lab.bench.faults import devices
+
+    return devices.run(lab, size, seed)
+
+
 def _sbom(lab: Lab, size: Size, seed: int) -> Outcome:
     from lab.bench.faults import supply_chain
 
@@ -104,6 +110,7 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
         _strangers,
         "strangers cannot lock a clinic out; forwarded headers believed from trusted proxies only",
     ),
+    "devices": (_devices, "a device account speaks and reads for its own pump only"),
     "sbom": (_sbom, "CycloneDX SBOM of the environment and pip-audit"),
 }
 
