@@ -322,7 +322,7 @@ def bench_faults(
         list[str] | None,
         typer.Option(
             help="Run only this scenario (repeatable): crashes, outage, broker-restart, "
-            "broker-kill, poison, abuse, phi, sbom."
+            "broker-kill, workers, poison, abuse, phi, strangers, devices, sbom."
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the streams and of the fault moments.")] = (

@@ -1,6 +1,7 @@
 """`pumpwatch bench faults` in reduced size: every scenario runs its real fault (SIGKILLed
 ingest, PostgreSQL stopped and SIGKILLed, mosquitto restarted and SIGKILLed, a poison stream,
-API abuse, PHI canaries) against real servers, and must come out valid with nothing lost.
+API abuse, PHI canaries, strangers' and spoofed requests, a device forging for other pumps)
+against real servers, and must come out valid with nothing lost.
 
 The full size (`pumpwatch bench faults --size full`) gives the figures in docs/reliability.md.
 The supply-chain scenario has its own tests (tests/test_supply_chain.py).
@@ -17,11 +18,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from lab.bench import faults
-from lab.bench.faults import SCENARIOS, FaultsOptions, failed
+from lab.bench.faults import SCENARIOS, FaultsOptions, devices, failed, strangers
 from lab.bench.faults.common import Outcome, percentile
 from services import cli, logs
 
-RUNTIME_SCENARIOS = [name for name in SCENARIOS if name != "sbom"]
+SECURITY_SCENARIOS = ["strangers", "devices"]
+"""Audit findings 3, 4 and 7: run by their own test, which also checks the attack happened."""
+RUNTIME_SCENARIOS = [name for name in SCENARIOS if name not in ("sbom", *SECURITY_SCENARIOS)]
 
 
 @pytest.mark.slow
@@ -41,6 +44,53 @@ def test_the_reduced_scenario_is_valid_and_loses_nothing(name: str, pg_admin_url
     assert outcome.duplicated in (0, None), report
     assert outcome.valid, report
     assert not failed(outcomes)
+
+
+def _figure(outcome: Outcome, label: str) -> str:
+    return outcome.figures[label]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SECURITY_SCENARIOS)
+def test_the_reduced_security_scenario_is_valid_and_its_attack_happened(
+    name: str, pg_admin_url: str
+) -> None:
+    """strangers (findings 3 and 4) against real API processes, devices (finding 7) against the
+    production broker configuration and real ingest: valid, and the attack was really made
+    (the scenario itself checks this too; the figures say it here)."""
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.skip("needs mosquitto (apt install mosquitto)")
+    output = io.StringIO()
+    console = Console(file=output, width=200)
+    outcomes = faults.run(FaultsOptions("reduced", (name,)), console, admin_url=pg_admin_url)
+    report = output.getvalue()
+    print(report)
+    (outcome,) = outcomes
+    assert outcome.problems == [], report
+    assert outcome.valid, report
+    assert not failed(outcomes)
+    if name == "strangers":
+        assert outcome.lost is None
+        for process in ("A", "B"):
+            assert "429 x" in _figure(outcome, f"wrong keys, {process} (status x count)")
+        assert _figure(outcome, "right-key answers during the lockout (old and brand-new key)")
+        assert _figure(outcome, "spoofed addresses believed (default settings)").startswith("0 ")
+        clients = strangers.SIZES["reduced"].forwarded
+        believed = _figure(outcome, "forwarded addresses believed (trusted proxy)")
+        assert believed.startswith(f"{clients} of {clients} "), believed
+    else:
+        assert outcome.lost == 0
+        assert outcome.duplicated == 0
+        assert outcome.attempted == outcome.acknowledged == outcome.stored
+        assert outcome.stored is not None
+        assert outcome.stored > 0
+        assert _figure(outcome, "forged routed by the broker (observer) / stored") == "0 / 0"
+        refused, _, of = _figure(outcome, "forged refused with PUBACK 0x87 (MQTT 5)").partition(
+            " of "
+        )
+        assert int(refused.replace(",", "")) == int(of.replace(",", "")) > 0
+        reached = _figure(outcome, "commands for other pumps: published / reaching the device")
+        assert reached == f"{devices.SIZES['reduced'].other_pumps} / 0", reached
 
 
 def test_any_lost_message_or_invalid_run_fails_the_command(

@@ -76,6 +76,18 @@ def _phi(lab: Lab, size: Size, seed: int) -> Outcome:
     return phi.run(lab, size, seed)
 
 
+def _strangers(lab: Lab, size: Size, seed: int) -> Outcome:
+    from lab.bench.faults import strangers
+
+    return strangers.run(lab, size, seed)
+
+
+def _devices(lab: Lab, size: Size, seed: int) -> Outcome:
+    from lab.bench.faults import devices
+
+    return devices.run(lab, size, seed)
+
+
 def _sbom(lab: Lab, size: Size, seed: int) -> Outcome:
     from lab.bench.faults import supply_chain
 
@@ -94,6 +106,11 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "poison": (_poison, "valid messages interleaved with malformed ones"),
     "abuse": (_abuse, "huge bodies and limits, floods, slow clients against the API"),
     "phi": (_phi, "canary patient names and MRNs never in logs, metrics, fleet answers"),
+    "strangers": (
+        _strangers,
+        "strangers cannot lock a clinic out; forwarded headers believed from trusted proxies only",
+    ),
+    "devices": (_devices, "a device account speaks and reads for its own pump only"),
     "sbom": (_sbom, "CycloneDX SBOM of the environment and pip-audit"),
 }
 
