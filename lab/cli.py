@@ -64,11 +64,18 @@ def simulate(
     ] = None,
     topic_prefix: Annotated[str, typer.Option(help="Prefix before pumps/...")] = "",
     protocol: Annotated[str, typer.Option(help="MQTT protocol: 5 or 3.1.1.")] = "5",
+    resend: Annotated[
+        bool,
+        typer.Option(
+            help="Live runs: the devices hold 7 days of what they sent and answer resend "
+            "commands (backfill) on pumps/+/commands."
+        ),
+    ] = True,
 ) -> None:
     """Publish simulated fleet traffic (contract messages) to the configured broker.
 
     Fault kinds: motor_stall, occlusion, over_infusion, missed_refill, battery, silence,
-    malformed, gap."""
+    malformed, gap (lost before the broker and not kept by the device: unrecoverable)."""
     _require_lab()
     from lab.sim.command import OptionError
     from lab.sim.command import simulate as run_simulation
@@ -94,6 +101,7 @@ def simulate(
             fault_rate=fault_rate or (),
             topic_prefix=topic_prefix,
             protocol="5" if protocol == "5" else "3.1.1",
+            resend=resend,
         )
     except (ConfigError, OptionError, PublishError) as exc:
         typer.echo(f"pumpwatch: error: {exc}", err=True)

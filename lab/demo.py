@@ -3,13 +3,16 @@
 Starts PostgreSQL (pgserver) and an MQTT broker (mosquitto, else amqtt) when
 ``PUMPWATCH_DATABASE_URL`` / ``PUMPWATCH_MQTT_URL`` are not set, migrates, runs ingest, the
 alert service and the fleet simulator, prints where to look and a status line now and then.
-Ctrl-C or SIGTERM stops it all and exits 0.
+The simulated devices answer ``resend`` (backfill): one healthy pump's hub loses a few readings
+on the way to the broker early on, and the demo prints ``gap filled …`` once ingest has asked for
+them and stored what the hub resent. Ctrl-C or SIGTERM stops it all and exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import signal
 import threading
@@ -23,6 +26,7 @@ from rich.console import Console
 from lab import embedded
 from lab.sim.command import simulate
 from lab.sim.fleet import Fault
+from lab.sim.resend import TransitLoss
 from services.alerts.service import AlertsService
 from services.alerts.settings import AlertsSettings
 from services.api import keys, passwords
@@ -50,6 +54,8 @@ DEMO_FAULT_RATES = {
     Fault.MALFORMED: 0.04,
     Fault.GAP: 0.08,
 }
+DEMO_TRANSIT_LOSS = 3
+"""Readings one healthy pump's hub loses on the way to the broker (and still holds)."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,17 @@ async def run(options: DemoOptions, console: Console) -> None:
         api = server(ApiSettings(database_url=database_url), "127.0.0.1", options.api_port)
         serving = asyncio.create_task(serve_until(api, stop), name="api")
         seed = options.seed if options.seed is not None else secrets.randbelow(1_000_000)
+        # The fleet starts once ingest is subscribed: what it published before would be lost
+        # (ingest's session is new), and with it the readings before the demo's gap.
+        await _until_ready(service, ingest)
         sim_stop = threading.Event()
-        sim = _simulator(options, mqtt_url, mqtt5, seed, sim_stop)
+        transit = TransitLoss(count=DEMO_TRANSIT_LOSS)
+        sim = _simulator(options, mqtt_url, mqtt5, seed, sim_stop, transit=transit)
         sim.start()
         provisioning = asyncio.create_task(_provision(database_url), name="provision")
+        watching = asyncio.create_task(
+            _watch_gap_filled(database_url, transit, service, console), name="gap"
+        )
         _print_links(
             console,
             database_url=database_url,
@@ -130,9 +143,10 @@ async def run(options: DemoOptions, console: Console) -> None:
             sim_stop.set()
             stop.set()
             sim.join(10)
-            provisioning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await provisioning
+            for helper in (provisioning, watching):
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
             await ingest  # re-raises a fatal error
             await alerting
             await serving
@@ -161,7 +175,13 @@ async def _servers(
 
 
 def _simulator(
-    options: DemoOptions, mqtt_url: str, mqtt5: bool, seed: int, stop: threading.Event
+    options: DemoOptions,
+    mqtt_url: str,
+    mqtt5: bool,
+    seed: int,
+    stop: threading.Event,
+    *,
+    transit: TransitLoss,
 ) -> threading.Thread:
     return threading.Thread(
         target=simulate,
@@ -177,6 +197,8 @@ def _simulator(
             "protocol": "5" if mqtt5 else "3.1.1",
             "progress": False,
             "stop": stop,
+            "resend": True,
+            "transit_loss": transit,
         },
         daemon=True,
     )
@@ -219,6 +241,54 @@ async def _report_until_stopped(
             console.print(await _alert_status(database_url))
     finally:
         stopper.cancel()
+
+
+async def _until_ready(
+    service: IngestService, ingest: asyncio.Task[None], timeout_s: float = 60.0
+) -> None:
+    """Until ingest is subscribed and has its database (its /readyz), or has stopped, or the
+    time is up (the demo then goes on: the status lines show what ingest is doing)."""
+    deadline = time.monotonic() + timeout_s
+    while not service.health.readiness()[0] and not ingest.done():
+        if time.monotonic() > deadline:
+            log.warning("ingest_not_ready", waited_s=timeout_s)
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _watch_gap_filled(
+    database_url: str, transit: TransitLoss, service: IngestService, console: Console
+) -> None:
+    """Print one line once every reading the transit loss took is stored: the gap it opened
+    was asked for (``resend``) and filled from what the pump's hub held."""
+    lost: list[str] = []
+    while not lost:
+        await asyncio.sleep(0.5)
+        held = transit.done()
+        lost = [m.msg_id for m in held if m.msg_id is not None]
+    lost_at = time.monotonic()
+    seqs = sorted(int(json.loads(m.payload)["seq"]) for m in held)
+    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
+    try:
+        while True:  # the hub's resent readings, stored (the ledger holds every msg_id)
+            if await conn.fetchval(_STORED, lost) >= len(lost):
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+    registry = service.metrics.registry
+    asked = int(registry.get_sample_value("pumpwatch_ingest_backfill_requests_total") or 0)
+    console.print(
+        f"gap filled       {transit.serial}: hub readings seq {seqs[0]} to {seqs[-1]} were lost on "
+        f"the way to the broker; ingest asked the hub to resend them ({asked} resend "
+        f"command{'s' if asked != 1 else ''} so far), all {len(lost)} stored "
+        f"{time.monotonic() - lost_at:.1f} s after the loss",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+_STORED = "SELECT count(*) FROM ingested_messages WHERE msg_id = ANY($1::uuid[])"
 
 
 async def _start_broker(data_dir: Path) -> embedded.EmbeddedBroker:
@@ -390,6 +460,12 @@ def _print_links(
         "then live",
         soft_wrap=True,
     )
+    console.print(
+        f"backfill         one pump's hub loses {DEMO_TRANSIT_LOSS} readings on the way to the "
+        "broker; a line says when backfill has filled that gap (so does "
+        "pumpwatch_ingest_backfill_gaps_recovered_total in the ingest metrics)",
+        soft_wrap=True,
+    )
     console.rule()
 
 
@@ -429,9 +505,10 @@ def _status(service: IngestService, elapsed_s: float, simulating: bool) -> str:
         if sample.name.endswith("_total")
     )
     gaps = value("pumpwatch_ingest_sequence_gaps_total")
+    filled = value("pumpwatch_ingest_backfill_gaps_recovered_total", requested="true")
     return (
         f"[{elapsed_s:6.0f} s] readings {stored:,} · events {events:,} · quarantined "
-        f"{quarantined:,} · sequence gaps {gaps:,} · duplicates "
+        f"{quarantined:,} · sequence gaps {gaps:,} (filled by backfill {filled:,}) · duplicates "
         f"{value('pumpwatch_ingest_messages_duplicate_total'):,}"
         + ("" if simulating else " · simulator stopped")
     )

@@ -28,6 +28,7 @@ from lab.sim.command import OptionError, parse_fault, parse_fault_rate
 from lab.sim.fleet import Fault, Fleet, Outgoing, PumpProfile
 from lab.sim.publisher import PublishReport, publish_all, run_live, sim_clock
 from lab.sim.pump import uuid4_text
+from lab.sim.resend import DeviceBuffers, TransitLoss
 from services.domain.contract import (
     Message,
     Reason,
@@ -742,3 +743,26 @@ def test_a_healthy_fleet_raises_no_alarms_over_a_year() -> None:
     assert min(apart) >= 20
     assert max(apart) <= 180
     assert sum(30 <= days <= 180 for days in apart) > 0.9 * len(apart)  # every 1 to 6 months
+
+
+def test_a_transit_loss_drops_a_healthy_pumps_readings_that_its_hub_still_holds() -> None:
+    fleet = Fleet(
+        pumps=6,
+        seed=5,
+        start=datetime(2026, 1, 1, tzinfo=UTC),
+        fault_rates={Fault.GAP: 0.5, Fault.MALFORMED: 0.3},
+    )
+    loss = TransitLoss(count=3, after=4)
+    loss.choose(p.serial for p in [*fleet.healthy(), *fleet.pumps])
+    assert loss.serial == fleet.healthy()[0].serial
+    devices = DeviceBuffers()
+    published = []
+    for message in fleet.advance(datetime(2026, 1, 2, tzinfo=UTC)):
+        devices.keep(message)
+        if not loss.drops(message):
+            published.append(message)
+    lost = loss.done()
+    assert [json.loads(m.payload)["seq"] for m in lost] == [4, 5, 6]
+    assert not {m.msg_id for m in lost} & {m.msg_id for m in published}
+    hub = json.loads(lost[0].payload)["source"]["id"]
+    assert devices.held(loss.serial, hub, 4, 6) == lost  # what a resend gets back

@@ -95,6 +95,14 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
                VALUES ('NGPWEBA02', 'dose_escalation', 'low', 'open',
                    'Dose up 55 % in 180 days', 'Review the titration.', now(), now(), now())"""
         )
+        # One gap backfill gave up on (the fleet page lists it) and one still being asked for.
+        await conn.execute(
+            "INSERT INTO sequence_gaps (serial, source_id, first_missing, last_missing, state, "
+            "before_at, after_at, unrecoverable_at) VALUES "
+            "('NGPWEBB01', 'HUB-1', 40, 43, 'unrecoverable', '2026-11-20 08:00Z', "
+            "'2026-11-20 09:15Z', now()), "
+            "('NGPWEBA02', 'HUB-1', 7, 7, 'open', NULL, NULL, NULL)"
+        )
         await fx.rollup(conn)
         hashed = passwords.hash_password(PASSWORD)
         for email, name, home in ((NURSE_A, "Nora Nurse", a), (NURSE_B, "Sam South", b)):
@@ -308,6 +316,15 @@ def test_the_fleet_page_is_de_identified(server: Seeded, page: Page) -> None:
     for private in ("Ada Soon", "Ben Later", "Cy Other", "MRN-"):
         assert private not in text
     assert "3 pumps" in text
+    # Messages lost for good, by serial (the open gap may yet be filled: not listed).
+    expect(page.locator("#gaps")).to_be_visible()
+    gaps = page.locator("#gaps-table tbody tr")
+    expect(gaps).to_have_count(1)
+    expect(gaps.first).to_contain_text("NGPWEBB01")
+    expect(gaps.first).to_contain_text("2026-11-20 08:00 \u2013 2026-11-20 09:15")
+    assert gaps.first.locator("td").nth(2).inner_text() == "4"
+    assert "1 pump with messages lost for good: 4 messages" in text
+    assert "NGPWEBA02" not in text
     _shot(page, "fleet")
 
 

@@ -16,12 +16,22 @@ from typing import Literal
 from rich.console import Console
 
 from lab.sim.fleet import Fault, Fleet, Outgoing
-from lab.sim.publisher import MqttVersion, PublishReport, StopSignal, publish_all, run_live
+from lab.sim.publisher import (
+    MqttVersion,
+    PublishError,
+    PublishReport,
+    StopSignal,
+    publish_all,
+    run_live,
+)
+from lab.sim.resend import DeviceBuffers, ResendResponder, TransitLoss
 from services.settings import MqttTarget
 
 _FleetFactory = Callable[[datetime], Fleet]
 _COUNT_MARGIN = 1.1
 """With ``--count``, the fleet starts early enough that this much more traffic would fit."""
+_HELD_FOR = timedelta(days=7)
+"""What each device holds for ``resend`` (MQTT contract 1.1: at least the last 7 days)."""
 
 
 class OptionError(ValueError):
@@ -70,6 +80,8 @@ def simulate(
     progress: bool = True,
     stop: StopSignal | None = None,
     now: datetime | None = None,
+    resend: bool = True,
+    transit_loss: TransitLoss | None = None,
 ) -> PublishReport:
     """Simulate a fleet of pumps and publish its messages to the broker at ``target``.
 
@@ -101,6 +113,12 @@ def simulate(
     - ``progress``: show a live progress display and print a summary table at the end.
     - ``stop``: ends the run when set; by default SIGINT and SIGTERM end it cleanly.
     - ``now``: the wall clock's current time (tests); the real clock by default.
+    - ``resend`` (``--resend/--no-resend``, on): in a live run the devices hold what they sent
+      (7 days of it) and answer pumpwatch's ``resend`` commands (backfill, MQTT contract 1.1;
+      ``lab.sim.resend``) from one more MQTT client reading ``pumps/+/commands``. Messages the
+      ``gap`` fault loses were never kept: those gaps stay unrecoverable.
+    - ``transit_loss``: a few of one healthy pump's readings lost on the way to the broker but
+      held by its hub (live runs with ``resend``): a gap backfill fills (the demo's).
 
     Raises :class:`OptionError` for an unusable option and
     :class:`lab.sim.publisher.PublishError` when the broker cannot be used.
@@ -164,18 +182,51 @@ def simulate(
         fleet = fleet_from(wall_now - timedelta(days=backfill_days))
         if progress:
             _describe(fleet)
-        return run_live(
-            target,
-            fleet,
-            client_id=client,
-            rate_per_s=rate,
-            accelerate=accelerate,
-            duration_s=duration,
-            stop=stopping,
-            progress=progress,
-            qos=qos,
-            protocol=protocol,
-        )
+        devices = DeviceBuffers(keep=math.ceil(_HELD_FOR / interval)) if resend else None
+        with _answering(target, devices, topic_prefix, client, protocol):
+            return run_live(
+                target,
+                fleet,
+                client_id=client,
+                rate_per_s=rate,
+                accelerate=accelerate,
+                duration_s=duration,
+                stop=stopping,
+                progress=progress,
+                qos=qos,
+                protocol=protocol,
+                devices=devices,
+                transit_loss=transit_loss if resend else None,
+            )
+
+
+@contextlib.contextmanager
+def _answering(
+    target: MqttTarget,
+    devices: DeviceBuffers | None,
+    topic_prefix: str,
+    client_id: str,
+    protocol: MqttVersion,
+) -> Iterator[None]:
+    """The simulated devices answering ``resend`` from what they hold (if they hold anything)."""
+    if devices is None:
+        yield
+        return
+    responder = ResendResponder(
+        target,
+        devices,
+        topic_prefix=topic_prefix,
+        client_id=f"{client_id[:56]}-devices",
+        protocol=protocol,
+    )
+    try:
+        responder.__enter__()
+    except (OSError, TimeoutError) as exc:
+        raise PublishError(f"the simulated devices cannot read their commands: {exc}") from exc
+    try:
+        yield
+    finally:
+        responder.__exit__(None, None, None)
 
 
 def _generate(

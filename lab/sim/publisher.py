@@ -37,6 +37,7 @@ from rich.table import Table
 
 from lab.sim.fleet import Fleet
 from lab.sim.outgoing import Outgoing
+from lab.sim.resend import DeviceBuffers, TransitLoss
 from services.settings import MqttTarget
 
 MqttVersion = Literal["5", "3.1.1"]
@@ -153,6 +154,8 @@ def run_live(
     protocol: MqttVersion = "5",
     ack_timeout_s: float = 30.0,
     wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    devices: DeviceBuffers | None = None,
+    transit_loss: TransitLoss | None = None,
 ) -> PublishReport:
     """Run the fleet against the wall clock and publish its messages as they fall due.
 
@@ -160,7 +163,10 @@ def run_live(
     the wall clock until it catches up with it, then in real time. A fleet that starts days in
     the past thus backfills quickly and then continues live. ``rate_per_s`` caps the publish
     rate (simulation time then falls behind). Stops when ``stop`` is set or after
-    ``duration_s``; messages sent by then are acknowledged before returning."""
+    ``duration_s``; messages sent by then are acknowledged before returning.
+
+    ``devices``: every message is kept there as its device sends it (for ``resend``, see
+    ``lab.sim.resend``). ``transit_loss``: the messages it picks are kept but not published."""
     if accelerate <= 0:
         raise ValueError("accelerate must be positive")
     if rate_per_s is not None and rate_per_s <= 0:
@@ -171,6 +177,8 @@ def run_live(
     step = fleet.interval
     pending: deque[Outgoing] = deque()
     bucket = _TokenBucket(rate_per_s) if rate_per_s else None
+    if transit_loss is not None:
+        transit_loss.choose(p.serial for p in [*fleet.healthy(), *fleet.pumps])
     started = time.monotonic()
     with (
         _Link(
@@ -202,6 +210,8 @@ def run_live(
                 budget = bucket.take(budget)
             for _ in range(budget):
                 message = pending.popleft()
+                if not _reaches_broker(message, devices, transit_loss):
+                    continue
                 link.publish(message.topic, message.payload)
                 counts.add(message)
             if not budget:
@@ -217,6 +227,15 @@ def run_live(
     if progress:
         print_summary(report, fleet)
     return report
+
+
+def _reaches_broker(
+    message: Outgoing, devices: DeviceBuffers | None, transit_loss: TransitLoss | None
+) -> bool:
+    """The device keeps what it sends; whether the broker gets it is another matter."""
+    if devices is not None:
+        devices.keep(message)
+    return transit_loss is None or not transit_loss.drops(message)
 
 
 def summary_table(report: PublishReport, fleet: Fleet | None = None) -> Table:

@@ -8,6 +8,8 @@ reset): then it answers nothing, and pumpwatch must give the gap up rather than 
 ``pumps/+/commands`` and re-publishes, unchanged (same ``msg_id``, same ``seq``), each held
 message in a request's range on its usual topic. Nothing is ever invented: a number the buffer
 does not hold is not sent.
+:class:`TransitLoss` loses a few of one pump's readings between its hub and the broker while the
+hub keeps them: a gap that backfill can fill (the demo shows one filled).
 """
 
 from __future__ import annotations
@@ -193,3 +195,43 @@ class ResendResponder:
         with self._lock:
             self.requests.append(Request(serial, command, len(held)))
             self.republished += len(held) * self.answers
+
+
+class TransitLoss:
+    """The first healthy pump's hub loses ``count`` readings in a row on the way to the broker,
+    after its first ``after`` readings; the hub still holds them (the publisher keeps every
+    message in the :class:`DeviceBuffers` before asking this), so a ``resend`` fills the gap.
+
+    ``serial`` is set by :meth:`choose` (the publisher, once the fleet is built) and ``lost``
+    fills as the readings fall due (the publisher's thread; read it from any thread)."""
+
+    def __init__(self, *, count: int = 3, after: int = 4) -> None:
+        if count < 1 or after < 1:
+            raise ValueError("count and after must be at least 1 (a gap needs a reading before)")
+        self.count = count
+        self.after = after
+        self.serial: str | None = None
+        self.lost: list[Outgoing] = []
+        self._seen = 0
+        self._lock = threading.Lock()
+
+    def choose(self, serials_healthy_first: Iterable[str]) -> None:
+        """The pump whose readings are lost: the first of these (a healthy one, so no fault
+        of its own opens or fills gaps in its stream)."""
+        self.serial = next(iter(serials_healthy_first), None)
+
+    def drops(self, message: Outgoing) -> bool:
+        """Whether this message is lost on the way to the broker (not published)."""
+        if message.serial != self.serial or message.kind != "telemetry" or not message.valid:
+            return False
+        self._seen += 1
+        if self.after < self._seen <= self.after + self.count:
+            with self._lock:
+                self.lost.append(message)
+            return True
+        return False
+
+    def done(self) -> list[Outgoing]:
+        """The lost readings once all ``count`` have fallen due, else nothing yet."""
+        with self._lock:
+            return list(self.lost) if len(self.lost) == self.count else []

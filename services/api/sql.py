@@ -620,3 +620,19 @@ LEFT JOIN LATERAL unnest(s.alarms) AS a(alarm) ON true
 GROUP BY 1, 2
 ORDER BY 1, 2
 """
+
+# Pumps with messages lost for good: the gaps backfill gave up on (``unrecoverable``), as the
+# pump state's ``unrecovered_gaps`` counts them (services/storage/sql.py OPEN_GAPS), for the
+# whole fleet. Serials only: the fleet page is de-identified.
+FLEET_UNRECOVERED_GAPS = """
+SELECT g.serial, coalesce(s.model, p.model, 'unknown') AS model,
+       sum(g.last_missing - g.first_missing + 1) AS missing,
+       min(g.before_at) AS missing_from, max(g.after_at) AS missing_until,
+       min(g.unrecoverable_at) AS given_up_at
+FROM sequence_gaps g
+LEFT JOIN pumps p ON p.serial = g.serial
+LEFT JOIN pump_state s ON s.serial = g.serial
+WHERE g.state = 'unrecoverable'
+GROUP BY g.serial, 2
+ORDER BY missing DESC, g.serial
+"""

@@ -485,4 +485,7 @@ async def fleet(request: Request, db: Db) -> Response:
     totals = {
         key: sum(r[key] for r in rows) for key in ("pumps", "reporting", "silent", "with_alarms")
     }
-    return _page("fleet.html", session=session, rows=rows, totals=totals)
+    # Messages lost for good, by pump (the pump state's ``unrecovered_gaps``), in UTC: the fleet
+    # spans clinics and their time zones.
+    gaps = [dict(r) for r in await db.fetch(sql.FLEET_UNRECOVERED_GAPS)]
+    return _page("fleet.html", session=session, rows=rows, totals=totals, gaps=gaps, utc=UTC)
