@@ -37,6 +37,7 @@ from services.api.routes import (
     patients,
     pumps,
     refills,
+    reports,
     users,
     webhooks,
 )
@@ -158,6 +159,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         pumps,
         refills,
         exports,
+        reports,
         alerts,
         webhooks,
         fhir_patients,
