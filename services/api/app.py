@@ -43,6 +43,7 @@ from services.api.routes import (
 )
 from services.api.settings import ApiSettings
 from services.api.web import routes as web_routes
+from services.api.web import therapy as web_therapy
 from services.logs import get
 from services.storage.database import create_pool, prepare_connection
 
@@ -167,6 +168,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     ):
         app.include_router(module.router)
     app.include_router(web_routes.router)
+    app.include_router(web_therapy.router)
     docs.install(app)
     app.mount("/static", StaticFiles(directory=str(web_routes.STATIC_DIR)), name="static")
     app.add_middleware(_Middleware)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -365,12 +364,19 @@ async def _alerts(
     rows = await db.fetch(
         sql_reports.PATIENT_ALERTS, patient.id, patient.clinic_id, serials, start, end, MAX_ALERTS
     )
-    found: dict[Any, list[models.HistoryEntry]] = {r["id"]: [] for r in rows}
+    found: dict[UUID, list[models.HistoryEntry]] = {r["id"]: [] for r in rows}
     if history and rows:
-        for h in await db.fetch(sql_reports.ALERTS_HISTORY, list(found)):
-            entry = dict(h)
-            found[entry.pop("alert_id")].append(models.HistoryEntry(**entry))
+        found |= await histories(db, list(found))
     return [AlertEntry(views.alert_out(r, principal), found[r["id"]]) for r in rows]
+
+
+async def histories(db: Connection, alert_ids: list[UUID]) -> dict[UUID, list[models.HistoryEntry]]:
+    """Each alert's history, oldest first (every alert asked for has a list)."""
+    found: dict[UUID, list[models.HistoryEntry]] = {a: [] for a in alert_ids}
+    for row in await db.fetch(sql_reports.ALERTS_HISTORY, alert_ids):
+        entry = dict(row)
+        found[entry.pop("alert_id")].append(models.HistoryEntry(**entry))
+    return found
 
 
 # --- HTML ---------------------------------------------------------------------------------------
