@@ -34,10 +34,10 @@ MAX_REFILLS = 200
 MAX_ALERTS = 300
 
 VERDICT_WORDS = {
-    "over_delivery": "less left than expected: more drug left the reservoir than programmed "
+    "over_delivery": "Less left than expected: more drug left the reservoir than programmed "
     "(over-infusion, or drug injected beside the port: a pocket fill). Check the patient for "
     "overdose and the pump's program.",
-    "under_delivery": "more left than expected: less drug was delivered than programmed "
+    "under_delivery": "More left than expected: less drug was delivered than programmed "
     "(a catheter occlusion or kink, or the pump stalled). Check the patient for withdrawal and "
     "the catheter.",
 }
@@ -139,9 +139,9 @@ class Report:
     def verdict(self, refill: models.RefillOut) -> str:
         found = refill.discrepancy
         if found is None:
-            return "nothing said what to expect (a first refill, or no readings before it)"
+            return "Nothing said what to expect (a first refill, or no readings before it)."
         if found.classification == "none":
-            return "as expected"
+            return "As expected."
         return VERDICT_WORDS[found.classification]
 
 
@@ -160,10 +160,7 @@ def tolerance_words(found: Tolerance | None, settings: RuleSettings, tz: tzinfo)
         f"Now {found.current.daily_dose_mcg:g} mcg/day; the lowest in the last {window} was "
         f"{found.lowest.daily_dose_mcg:g} mcg/day (from {local(found.lowest.at, tz, '%Y-%m-%d')})"
         f": {dose_chart.percent(found.rise)}.",
-        f"The last {found.increases_in_a_row} change{'s' if found.increases_in_a_row != 1 else ''}"
-        " in a row " + ("were increases." if found.increases_in_a_row != 1 else "was an increase.")
-        if found.increases_in_a_row
-        else "The last change was not an increase.",
+        _run_words(found.increases_in_a_row),
         rule,
     ]
     if found.title:
@@ -177,6 +174,14 @@ def tolerance_words(found: Tolerance | None, settings: RuleSettings, tz: tzinfo)
     else:
         said.insert(0, "No tolerance signal: the dose has not escalated by the rule's measure.")
     return said
+
+
+def _run_words(run: int) -> str:
+    if run == 0:
+        return "The last change was not an increase."
+    if run == 1:
+        return "The last change was an increase (the one before was not)."
+    return f"The last {run} changes in a row were increases."
 
 
 # --- the period ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from datetime import datetime, tzinfo
 from html import escape
 
 WIDTH, HEIGHT = 760, 260
-LEFT, RIGHT, TOP, BOTTOM = 56, 16, 28, 36
+LEFT, RIGHT, TOP, BOTTOM = 64, 16, 40, 36
 INK, MUTED, GRID, UP, DOWN = "#0b5cad", "#555e68", "#e3e6ea", "#a4000f", "#2e7d32"
 
 
@@ -75,7 +75,7 @@ def render(doses: list[Dose], start: datetime, end: datetime, tz: tzinfo) -> str
             f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" '
             f'fill="{MUTED}">{level:.0f}</text>'
         )
-    parts.append(f'<text x="4" y="{TOP - 12}" font-size="11" fill="{MUTED}">mcg/day</text>')
+    parts.append(f'<text x="4" y="{TOP - 20}" font-size="11" fill="{MUTED}">mcg/day</text>')
     for tick in _months(start, end, tz):
         parts.append(
             f'<text x="{_x(start, end, tick):.1f}" y="{HEIGHT - 12}" text-anchor="middle" '
