@@ -56,7 +56,10 @@ def pdf_response(report: reports.Report, content: bytes, disposition: str) -> Re
     responses={
         200: {
             "description": "A printable HTML page (print stylesheet), or a PDF",
-            "content": {"text/html": {}, PDF: {}},
+            "content": {
+                "text/html": {"schema": {"type": "string"}},
+                PDF: {"schema": {"type": "string", "format": "binary"}},
+            },
         }
     },
 )
