@@ -72,6 +72,12 @@ async def seeded(database_url: str) -> AsyncIterator[Seeded]:
                     concentration_mcg_per_ml=1500,
                     volume_ml=30 - (90 - days) * 0.3,
                 )
+            # From 40 days ago the same dose in periodic boluses: a change of mode alone.
+            await conn.execute(
+                "UPDATE readings SET infusion_mode = 'periodic_bolus' WHERE serial = $1 "
+                "AND recorded_at > now() - interval '41 days'",
+                SERIAL,
+            )
             now = datetime.now(UTC)
             await fx.refill_event(conn, SERIAL, now - timedelta(days=120), residual_ml=5.0)
             # Far less left than expected: a discrepancy (over-delivery).
@@ -150,7 +156,10 @@ async def test_the_report_as_a_printable_page(seeded: Seeded) -> None:
     assert "@media print" in page
     assert 'id="report-dose">600 mcg/day' in page
     assert "+25%" in page
-    assert "+20%" in page
+    assert "+20%; concentration changed" in page  # 2000 to 1500 mcg/mL with the dose
+    assert "1500 mcg/mL" in page
+    assert "mode changed" in page
+    assert "periodic_bolus" in page
     assert "over delivery" in page
     assert "pocket fill" in page  # the verdict, in words
     assert "Europe/Berlin" in page

@@ -100,6 +100,7 @@ def render(report: Report) -> bytes:
                     "in force"
                     if i == 0 and c.at <= report.since
                     else percent(c.dose_change)
+                    + "".join(f"; {w} changed" for w in c.changed if w != "dose")
                     if c.dose_change is not None
                     else ", ".join(c.changed) + " changed"
                     if c.changed

@@ -30,6 +30,7 @@ MAX_DAYS = 3 * 366
 """The longest period one report covers (three years)."""
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+LOOKBACK = timedelta(days=31)
 MAX_REFILLS = 200
 MAX_ALERTS = 300
 
@@ -264,7 +265,10 @@ async def load(
     rows = await db.fetch(sql_reports.PATIENT_PUMPS, patient.id, patient.clinic_id, start, end)
     report.pumps = [PumpPeriod(r["serial"], r["since"], r["until"]) for r in rows]
     serials = [p.serial for p in report.pumps]
-    every = await _therapy(db, patient, serials, end)
+    # The readings read: the period, and the dose-escalation window before its end, and a month
+    # before either (the program in force when they began is the first one read).
+    window = timedelta(days=settings.dose_escalation_window_days)
+    every = await _therapy(db, patient, serials, min(start, end - window) - LOOKBACK, end)
     doses = [DoseChange(t.at, t.daily_dose_mcg) for t in every if t.dose_change is not None]
     doses = [DoseChange(t.at, t.daily_dose_mcg) for t in every[:1]] + doses
     report.tolerance = tolerance(doses, min(end, now), settings) if doses else None
@@ -280,14 +284,14 @@ async def load(
 
 
 async def _therapy(
-    db: Connection, patient: models.Patient, serials: list[str], end: datetime
+    db: Connection, patient: models.Patient, serials: list[str], begin: datetime, end: datetime
 ) -> list[TherapyChange]:
-    """Every change of the patient's program before ``end``, oldest first."""
+    """Every change of the patient's program from ``begin`` to before ``end``, oldest first."""
     rows = [
         (serial, row)
         for serial in serials
         for row in await db.fetch(
-            sql_reports.THERAPY_CHANGES, serial, patient.clinic_id, patient.id, end
+            sql_reports.THERAPY_CHANGES, serial, patient.clinic_id, patient.id, end, begin
         )
     ]
     rows.sort(key=lambda item: item[1]["recorded_at"])

@@ -19,8 +19,9 @@ ORDER BY min(since), serial
 """
 
 # The pump's ($1) program as its readings reported it, one row per change (drug, concentration,
-# mode or daily dose; the first reading too), before $4, in the periods the clinic ($2) and
-# patient ($3) held it. The daily dose is the programmed one, else rate x concentration.
+# mode or daily dose; the first reading read too), from $5 to before $4, in the periods the
+# clinic ($2) and patient ($3) held it. The daily dose is the programmed one, else rate x
+# concentration.
 THERAPY_CHANGES = """
 SELECT recorded_at, drug_name, concentration_mcg_per_ml, infusion_mode, rate_ml_per_day, dose
 FROM (
@@ -37,7 +38,7 @@ FROM (
                round(coalesce(daily_dose_mcg, rate_ml_per_day * concentration_mcg_per_ml)
                      ::numeric, 3)::float8 AS dose
         FROM readings
-        WHERE serial = $1 AND recorded_at < $4
+        WHERE serial = $1 AND recorded_at >= $5 AND recorded_at < $4
           AND recorded_at <@ (SELECT held_periods($1, $2, $3))
     ) r
     WINDOW w AS (ORDER BY recorded_at, msg_id)
