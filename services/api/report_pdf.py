@@ -4,6 +4,7 @@ words as the HTML page (services/api/reports.py), laid out for A4."""
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from fpdf import FPDF
@@ -188,7 +189,9 @@ def _chart(pdf: FPDF, svg: str) -> None:
     width = pdf.epw
     if pdf.will_page_break(width * 260 / 760 + 4):
         pdf.add_page()
-    pdf.image(io.BytesIO(svg.encode()), w=width)
+    # Its title and description are for screen readers; fpdf2's SVG reader skips them noisily.
+    drawing = re.sub(r"<(title|desc)\b[^>]*>.*?</\1>", "", svg, flags=re.DOTALL)
+    pdf.image(io.BytesIO(drawing.encode()), w=width)
     pdf.ln(2)
 
 

@@ -161,7 +161,7 @@ def tolerance_words(found: Tolerance | None, settings: RuleSettings, tz: tzinfo)
         f"Now {found.current.daily_dose_mcg:g} mcg/day; the lowest in the last {window} was "
         f"{found.lowest.daily_dose_mcg:g} mcg/day (from {local(found.lowest.at, tz, '%Y-%m-%d')})"
         f": {dose_chart.percent(found.rise)}.",
-        _run_words(found.increases_in_a_row),
+        _run_words(found.increases_in_a_row, window, settings),
         rule,
     ]
     if found.title:
@@ -177,12 +177,13 @@ def tolerance_words(found: Tolerance | None, settings: RuleSettings, tz: tzinfo)
     return said
 
 
-def _run_words(run: int) -> str:
+def _run_words(run: int, window: str, settings: RuleSettings) -> str:
     if run == 0:
-        return "The last change was not an increase."
-    if run == 1:
-        return "The last change was an increase (the one before was not)."
-    return f"The last {run} changes in a row were increases."
+        return f"The last change in the last {window} was not an increase."
+    return (
+        f"Increases in a row in the last {window}: {run} (the rule flags "
+        f"{settings.dose_escalation_increases})."
+    )
 
 
 # --- the period ---------------------------------------------------------------------------------
