@@ -224,11 +224,22 @@ def test_another_clinics_resources_are_not_found(seeded: Seeded) -> None:
         .entry[0]
         .resource.id
     )
-    Observation.read(their_panel, b_server)  # theirs to read
+    their_volume = (
+        first(Observation.where(struct={"device": seeded.serial_b, "_count": "1"}), b_server)
+        .entry[0]
+        .resource.id
+    )
+    # Each is clinic B's to read: A's 404s below are tenancy, not ids that name nothing.
+    Patient.read(seeded.patient_b, b_server)
+    Device.read(seeded.serial_b, b_server)
+    Observation.read(their_panel, b_server)
+    Observation.read(their_volume, b_server)
+    Flag.read(seeded.alert_b, b_server)
     for kind, ident in (
         (Patient, seeded.patient_b),
         (Device, seeded.serial_b),
         (Observation, theirs),
+        (Observation, their_volume),
         (Observation, their_panel),
         (Flag, seeded.alert_b),
         (Patient, str(uuid.uuid4())),
