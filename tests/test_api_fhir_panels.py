@@ -6,6 +6,8 @@ R4B models; the world is test_api_fhir's."""
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -14,9 +16,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.observation import Observation
 
 from services.api.app import create_app
+from services.api.fhir.patients import capability_statement
+from services.api.fhir.resources import parse_observation_id
 from services.api.settings import ApiSettings
 from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
@@ -231,3 +236,29 @@ async def test_a_clinic_reads_the_panels_of_its_periods_only(w: World) -> None:
         assert answer.status_code == status, (ident, key == w.clinician, answer.text)
         if status == 200:
             Observation.model_validate(fhir_body(answer))
+
+
+def test_the_openapi_document_shows_a_valid_panel_with_the_read_route() -> None:
+    document = create_app(ApiSettings(database_url="postgresql://unused/unused")).openapi()
+    read = document["paths"]["/fhir/Observation/{observation_id}"]["get"]
+    found = re.search(r"```json\n(.*?)\n```", read["description"], re.DOTALL)
+    assert found is not None
+    example = Observation.model_validate(json.loads(found.group(1)))
+    assert _is_panel(example)
+    parsed = parse_observation_id(str(example.id))
+    assert parsed is not None
+    serial, at, reading, measure = parsed
+    assert measure is None
+    assert at == when(example.effectiveDateTime)
+    assert [m.reference for m in example.hasMember or ()] == [
+        f"Observation/{serial}.{example.id.split('.')[1]}.{reading}.{letter}" for letter in "vrdb"
+    ]
+    # The search documents the panel's code, and the CapabilityStatement's `code` parameter too.
+    search = document["paths"]["/fhir/Observation"]["get"]
+    assert "pump-reading" in search["description"]
+    assert PANEL_SYSTEM in search["description"]
+    statement = CapabilityStatement.model_validate(capability_statement("http://api/fhir", "1"))
+    [rest] = statement.rest or []
+    [observations] = [r for r in rest.resource or [] if r.type == "Observation"]
+    [code] = [p for p in observations.searchParam or [] if p.name == "code"]
+    assert "pump-reading" in str(code.documentation)
