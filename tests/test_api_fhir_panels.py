@@ -72,12 +72,12 @@ async def _search(w: World, key: str, *codes: str, count: int = 500) -> Any:
     return bundle(answer)
 
 
-def _code(item: Observation) -> tuple[str, str]:
+def _code(item: Any) -> tuple[str, str]:
     coding = item.code.coding[0]
     return str(coding.system), str(coding.code)
 
 
-def _is_panel(item: Observation) -> bool:
+def _is_panel(item: Any) -> bool:
     return _code(item) == (PANEL_SYSTEM, "pump-reading")
 
 
@@ -93,14 +93,14 @@ async def test_each_reading_is_a_panel_of_its_measures(w: World) -> None:
         )
     }
     for reading, item in zip(READINGS, panels, strict=True):
-        assert isinstance(item, Observation)
+        assert item.get_resource_type() == "Observation"
         assert _is_panel(item)
         assert item.code.text == "Pump reading"
         assert item.status == "final"
         # A group: no value of its own, the reading's measures as members.
         assert item.valueQuantity is None
         assert item.component is None
-        members = [m.reference for m in item.hasMember or ()]
+        members = [str(m.reference) for m in item.hasMember or ()]
         assert members == [
             f"Observation/{item.id}.{LETTERS[code]}" for code in LETTERS if code in reading.values()
         ]
@@ -112,7 +112,7 @@ async def test_each_reading_is_a_panel_of_its_measures(w: World) -> None:
         assert item.subject.reference == f"Patient/{w.patient_a}"
         assert item.device.reference == f"Device/{w.serial_a}"
         assert when(item.issued) >= reading.at
-        [identifier] = item.identifier or ()
+        [identifier] = item.identifier
         assert identifier.system == "urn:pumpwatch:reading"
         uuid.UUID(identifier.value)  # the reading's id
         assert item.id.count(".") == 2  # {serial}.{time}.{reading}
@@ -194,7 +194,7 @@ async def test_another_clinics_or_an_unknown_panel_is_not_found(w: World) -> Non
         assert outcome(answer, 404).issue[0].code == "not-found"
         assert w.patient_a not in answer.text
     fleet = await w.get(f"/fhir/Observation/{newest.id}", w.fleet)
-    panel = Observation.model_validate(fhir_body(fleet))
+    panel: Any = Observation.model_validate(fhir_body(fleet))
     assert panel.subject.reference == f"Device/{w.serial_a}"
     assert "Patient/" not in fleet.text
 
@@ -243,7 +243,7 @@ def test_the_openapi_document_shows_a_valid_panel_with_the_read_route() -> None:
     read = document["paths"]["/fhir/Observation/{observation_id}"]["get"]
     found = re.search(r"```json\n(.*?)\n```", read["description"], re.DOTALL)
     assert found is not None
-    example = Observation.model_validate(json.loads(found.group(1)))
+    example: Any = Observation.model_validate(json.loads(found.group(1)))
     assert _is_panel(example)
     parsed = parse_observation_id(str(example.id))
     assert parsed is not None
