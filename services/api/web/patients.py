@@ -38,7 +38,8 @@ def field_errors(exc: ValidationError, words: dict[str, str]) -> list[str]:
     for error in exc.errors():
         where = [str(part) for part in error["loc"] if str(part) in words]
         label = words[where[-1]] if where else "The form"
-        found.append(f"{label}: {error['msg']}")
+        said = "required" if error["type"] == "missing" else error["msg"]
+        found.append(f"{label}: {said}")
     return found
 
 
