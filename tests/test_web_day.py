@@ -311,6 +311,10 @@ async def test_a_visit_is_booked_changed_and_cancelled_in_the_clinics_zone(day: 
         assert "Enter the visit&#39;s date and time" in junk.text
         outside = await nora.post(f"/pumps/{SERIAL_A}/visit", when="x", back="https://evil.example")
         assert "evil.example" not in outside.text
+        for elsewhere in ("//evil.example", "/\t/evil.example", "/\\evil.example", "/ok\n"):
+            kept = await nora.post(f"/pumps/{SERIAL_A}/visit", when=f"{soon:%Y-%m-%dT%H:%M}",
+                                   back=elsewhere)  # fmt: skip
+            assert kept.headers["location"] == "/", elsewhere  # only this site's paths
 
         cancelled = await nora.post(f"/pumps/{SERIAL_A}/visit", action="cancel", back=back)
         assert cancelled.status_code == 303

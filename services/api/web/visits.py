@@ -10,6 +10,7 @@ transaction, the person recorded). The verdict is the domain's own arithmetic
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -55,11 +56,14 @@ VERDICT_WORDS = {
 }
 
 
+LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~%?=&#-]*")
+"""A path of this site: no scheme, no host, no backslash, no whitespace or control character
+(browsers drop tabs and newlines from a URL, so "/\t/host" would leave the site)."""
+
+
 def _next(target: str, fallback: str) -> str:
     """Where to go back to: a path of this site only."""
-    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return fallback
+    return target if len(target) <= 500 and LOCAL_PATH.fullmatch(target) else fallback
 
 
 def _local_input(at: datetime | None, tz: tzinfo) -> str:
