@@ -2,8 +2,10 @@
 against ``pumpwatch api`` as a process. She signs in with email and password, finds a patient,
 claims a pump with the code its programmer shows and assigns it, books the refill visit, records
 a refill with a discrepancy and reads the verdict, and signs out; a nurse of another clinic sees
-none of it. Screenshots at 1366 px go to ``$PUMPWATCH_ARTIFACTS_DIR`` (default ``artifacts/``);
-the README's clinic guide shows copies of them (docs/screenshots/)."""
+none of it. The new pump's reading and the claim event its programmer sends arrive over MQTT
+(a real Mosquitto) through ``pumpwatch ingest``. Screenshots at 1366 px go to
+``$PUMPWATCH_ARTIFACTS_DIR`` (default ``artifacts/``); the README's clinic guide shows copies of
+them (docs/screenshots/)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -19,10 +22,13 @@ import asyncpg
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from lab.embedded import EmbeddedBroker, start_mosquitto
 from services.api import passwords
 from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 from tests.api_support import api_process, scratch_database
+from tests.support import IngestProcess, encode, fetch, telemetry, wait_for_count
+from tests.test_ingest import publish
 from tests.test_web import ARTIFACTS, CHROMIUM, _patient
 
 PASSWORD = "harbour lantern walnut 64"
@@ -36,6 +42,8 @@ class Seeded:
     base: str
     ada: str
     ben: str
+    url: str = ""
+    broker: EmbeddedBroker | None = None
 
 
 async def _seed(url: str) -> Seeded:
@@ -50,14 +58,6 @@ async def _seed(url: str) -> Seeded:
         ben = await fx.patient(conn, a, mrn="MRN-A2")
         await conn.execute(
             "UPDATE patients SET display_name = 'Ben Later' WHERE id = $1", uuid.UUID(ben)
-        )
-        # A new pump nobody holds: it has reported, and its programmer shows a claim code
-        # (the claim event ingest stores, as the custody tests write it).
-        now = datetime.now(UTC)
-        await fx.pump(conn, NEW_SERIAL)
-        await fx.reading(conn, NEW_SERIAL, now - timedelta(hours=2), volume_ml=38.0)
-        await fx.claim_event(
-            conn, NEW_SERIAL, CODE, recorded_at=now, expires_at=now + timedelta(hours=2)
         )
         await fx.rollup(conn)
         hashed = passwords.hash_password(PASSWORD)
@@ -79,13 +79,58 @@ async def _seed(url: str) -> Seeded:
 def server(
     pg_admin_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Seeded]:
-    with scratch_database(pg_admin_url, template_database, "pw_webday") as url:
-        seeded = asyncio.run(_seed(url))
-        with api_process(url, tmp_path_factory.mktemp("webday")) as api:
-            seeded.base = api.base
-            yield seeded
+    logs = tmp_path_factory.mktemp("webday")
+    broker = start_mosquitto(logs / "mosquitto")
+    ingest = None
+    try:
+        with scratch_database(pg_admin_url, template_database, "pw_webday") as url:
+            seeded = asyncio.run(_seed(url))
+            ingest = IngestProcess(url, broker, logs / "ingest.log")
+            ingest.start()
+            with api_process(url, logs) as api:
+                seeded.base, seeded.url, seeded.broker = api.base, url, broker
+                yield seeded
+            ingest.stop()
+    finally:
+        if ingest is not None:
+            ingest.stop_quietly()
+        broker.stop()
     errors = api.unhandled_errors()
     assert not errors, "\n".join(errors)
+
+
+def _programmer_interrogates(server: Seeded) -> None:
+    """The new pump's programmer reads it and shows a claim code: its reading and the claim
+    event go over MQTT; ingest stores them (the pump appears, held by nobody)."""
+    assert server.broker is not None
+    now = datetime.now(UTC)
+    claim = {
+        "v": 1,
+        "msg_id": str(uuid.uuid4()),
+        "serial": NEW_SERIAL,
+        "recorded_at": now.isoformat(),
+        "source": {"kind": "clinician_programmer", "id": "CP-12", "firmware": "5.1"},
+        "type": "claim",
+        "claim": {"code": CODE, "expires_at": (now + timedelta(minutes=30)).isoformat()},
+    }
+    reading = telemetry(serial=NEW_SERIAL, volume_ml=38.0, source_id="CP-12", seq=None)
+    publish(
+        server.broker,
+        [
+            (f"pumps/{NEW_SERIAL}/telemetry", encode(reading)),
+            (f"pumps/{NEW_SERIAL}/events", encode(claim)),
+        ],
+    )
+    query = "SELECT count(*) FROM events WHERE type = 'claim'"
+    # Playwright's own event loop runs on this thread: wait on another.
+    with ThreadPoolExecutor(1) as pool:
+        stored = pool.submit(asyncio.run, wait_for_count(server.url, query, 1)).result()
+    if stored != 1:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(
+                asyncio.run, fetch(server.url, "SELECT topic, reason, detail FROM quarantine")
+            ).result()
+        raise AssertionError(f"ingest did not store the claim event; quarantined: {held}")
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +179,7 @@ def test_the_nurses_clinic_day(server: Seeded, page: Page) -> None:
     expect(page.locator("main")).to_contain_text("No pump is registered")
 
     # Claim the new pump with its code and assign it to him: a wrong code first.
+    _programmer_interrogates(server)
     page.get_by_role("link", name="Assign a pump").click()
     claim = page.locator("#claim-form")
     expect(claim.get_by_label("Patient")).to_have_value(server.ben)
