@@ -26,6 +26,8 @@ from tests.api_support import Api, running_api
 PASSWORD = "walnut harbour lantern 31"
 NURSE_A, NURSE_B = "nora@north.example", "sam@south.example"
 SERIAL_A, SERIAL_A2, SERIAL_B, SERIAL_NEW = "NGPDAYA01", "NGPDAYA02", "NGPDAYB01", "NGPDAYNEW1"
+SERIAL_SMALL = "NGPDAYA05"
+"""Clinic A's 20 mL pump."""
 CODE = "K7Q2M9"
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -82,18 +84,23 @@ def _csrf(html: str) -> str:
     return found[1]
 
 
-async def _running_pump(conn: asyncpg.Connection, serial: str, patient: str | None) -> None:
-    """A 40 mL pump refilled with 18.5 mL 60 days ago, delivering 0.25 mL/day since."""
+async def _running_pump(
+    conn: asyncpg.Connection, serial: str, patient: str | None, *, capacity_ml: float = 40.0
+) -> None:
+    """A 40 mL pump (or ``capacity_ml``) refilled with 18.5 mL 60 days ago, delivering
+    0.25 mL/day since."""
     await fx.pump(conn, serial, patient_id=patient)
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     refill_at = now - timedelta(days=60)
-    await fx.reading(conn, serial, refill_at - timedelta(hours=6), volume_ml=3.0)
+    await fx.reading(
+        conn, serial, refill_at - timedelta(hours=6), volume_ml=3.0, capacity_ml=capacity_ml
+    )
     await fx.refill_event(conn, serial, refill_at, residual_ml=1.5, added_ml=18.5)
     for hours in range(60 * 24 - 6, -1, -24):
         volume = 18.5 - 0.25 * (60 * 24 - hours) / 24
         await fx.reading(
             conn, serial, now - timedelta(hours=hours), volume_ml=round(volume, 3),
-            rate_ml_per_day=0.25,
+            rate_ml_per_day=0.25, capacity_ml=capacity_ml,
         )  # fmt: skip
 
 
@@ -122,6 +129,8 @@ async def day(database_url: str) -> AsyncIterator[Day]:
             )
             await _running_pump(conn, SERIAL_A, ada)
             await _running_pump(conn, SERIAL_B, cy)
+            fay = await fx.patient(conn, a, mrn="MRN-A5")
+            await _running_pump(conn, SERIAL_SMALL, fay, capacity_ml=20.0)
             # A pump provisioned to clinic A, not yet in a patient; one nobody holds.
             await fx.pump(conn, SERIAL_A2)
             await conn.execute(
@@ -395,6 +404,35 @@ async def test_the_guided_refill_records_through_the_api_and_gives_the_verdict(d
     assert "over_delivery" in str(outbox[0]["payload"])
     audited = await _audited(day, "refills")
     assert [r["resource_id"] for r in audited if r["status"] == 201] == [msg_id[1]]
+
+
+async def test_the_verdict_weighs_the_same_difference_by_the_pumps_size(day: Day) -> None:
+    """1.3 mL less than expected (under 14.5 % of the 15 mL delivered): a discrepancy in a
+    20 mL pump (over 1 mL), none in a 40 mL pump (2 mL)."""
+    async with day.signed_in(NURSE_A) as nora:
+        verdicts = {}
+        for serial in (SERIAL_A, SERIAL_SMALL):
+            form = await nora.get(f"/pumps/{serial}/refill")
+            expected = re.search(r'id="expected-residual"><strong>([\d.]+) mL', form.text)
+            assert expected is not None
+            residual = float(expected[1]) - 1.3
+            verdicts[serial] = (
+                await nora.post(
+                    f"/pumps/{serial}/refill",
+                    msg_id=str(uuid.uuid4()),
+                    residual_ml=f"{residual:.2f}",
+                    drug="baclofen",
+                    concentration_mcg_per_ml="2000",
+                    added_ml="18",
+                )
+            ).text
+    large, small = verdicts[SERIAL_A], verdicts[SERIAL_SMALL]
+    assert "✓ No discrepancy" in large
+    assert "2 mL for a 40 mL pump" in large
+    assert "Action:" not in large
+    assert "⚠ Discrepancy: less left than expected" in small
+    assert "1 mL for a 20 mL pump" in small
+    assert "Action: check the patient for signs of overdose" in small
 
 
 async def test_every_action_needs_the_csrf_token(day: Day) -> None:

@@ -349,6 +349,8 @@ async def _verdict(
                 "limit_ml": found.limit_ml(settings),
                 "rel_fraction": settings.discrepancy_rel_fraction,
                 "small_max_ml": settings.discrepancy_small_pump_max_ml,
+                "small_abs_ml": settings.discrepancy_small_pump_abs_ml,
+                "abs_ml": settings.discrepancy_abs_ml,
             }
         check = reconciliation.CHECKS[Rule.REFILL_DISCREPANCY]
         finding = check(View(then))
