@@ -155,6 +155,16 @@ def bench_ingest(
     messages: Annotated[int, typer.Option(min=100, help="Messages in the stream.")] = 200_000,
     pumps: Annotated[int, typer.Option(min=1, help="Pumps publishing them.")] = 1000,
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+    publisher: Annotated[
+        str,
+        typer.Option(
+            help="Who publishes the stream: 'paho' (the simulator's Python client) or "
+            "'mosquitto_pub' (C, one process per topic), so the publisher is not the limit."
+        ),
+    ] = "paho",
+    publisher_processes: Annotated[
+        int, typer.Option(min=1, help="mosquitto_pub processes at once.")
+    ] = 32,
 ) -> None:
     """Stored messages/s end to end vs. the broker's raw delivery rate, same stream.
 
@@ -170,7 +180,18 @@ def bench_ingest(
     # The figures are the output: only warnings and errors besides them.
     level = "warning" if settings.log_level == "info" else settings.log_level
     logs.configure(level, settings.log_format)
-    run_bench(BenchOptions(messages, pumps, seed), Console())
+    if publisher not in {"paho", "mosquitto_pub"}:
+        raise typer.BadParameter("'paho' or 'mosquitto_pub'", param_hint="--publisher")
+    run_bench(
+        BenchOptions(
+            messages,
+            pumps,
+            seed,
+            "paho" if publisher == "paho" else "mosquitto_pub",
+            publisher_processes,
+        ),
+        Console(),
+    )
 
 
 @bench.command("alerts")
