@@ -108,13 +108,17 @@ async def run(options: DemoOptions, console: Console) -> None:
         finally:
             await conn.close()
         console.print(f"database migrated ({len(applied)} migrations applied)")
-        state = _state(options, keeps_state, console)
+        state, resumed = _state(options, keeps_state, console)
         if state.admin_key is None:
             state.admin_key = await _admin_key(database_url)
         if keeps_state:
             demo_state.save(options.data_dir, state)
         await _run_on(
-            _On(database_url, mqtt_url, mqtt5, state, keeps_state), settings, options, stop, console
+            _On(database_url, mqtt_url, mqtt5, state, keeps_state, resumed),
+            settings,
+            options,
+            stop,
+            console,
         )
     console.print("demo stopped")
 
@@ -128,6 +132,7 @@ class _On:
     mqtt5: bool
     state: DemoState
     keeps_state: bool
+    resumed: bool
 
 
 async def _run_on(
@@ -171,7 +176,7 @@ async def _run_on(
     helpers: list[asyncio.Task[None]] = []
     try:
         async with DemoApi(api_url, state.admin_key) as people:
-            await people.ready()
+            await people.ready(serving)
             await set_up(people, state, plan, database_url, save)
             console.print(
                 f"clinics ready    {len(CLINICS)} clinics, "
@@ -184,7 +189,14 @@ async def _run_on(
             await _until_ready(service, ingest)
             transit = TransitLoss(count=DEMO_TRANSIT_LOSS)
             sim = _simulator(
-                options, state, plan, sim_stop, mqtt_url=mqtt_url, mqtt5=mqtt5, transit=transit
+                options,
+                state,
+                plan,
+                sim_stop,
+                mqtt_url=mqtt_url,
+                mqtt5=mqtt5,
+                transit=transit,
+                resume_from=await _resume_from(database_url) if on.resumed else None,
             )
             sim.start()
             helpers += [
@@ -227,8 +239,9 @@ async def _run_on(
         await serving
 
 
-def _state(options: DemoOptions, keeps_state: bool, console: Console) -> DemoState:
-    """The fleet and people of the previous run in this data directory, or new ones."""
+def _state(options: DemoOptions, keeps_state: bool, console: Console) -> tuple[DemoState, bool]:
+    """The fleet and people of the previous run in this data directory (and True), or new
+    ones."""
     state = demo_state.load(options.data_dir) if keeps_state else None
     if state is not None:
         console.print(
@@ -237,11 +250,23 @@ def _state(options: DemoOptions, keeps_state: bool, console: Console) -> DemoSta
             "clinics (--reset starts afresh)",
             soft_wrap=True,
         )
-        return state
+        return state, True
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=options.backfill_days)
-    return demo_state.new_state(
+    fresh = demo_state.new_state(
         seed=options.seed, pumps=options.pumps, start=start, backfill_days=options.backfill_days
     )
+    return fresh, False
+
+
+async def _resume_from(database_url: str) -> datetime | None:
+    """Where the previous run's fleet had got to: the newest stored reading, less one reading
+    interval (pumps report staggered across it; what is sent twice is stored once)."""
+    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
+    try:
+        newest: datetime | None = await conn.fetchval("SELECT max(recorded_at) FROM readings")
+    finally:
+        await conn.close()
+    return None if newest is None else newest - timedelta(minutes=15)
 
 
 async def _helper(work: Coroutine[Any, Any, None]) -> None:
@@ -282,6 +307,7 @@ def _simulator(
     mqtt_url: str,
     mqtt5: bool,
     transit: TransitLoss,
+    resume_from: datetime | None,
 ) -> threading.Thread:
     first_refill = (
         {} if plan.discrepancy is None else {plan.discrepancy: timedelta(days=state.refill_in_days)}
@@ -300,6 +326,7 @@ def _simulator(
             "titrating": plan.titrating,
             "first_refill": first_refill,
             "claimable": plan.unclaimed,
+            "resume_from": resume_from,
             "client_id": "pumpwatch-demo-simulator",
             "protocol": "5" if mqtt5 else "3.1.1",
             "progress": False,

@@ -185,9 +185,14 @@ class DemoApi:
         )
         return {"Authorization": f"Bearer {answer.json()['access_token']}"}
 
-    async def ready(self, timeout_s: float = 60.0) -> None:
+    async def ready(self, serving: asyncio.Task[None], timeout_s: float = 60.0) -> None:
+        """Until the API answers /readyz (``serving``: the demo's own server, which must still
+        be running: another process on its port would answer too)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
+            if serving.done():
+                await serving  # its error
+                raise RuntimeError("the demo's API stopped")
             try:
                 if (await self.client.get("/readyz")).status_code == 200:
                     return

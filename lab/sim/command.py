@@ -91,6 +91,7 @@ def simulate(
     first_refill: Mapping[str, timedelta] | None = None,
     claimable: Sequence[str] = (),
     claims_from: datetime | None = None,
+    resume_from: datetime | None = None,
 ) -> PublishReport:
     """Simulate a fleet of pumps and publish its messages to the broker at ``target``.
 
@@ -133,6 +134,8 @@ def simulate(
     - ``titrating``, ``first_refill``, ``claimable``, ``claims_from``: the demo clinic's pumps
       (:class:`lab.sim.fleet.Fleet`); claim codes from ``claims_from`` (default: 30 minutes
       before now) on.
+    - ``resume_from`` (live runs, with ``start``): the devices sent everything before this in
+      an earlier run; the fleet runs up to it without publishing, then goes on as usual.
 
     Raises :class:`OptionError` for an unusable option and
     :class:`lab.sim.publisher.PublishError` when the broker cannot be used.
@@ -198,6 +201,8 @@ def simulate(
                 stop=stopping,
             )
         fleet = fleet_from(start or wall_now - timedelta(days=backfill_days))
+        if resume_from is not None:
+            _fast_forward(fleet, min(resume_from, wall_now))
         if progress:
             _describe(fleet)
         devices = DeviceBuffers(keep=math.ceil(_HELD_FOR / interval)) if resend else None
@@ -216,6 +221,13 @@ def simulate(
                 devices=devices,
                 transit_loss=transit_loss if resend else None,
             )
+
+
+def _fast_forward(fleet: Fleet, until: datetime) -> None:
+    """Run the fleet to ``until`` without keeping what it sends (a day at a time: bounded
+    memory)."""
+    while fleet.now < until:
+        fleet.advance(min(until, fleet.now + timedelta(days=1)))
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ _DOSE_STEPS = (0.85, 0.9, 0.95, 1.05, 1.1, 1.15)
 _DOSE_DRIFT = (0.75, 1.35)
 """... staying within this factor of the initial dose (a maintenance patient, not escalating)."""
 _TITRATION_MEAN_DAYS, _TITRATION_MIN_DAYS = 21.0, 10.0
-_TITRATION_STEPS = (0.9, 1.1, 1.1, 1.15, 1.15, 1.2)
+_TITRATION_STEPS = (0.9, 1.1, 1.1, 1.1, 1.15, 1.15, 1.2, 1.2)
 _TITRATION_DRIFT = (0.75, 3.0)
 """A titrating patient (tolerance): the dose is raised every few weeks, mostly by 10-20 %."""
 
