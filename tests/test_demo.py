@@ -144,6 +144,12 @@ def _worklist_patient_links(api: str, log: Path, timeout_s: float = 120) -> set[
             time.sleep(1)
 
 
+_MQTT_DELIVERED = """
+SELECT count(*) FROM deliveries d JOIN alerts a ON a.id = d.alert_id
+WHERE d.channel = 'mqtt' AND d.status = 'delivered' AND a.rule = 'refill_discrepancy'
+"""
+
+
 def test_the_demo_runs_a_clinic_resumes_it_and_resets(tmp_path: Path) -> None:
     env = _clean_env()
     data = tmp_path / "data"
@@ -200,6 +206,13 @@ def test_the_demo_runs_a_clinic_resumes_it_and_resets(tmp_path: Path) -> None:
         assert len(fleet) == 5
         held = sum(1 for p in fleet if p["patient_id"] is not None)
         assert held == 5  # four assigned by the demo, one claimed
+        # Alert notifications go out on MQTT (clinics/{clinic_id}/alerts): the discrepancy
+        # the demo's over-infusing pump shows at its refill is one of them.
+        database = _printed(log, r"database\s+psql '([^']+)'")
+        deadline = time.monotonic() + 120
+        while not asyncio.run(fetchval(database, _MQTT_DELIVERED)):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
         # The readings one pump's hub lost on the way to the broker were asked for (resend),
         # resent by the simulated hub and stored: the gap was filled, not only flagged.
         _wait_for(log, "gap filled ", proc, 180)
