@@ -45,6 +45,7 @@ from lab.sim.resend import TransitLoss
 from services.alerts.service import AlertsService
 from services.alerts.settings import AlertsSettings
 from services.api import keys
+from services.api import sql as api_sql
 from services.api.server import serve_until, server
 from services.api.settings import ApiSettings
 from services.ingest.service import IngestService
@@ -109,8 +110,7 @@ async def run(options: DemoOptions, console: Console) -> None:
             await conn.close()
         console.print(f"database migrated ({len(applied)} migrations applied)")
         state, resumed = _state(options, keeps_state, console)
-        if state.admin_key is None:
-            state.admin_key = await _admin_key(database_url)
+        state.admin_key = await _admin_key(database_url, state.admin_key)
         if keeps_state:
             demo_state.save(options.data_dir, state)
         await _run_on(
@@ -181,7 +181,7 @@ async def _run_on(
             console.print(
                 f"clinics ready    {len(CLINICS)} clinics, "
                 f"{sum(len(s) for s in plan.assigned.values())} patients with their pumps, "
-                f"{len(plan.unclaimed)} pumps unclaimed",
+                f"{len(plan.unclaimed)} unclaimed",
                 soft_wrap=True,
             )
             # The fleet starts once ingest is subscribed: what it published before would be
@@ -433,10 +433,15 @@ async def _start_broker(data_dir: Path) -> embedded.EmbeddedBroker:
         return await embedded.start_amqtt()
 
 
-async def _admin_key(database_url: str) -> str:
-    """A fresh admin key for this run (shown once, like every key)."""
+async def _admin_key(database_url: str, kept: str | None) -> str:
+    """The admin key the state kept, if the database still takes it; else a new one (shown
+    once, like every key, and kept in the state file when there is one)."""
     conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
     try:
+        if kept is not None:
+            row = await conn.fetchrow(api_sql.KEY_BY_HASH, keys.hash_key(kept))
+            if row is not None and row["revoked_at"] is None:
+                return kept
         _, key = await keys.create(
             conn, role="admin", clinic_id=None, label="pumpwatch demo", created_by="demo"
         )

@@ -211,7 +211,9 @@ async def set_up(
     save: Callable[[], None],
 ) -> None:
     """The clinics, their people, patients and pumps (what exists already is kept)."""
-    clinics = await _clinics(api)
+    clinics, created = await _clinics(api)
+    if created:  # a database without the demo's clinics (its state file outlived it)
+        state.set_up = state.booked = False
     for clinic in CLINICS:
         await _people(api, state, clinic, clinics[clinic.name], database_url)
     save()
@@ -241,11 +243,14 @@ async def set_up(
     save()
 
 
-async def _clinics(api: DemoApi) -> dict[str, str]:
+async def _clinics(api: DemoApi) -> tuple[dict[str, str], bool]:
+    """The demo clinics' ids by name (and whether any had to be created)."""
     listed = await api.call("GET", "/v1/clinics", api.admin, params={"limit": 200})
     found = {c["name"]: c["id"] for c in listed.json()["items"]}
+    created = False
     for clinic in CLINICS:
         if clinic.name not in found:
+            created = True
             made = await api.call(
                 "POST",
                 "/v1/clinics",
@@ -253,7 +258,7 @@ async def _clinics(api: DemoApi) -> dict[str, str]:
                 json={"name": clinic.name, "timezone": clinic.timezone},
             )
             found[clinic.name] = made.json()["id"]
-    return found
+    return found, created
 
 
 _WORDS = (
