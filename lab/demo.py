@@ -200,7 +200,9 @@ async def _run_on(
             )
             sim.start()
             helpers += [
-                asyncio.create_task(_helper(book_visits(people, state, database_url, save))),
+                asyncio.create_task(
+                    _helper(book_visits(people, state, database_url, save, console))
+                ),
                 asyncio.create_task(
                     _helper(show_claim_codes(database_url, plan.unclaimed, console))
                 ),

@@ -335,7 +335,11 @@ async def _patient(api: DemoApi, headers: dict[str, str], patient: DemoPatient) 
 
 
 async def book_visits(
-    api: DemoApi, state: DemoState, database_url: str, save: Callable[[], None]
+    api: DemoApi,
+    state: DemoState,
+    database_url: str,
+    save: Callable[[], None],
+    console: Console,
 ) -> None:
     """Once the fleet's history is uploaded (its readings reach the present), each nurse books
     refill visits for the first pumps of her worklist that have none: a few days before the
@@ -343,12 +347,13 @@ async def book_visits(
     if state.booked:
         return
     await _until_caught_up(database_url)
+    total = 0
     for clinic in CLINICS:
         nurse = state.person(email_of(clinic.nurse, clinic))
         assert nurse is not None
         as_nurse = await api.sign_in(nurse)
         due = await api.call(
-            "GET", "/v1/refills/due", as_nurse, params={"within_days": 60, "limit": 50}
+            "GET", "/v1/refills/due", as_nurse, params={"within_days": 365, "limit": 50}
         )
         zone = ZoneInfo(clinic.timezone)
         booked = 0
@@ -372,9 +377,13 @@ async def book_visits(
                 json={"scheduled_for": visit.isoformat()},
             )
             booked += 1
+            total += 1
     state.booked = True
     save()
-    log.info("demo_visits_booked", per_clinic=BOOKINGS_PER_CLINIC)
+    console.print(
+        f"visits booked    {total} refill visits, on the nurses' worklists (the history is in)",
+        soft_wrap=True,
+    )
 
 
 async def _until_caught_up(database_url: str) -> None:

@@ -201,6 +201,12 @@ def test_the_demo_runs_a_clinic_resumes_it_and_resets(tmp_path: Path) -> None:
         )
         assert claimed.status_code == 200, claimed.text
         assert claimed.json()["patient_id"] == patient.json()["id"]
+        # Once the history is in, the nurses have booked refill visits from their worklists.
+        _wait_for(log, "visits booked ", proc, 120)
+        due = httpx.get(
+            f"{api}/v1/refills/due", headers=nurse, params={"within_days": 365}, timeout=30
+        )
+        assert any(i["refill_appointment_at"] for i in due.json()["items"]), due.text
         clinics, fleet = _fleet(api, headers)
         assert clinics == ["North spinal unit", "South pain clinic"]
         assert len(fleet) == 5
