@@ -2,7 +2,11 @@
 
 Starts PostgreSQL (pgserver) and an MQTT broker (mosquitto, else amqtt) when
 ``PUMPWATCH_DATABASE_URL`` / ``PUMPWATCH_MQTT_URL`` are not set, migrates, runs ingest, the
-alert service and the fleet simulator, prints where to look and a status line now and then.
+alert service (its notifications also on MQTT), the API and the fleet simulator, sets up the
+demo's two clinics through the API (``lab.demo_clinic``: people, patients, assigned pumps,
+unclaimed pumps with live claim codes, booked visits), prints where to look and a status line
+now and then. What it needs to resume is kept in the data directory (``lab.demo_state``): a
+restart there goes on with the same clinics and fleet; ``--reset`` starts afresh.
 The simulated devices answer ``resend`` (backfill): one healthy pump's hub loses a few readings
 on the way to the broker early on, and the demo prints ``gap filled …`` once ingest has asked for
 them and stored what the hub resent. Ctrl-C or SIGTERM stops it all and exits 0.
