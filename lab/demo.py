@@ -192,6 +192,14 @@ async def _run_on(
             # lost (ingest's session is new), and with it the readings before the demo's gap.
             await _until_ready(service, ingest)
             transit = TransitLoss(count=DEMO_TRANSIT_LOSS)
+            resume_from = await _resume_from(database_url) if on.resumed else None
+            if resume_from is not None:
+                console.print(
+                    f"simulator        resumes at {resume_from:%Y-%m-%d %H:%M} UTC: it first "
+                    "runs the history it already sent, without sending it again (a few seconds "
+                    "per month of history)",
+                    soft_wrap=True,
+                )
             sim = _simulator(
                 options,
                 state,
@@ -200,7 +208,7 @@ async def _run_on(
                 mqtt_url=mqtt_url,
                 mqtt5=mqtt5,
                 transit=transit,
-                resume_from=await _resume_from(database_url) if on.resumed else None,
+                resume_from=resume_from,
             )
             sim.start()
             helpers += [
