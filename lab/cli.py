@@ -109,7 +109,9 @@ def simulate(
 
 
 def demo(
-    pumps: Annotated[int, typer.Option(min=1, help="Simulated pumps.")] = 60,
+    pumps: Annotated[
+        int, typer.Option(min=1, help="Simulated pumps (a few stay unclaimed, the rest assigned).")
+    ] = 44,
     seed: Annotated[
         int | None, typer.Option(help="Simulator seed (default: a new one each run).")
     ] = None,
@@ -118,16 +120,23 @@ def demo(
     ] = 86400.0,
     backfill_days: Annotated[
         float, typer.Option(min=0, help="Days of history the fleet uploads first.")
-    ] = 60.0,
+    ] = 90.0,
     data_dir: Annotated[
         str, typer.Option(help="Where the embedded servers keep their data.")
     ] = ".pumpwatch/demo",
     metrics_port: Annotated[int, typer.Option(help="Ingest /metrics and /healthz port.")] = 9101,
     alerts_metrics_port: Annotated[int, typer.Option(help="Alert engine /metrics port.")] = 9102,
     port: Annotated[int, typer.Option(help="HTTP API port.")] = 8000,
+    reset: Annotated[
+        bool,
+        typer.Option(
+            "--reset", help="Remove the data directory first: new clinics, people and fleet."
+        ),
+    ] = False,
 ) -> None:
     """Run everything in one process, on embedded servers unless PUMPWATCH_DATABASE_URL and
-    PUMPWATCH_MQTT_URL are set, with the fleet simulator. Ctrl-C stops it."""
+    PUMPWATCH_MQTT_URL are set, with the fleet simulator and two demo clinics. Started again on
+    the same data directory it resumes the same clinics and fleet. Ctrl-C stops it."""
     _require_lab()
     from pathlib import Path
 
@@ -146,6 +155,7 @@ def demo(
         metrics_port,
         alerts_metrics_port,
         port,
+        reset=reset,
     )
     _run(run_demo(options, Console()), settings)
 
