@@ -45,6 +45,9 @@ from services.api.settings import ApiSettings
 from services.api.web import onboarding as web_onboarding
 from services.api.web import patients as web_patients
 from services.api.web import routes as web_routes
+from services.api.web import settings as web_settings
+from services.api.web import settings_alerts as web_settings_alerts
+from services.api.web import settings_webhooks as web_settings_webhooks
 from services.api.web import therapy as web_therapy
 from services.api.web import visits as web_visits
 from services.logs import get
@@ -171,7 +174,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
     ):
         app.include_router(module.router)
     app.include_router(web_routes.router)
-    for page in (web_patients, web_onboarding, web_visits, web_therapy):
+    for page in (
+        web_patients,
+        web_onboarding,
+        web_visits,
+        web_therapy,
+        web_settings,
+        web_settings_alerts,
+        web_settings_webhooks,
+    ):
         app.include_router(page.router)
     docs.install(app)
     app.mount("/static", StaticFiles(directory=str(web_routes.STATIC_DIR)), name="static")
