@@ -260,13 +260,13 @@ async def test_a_clinic_admin_sets_thresholds_and_notification_routes(world: Wor
         raw = (await world.sql("SELECT notification_settings FROM clinics WHERE id = $1", world.a))[
             0
         ]["notification_settings"]
-        stored = raw if isinstance(raw, dict) else json.loads(raw)
-        assert stored["email"]["high"] == ["oncall@north.example", "consultant@north.example"]
-        assert stored["quiet_hours"]["start"] == "22:00:00"
-        assert stored["quiet_hours"]["end"] == "07:00:00"
-        assert stored["escalation"]["after_minutes"] == 30.0
-        assert stored["digest"]["hour"] == 6
-        assert stored["mqtt_priorities"] == ["high"]
+        routed = raw if isinstance(raw, dict) else json.loads(raw)
+        assert routed["email"]["high"] == ["oncall@north.example", "consultant@north.example"]
+        assert routed["quiet_hours"]["start"] == "22:00:00"
+        assert routed["quiet_hours"]["end"] == "07:00:00"
+        assert routed["escalation"]["after_minutes"] == 30.0
+        assert routed["digest"]["hour"] == 6
+        assert routed["mqtt_priorities"] == ["high"]
         shown = await ann.get("/settings/notifications")
         assert "oncall@north.example\nconsultant@north.example" in shown.text
         assert 'value="07:00"' in shown.text
