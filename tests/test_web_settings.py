@@ -23,6 +23,7 @@ import pytest
 from services.api import passwords
 from tests import alert_fixtures as fx
 from tests.api_support import Api, running_api
+from tests.notify_support import smtp_sink
 
 PASSWORD = "lantern walnut harbour 47"
 ANN, NORA, BEA, ROOT = "ann@north.example", "nora@north.example", "bea@south.example", "root@x.ex"
@@ -86,33 +87,37 @@ def _csrf(html: str) -> str:
     return found[1]
 
 
+async def _seed(api: Api) -> World:
+    conn = await api.conn()
+    try:
+        a = await fx.clinic(conn, name="North", timezone="Europe/Berlin")
+        b = await fx.clinic(conn, name="South", timezone="America/New_York")
+        hashed = passwords.hash_password(PASSWORD)
+        ids = {}
+        for email, name, role, home in (
+            (ANN, "Ann Admin", "clinic_admin", a),
+            (NORA, "Nora Nurse", "clinician", a),
+            (BEA, "Bea South", "clinic_admin", b),
+            (ROOT, "Rob Root", "admin", None),
+        ):
+            ids[email] = await conn.fetchval(
+                "INSERT INTO users (email, display_name, role, clinic_id, password_hash, "
+                "created_by) VALUES ($1, $2, $3, $4, $5, 'test') RETURNING id",
+                email,
+                name,
+                role,
+                None if home is None else uuid.UUID(home),
+                hashed,
+            )
+    finally:
+        await conn.close()
+    return World(api, a, b, ids)
+
+
 @pytest.fixture
 async def world(database_url: str) -> AsyncIterator[World]:
     async with running_api(database_url, api_auth_failures_per_minute=10_000) as api:
-        conn = await api.conn()
-        try:
-            a = await fx.clinic(conn, name="North", timezone="Europe/Berlin")
-            b = await fx.clinic(conn, name="South", timezone="America/New_York")
-            hashed = passwords.hash_password(PASSWORD)
-            ids = {}
-            for email, name, role, home in (
-                (ANN, "Ann Admin", "clinic_admin", a),
-                (NORA, "Nora Nurse", "clinician", a),
-                (BEA, "Bea South", "clinic_admin", b),
-                (ROOT, "Rob Root", "admin", None),
-            ):
-                ids[email] = await conn.fetchval(
-                    "INSERT INTO users (email, display_name, role, clinic_id, password_hash, "
-                    "created_by) VALUES ($1, $2, $3, $4, $5, 'test') RETURNING id",
-                    email,
-                    name,
-                    role,
-                    None if home is None else uuid.UUID(home),
-                    hashed,
-                )
-        finally:
-            await conn.close()
-        yield World(api, a, b, ids)
+        yield await _seed(api)
 
 
 async def _hook_of(world: World, clinic: str) -> str:
@@ -436,3 +441,20 @@ async def test_an_administrator_picks_the_clinic(world: World) -> None:
     assert str(sol[0]["clinic_id"]) == world.b
     hooks = await world.sql("SELECT clinic_id FROM webhooks")
     assert [str(h["clinic_id"]) for h in hooks] == [world.b]
+
+
+async def test_the_invitation_is_emailed_when_smtp_is_set(database_url: str) -> None:
+    with smtp_sink() as smtp:
+        async with running_api(database_url, smtp_url=smtp.url, smtp_starttls="off") as api:
+            world = await _seed(api)
+            async with world.signed_in(ANN) as ann:
+                invited = await ann.post(
+                    "/settings/users",
+                    {"display_name": "Nina Nurse", "email": "nina@north.example"},
+                )
+    assert "It was also emailed to nina@north.example." in invited.text
+    link = re.search(r'id="invitation-url">([^<]+)<', invited.text)
+    assert link is not None
+    mails = smtp.to("nina@north.example")
+    assert len(mails) == 1
+    assert link[1] in mails[0].message.get_content()
