@@ -200,6 +200,9 @@ async def test_a_clinic_admin_invites_changes_a_role_and_deactivates(world: Worl
         self_end = await ann.post(f"/settings/users/{world.ids[ANN]}/deactivate")
         assert self_end.status_code == 409
         assert "You cannot deactivate your own account" in self_end.text
+        self_role = await ann.post(f"/settings/users/{world.ids[ANN]}/role", {"role": "clinician"})
+        assert self_role.status_code == 409
+        assert "You cannot change your own role here" in self_role.text
 
     assert await world.audited(ANN, "users") == [
         ("post create_user", str(nina["id"]), 201),

@@ -268,6 +268,9 @@ async def change_role(
     if role not in CLINIC_ROLES:
         errors = ["Role: choose clinician or clinic administrator"]
         return await _people(db, where, errors=errors, status=422)
+    if user_id == where.session.principal.user_id:
+        errors = ["You cannot change your own role here: ask another administrator."]
+        return await _people(db, where, errors=errors, status=409)
     patch = models.UserPatch.model_validate({"role": role})
     return await _change(db, request, where, user_id, patch)
 
