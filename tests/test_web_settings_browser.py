@@ -146,7 +146,6 @@ def test_the_clinic_admin_invites_sets_a_threshold_and_adds_a_webhook(
         assert response is not None
         assert response.status == 200, path
         width = page.evaluate("document.documentElement.scrollWidth")
-        page.screenshot()
         if width > 390:
             wide[path] = width
     assert wide == {}, f"wider than a 390 px screen: {wide}"
