@@ -636,3 +636,36 @@ WHERE g.state = 'unrecoverable'
 GROUP BY g.serial, 2
 ORDER BY missing DESC, g.serial
 """
+
+# --- the refill worklist, read from the engine's read model (pump_forecasts, migration 0015;
+# services/api/worklist.py) ------------------------------------------------------------------
+
+# Fresh rows only (a stale row's pump is computed by the API): by deadline, then serial, after
+# the cursor ($3, $4; '-infinity' and '' for the first page), up to $2 (the horizon).
+_WORKLIST_ROW = """
+f.serial, f.deadline_at, f.deadline_reason, f.low_alarm_at, f.state_at, f.volume_ml,
+f.therapy, f.zone, f.drug_name, f.last_refill_at, p.refill_appointment_at, p.patient_id,
+coalesce(s.model, p.model) AS model
+FROM pump_forecasts f
+JOIN pumps p ON p.serial = f.serial
+LEFT JOIN pump_state s ON s.serial = f.serial
+"""
+WORKLIST_CLINIC = f"""
+SELECT {_WORKLIST_ROW}
+WHERE f.clinic_id = $1 AND f.evaluated_version = f.version
+  AND f.deadline_at <= $2 AND (f.deadline_at, f.serial) > ($3::timestamptz, $4::text)
+ORDER BY f.deadline_at, f.serial
+LIMIT $5
+"""
+WORKLIST_ALL = f"""
+SELECT {_WORKLIST_ROW}
+WHERE f.evaluated_version = f.version
+  AND f.deadline_at <= $1 AND (f.deadline_at, f.serial) > ($2::timestamptz, $3::text)
+ORDER BY f.deadline_at, f.serial
+LIMIT $4
+"""
+# Pumps whose row is stale: not evaluated yet, or changed since (a refill, custody, ...).
+WORKLIST_STALE_CLINIC = """
+SELECT serial FROM pump_forecasts WHERE clinic_id = $1 AND evaluated_version <> version
+"""
+WORKLIST_STALE_ALL = "SELECT serial FROM pump_forecasts WHERE evaluated_version <> version"
