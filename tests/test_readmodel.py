@@ -14,6 +14,8 @@ import pytest
 from services.alerts.engine import Engine
 from services.alerts.metrics import AlertsMetrics
 from services.domain.alerting import RuleSettings
+from services.domain.notifications import NotificationSettings
+from services.notify import digest
 from services.storage import forecasts
 from services.storage.database import prepare_connection
 from services.storage.snapshots import load
@@ -315,3 +317,32 @@ async def test_clinic_settings_make_rows_stale_until_the_engine_applies_them(
     found = await row(pool, "NGPRM0007")
     assert found["fresh"]
     assert (found["open_alerts"], found["highest_priority"]) == (0, None)
+
+
+async def test_the_digest_reads_the_rows_and_forecasts_the_stale_ones(
+    api: Api, w: World, pool: asyncpg.Pool
+) -> None:
+    await pump_due_in(pool, w.a.id, "NGPRM0008", 3)
+    await pump_due_in(pool, w.a.id, "NGPRM0009", 5)
+    await sweep(pool)
+    # The digest reads the row: one moved by hand beyond the horizon leaves the list.
+    await pool.execute(
+        "UPDATE pump_forecasts SET low_alarm_at = low_alarm_at + interval '30 days' "
+        "WHERE serial = 'NGPRM0009'"
+    )
+    await pump_due_in(pool, w.a.id, "NGPRM0010", 4)  # new: not evaluated yet
+    now = datetime.now(UTC)
+    async with pool.acquire() as conn:
+        found = await digest.compose(
+            conn,
+            clinic_id=w.a.id,
+            clinic_name="Clinic A",
+            settings=NotificationSettings.stored({}),
+            tz=UTC,
+            day=now.date(),
+            now=now,
+            rule_settings=RuleSettings(),
+        )
+    listed = [r["serial"] for r in found.data["refills"]]
+    assert listed == ["NGPRM0008", "NGPRM0010"]
+    assert found.data["refills"][0]["days_to_low_alarm"] == pytest.approx(3.0, abs=0.01)
