@@ -652,20 +652,20 @@ LEFT JOIN pump_state s ON s.serial = f.serial
 """
 WORKLIST_CLINIC = f"""
 SELECT {_WORKLIST_ROW}
-WHERE f.clinic_id = $1 AND f.evaluated_version = f.version
+WHERE f.clinic_id = $1 AND NOT f.stale
   AND f.deadline_at <= $2 AND (f.deadline_at, f.serial) > ($3::timestamptz, $4::text)
 ORDER BY f.deadline_at, f.serial
 LIMIT $5
 """
 WORKLIST_ALL = f"""
 SELECT {_WORKLIST_ROW}
-WHERE f.evaluated_version = f.version
+WHERE NOT f.stale
   AND f.deadline_at <= $1 AND (f.deadline_at, f.serial) > ($2::timestamptz, $3::text)
 ORDER BY f.deadline_at, f.serial
 LIMIT $4
 """
 # Pumps whose row is stale: not evaluated yet, or changed since (a refill, custody, ...).
 WORKLIST_STALE_CLINIC = """
-SELECT serial FROM pump_forecasts WHERE clinic_id = $1 AND evaluated_version <> version
+SELECT serial FROM pump_forecasts WHERE clinic_id = $1 AND stale
 """
-WORKLIST_STALE_ALL = "SELECT serial FROM pump_forecasts WHERE evaluated_version <> version"
+WORKLIST_STALE_ALL = "SELECT serial FROM pump_forecasts WHERE stale"

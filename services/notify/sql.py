@@ -216,10 +216,10 @@ SELECT f.serial, f.low_alarm_at, f.low_alarm_ml, f.volume_ml, f.state_at, f.ther
 FROM pump_forecasts f
 JOIN pumps p ON p.serial = f.serial
 JOIN patients pt ON pt.id = p.patient_id
-WHERE f.clinic_id = $1 AND f.evaluated_version = f.version AND f.low_alarm_at <= $2
+WHERE f.clinic_id = $1 AND NOT f.stale AND f.low_alarm_at <= $2
 """
 DIGEST_STALE = """
 SELECT f.serial FROM pump_forecasts f JOIN pumps p ON p.serial = f.serial
-WHERE f.clinic_id = $1 AND f.evaluated_version <> f.version AND p.patient_id IS NOT NULL
+WHERE f.clinic_id = $1 AND f.stale AND p.patient_id IS NOT NULL
 ORDER BY f.serial
 """

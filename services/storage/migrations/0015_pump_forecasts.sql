@@ -23,6 +23,9 @@ CREATE TABLE pump_forecasts (
     refill_appointment_at  timestamptz,
     version                bigint NOT NULL DEFAULT 1,
     evaluated_version      bigint NOT NULL DEFAULT 0,
+    -- A column of its own (not the comparison in each query) so that the planner has
+    -- statistics of it: few rows are stale, and their index is the way to them.
+    stale                  boolean GENERATED ALWAYS AS (evaluated_version <> version) STORED,
     evaluated_at           timestamptz,
     -- The newest reading (last contact) and the state the projection starts from (the latest
     -- reading, or a refill recorded after it) with its therapy and the zone flex steps run in.
@@ -48,13 +51,11 @@ CREATE TABLE pump_forecasts (
 );
 
 -- The worklist: fresh rows by deadline, a clinic's and everyone's.
-CREATE INDEX pump_forecasts_due ON pump_forecasts (deadline_at, serial)
-    WHERE evaluated_version = version;
+CREATE INDEX pump_forecasts_due ON pump_forecasts (deadline_at, serial) WHERE NOT stale;
 CREATE INDEX pump_forecasts_clinic_due ON pump_forecasts (clinic_id, deadline_at, serial)
-    WHERE evaluated_version = version;
+    WHERE NOT stale;
 -- What readers compute themselves: few at a time while the engine runs.
-CREATE INDEX pump_forecasts_stale ON pump_forecasts (clinic_id)
-    WHERE evaluated_version <> version;
+CREATE INDEX pump_forecasts_stale ON pump_forecasts (clinic_id) WHERE stale;
 CREATE INDEX pump_forecasts_patient ON pump_forecasts (patient_id) WHERE patient_id IS NOT NULL;
 
 INSERT INTO pump_forecasts (serial, clinic_id, patient_id, refill_appointment_at)
@@ -125,3 +126,8 @@ $$;
 
 CREATE TRIGGER clinics_forecast AFTER UPDATE OF alert_settings, timezone ON clinics
     FOR EACH ROW EXECUTE FUNCTION pump_forecasts_clinic();
+
+-- Who held a pump when (pump_holder, and so alert_clinic and alert_patient on every alert the
+-- worklist, the alert list and the dashboard show): by serial, newest period first, instead of
+-- a scan of every pump's periods for each alert (1 ms each at 10,000 pumps).
+CREATE INDEX pump_assignments_serial_since ON pump_assignments (serial, since DESC);
