@@ -76,14 +76,17 @@ class Engine:
             for serial, (snapshot, context) in sorted(loaded.items()):
                 try:
                     changes, refresh = self._judge(snapshot, stored.get(serial, []))
-                    forecast = forecasts.of(snapshot)
                 except Exception:  # a rule's bug must not stop the other pumps
                     log.exception("evaluation_failed", serial=serial)
                     self.metrics.errors.inc()
                     result.failed.append(serial)
                     continue
                 result.evaluated += 1
-                found.append(forecast)
+                try:  # nor may the read model's keep its alerts from being recorded
+                    found.append(forecasts.of(snapshot))
+                except Exception:
+                    log.exception("forecast_failed", serial=serial)
+                    self.metrics.errors.inc()
                 refreshes.extend((r, now) for r in refresh)
                 for change in changes:
                     await self._apply(conn, change, context, now=now, wall_now=wall_now)
