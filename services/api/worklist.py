@@ -22,10 +22,10 @@ from services.api import models, sql, views
 from services.api.auth import Principal
 from services.api.common import decode_cursor, encode_cursor, scope_of
 from services.api.problems import Problem
-from services.domain import therapy
 from services.storage import forecasts
 from services.storage.database import Connection
 
+_DAY = timedelta(days=1)
 _FIRST = (datetime(1, 1, 1, tzinfo=UTC), "")
 """The cursor of the first page: before every deadline."""
 
@@ -36,12 +36,15 @@ class _Due:
     serial: str
     reason: str | None
     low_alarm_at: datetime | None
-    volume_now_ml: float | None
+    volume_ml: float | None
+    state_at: datetime | None
+    zone: str | None
     drug_name: str | None
     program: dict[str, Any] | None
     last_refill_at: datetime | None
     refill_appointment_at: datetime | None
     patient_id: Any
+    patient: models.Patient | None
     model: str | None
 
 
@@ -61,13 +64,17 @@ async def page(
     scope = scope_of(principal)
     if scope is None:
         rows = await db.fetch(sql.WORKLIST_ALL, horizon, mark[0], mark[1], limit + 1)
-        stale = await db.fetch(sql.WORKLIST_STALE_ALL)
     else:
         rows = await db.fetch(sql.WORKLIST_CLINIC, scope, horizon, mark[0], mark[1], limit + 1)
-        stale = await db.fetch(sql.WORKLIST_STALE_CLINIC, scope)
-    due = [_from_row(r, now) for r in rows]
+    if rows:
+        stale: list[str] = rows[0]["stale"]
+    elif scope is None:
+        stale = await db.fetchval(sql.WORKLIST_STALE_ALL)
+    else:
+        stale = await db.fetchval(sql.WORKLIST_STALE_CLINIC, scope)
+    due = [_from_row(r) for r in rows]
     if stale:
-        due.extend(await _computed(db, [r["serial"] for r in stale], now, horizon, mark))
+        due.extend(await _computed(db, stale, now, horizon, mark))
         due.sort(key=lambda d: (d.deadline_at, d.serial))
     shown = due[:limit]
     items = await _items(db, principal, shown, now)
@@ -78,20 +85,32 @@ async def page(
     )
 
 
-def _from_row(row: Any, now: datetime) -> _Due:
+def _from_row(row: Any) -> _Due:
     return _Due(
         deadline_at=row["deadline_at"],
         serial=row["serial"],
         reason=row["deadline_reason"],
         low_alarm_at=row["low_alarm_at"],
-        volume_now_ml=forecasts.volume_now_ml(
-            row["volume_ml"], row["state_at"], row["therapy"], row["zone"], now
-        ),
+        volume_ml=row["volume_ml"],
+        state_at=row["state_at"],
+        zone=row["zone"],
         drug_name=row["drug_name"],
         program=row["therapy"],
         last_refill_at=row["last_refill_at"],
         refill_appointment_at=row["refill_appointment_at"],
         patient_id=row["patient_id"],
+        patient=None
+        if row["patient_id"] is None
+        else models.Patient(
+            id=row["patient_id"],
+            clinic_id=row["patient_clinic_id"],
+            mrn=row["mrn"],
+            display_name=row["display_name"],
+            birth_date=row["birth_date"],
+            withdrawal_risk=row["withdrawal_risk"],
+            low_alarm_margin_ml=row["low_alarm_margin_ml"],
+            created_at=row["patient_created_at"],
+        ),
         model=row["model"],
     )
 
@@ -117,20 +136,32 @@ async def _computed(
                 serial=serial,
                 reason=forecast.deadline_reason,
                 low_alarm_at=forecast.low_alarm_at,
-                volume_now_ml=forecast.volume_now_ml(now),
+                volume_ml=forecast.volume_ml,
+                state_at=forecast.state_at,
+                zone=forecast.zone,
                 drug_name=forecast.drug_name,
                 program=forecast.therapy,
                 last_refill_at=forecast.last_refill_at,
                 refill_appointment_at=snapshot.refill_appointment_at,
                 patient_id=None,
+                patient=None,
                 model=None,
             )
         )
     if not due:
         return []
     pumps = {r["serial"]: r for r in await db.fetch(sql.PUMPS_OF, [d.serial for d in due])}
+    ids = [p["patient_id"] for p in pumps.values() if p["patient_id"] is not None]
+    patients = {r["id"]: r for r in await db.fetch(sql.PATIENTS_BY_ID, ids)} if ids else {}
     return [
-        replace(d, patient_id=pumps[d.serial]["patient_id"], model=pumps[d.serial]["model"])
+        replace(
+            d,
+            patient_id=pumps[d.serial]["patient_id"],
+            patient=None
+            if pumps[d.serial]["patient_id"] not in patients
+            else views.patient_out(patients[pumps[d.serial]["patient_id"]]),
+            model=pumps[d.serial]["model"],
+        )
         for d in due
         if d.serial in pumps
     ]
@@ -141,25 +172,20 @@ async def _items(
 ) -> list[models.WorklistItem]:
     if not due:
         return []
-    patients: dict[Any, Any] = {}
-    patient_ids = [d.patient_id for d in due if d.patient_id is not None]
-    if patient_ids and principal.identified:
-        patients = {r["id"]: r for r in await db.fetch(sql.PATIENTS_BY_ID, patient_ids)}
     alerts: dict[str, list[models.AlertOut]] = {}
-    for a in await db.fetch(sql.OPEN_ALERTS_OF, [d.serial for d in due]):
+    for a in await db.fetch(sql.WORKLIST_ALERTS, [d.serial for d in due]):
         alerts.setdefault(a["serial"], []).append(views.alert_out(a, principal))
     items = []
     for d in due:
-        patient = patients.get(d.patient_id)
-        days_left = _days(d.low_alarm_at, now)
+        volume = forecasts.volume_now_ml(d.volume_ml, d.state_at, d.program, d.zone, now)
         items.append(
             models.WorklistItem(
                 serial=d.serial,
-                patient=None if patient is None else views.patient_out(patient),
+                patient=d.patient if principal.identified else None,
                 model=d.model,
-                volume_now_ml=None if d.volume_now_ml is None else round(d.volume_now_ml, 3),
+                volume_now_ml=None if volume is None else round(volume, 3),
                 low_alarm_at=d.low_alarm_at,
-                days_left=days_left,
+                days_left=_days(d.low_alarm_at, now),
                 refill_deadline_at=d.deadline_at,
                 refill_deadline_reason=d.reason,
                 days_to_refill_deadline=_days(d.deadline_at, now),
@@ -177,7 +203,8 @@ async def _items(
 
 
 def _days(at: datetime | None, now: datetime) -> float | None:
-    return None if at is None else round(therapy.days_until(at, now), 2)
+    """therapy.days_until, for the times of the database and the request (UTC already)."""
+    return None if at is None else round((at - now) / _DAY, 2)
 
 
 def _cursor_time(value: str | None) -> datetime:

@@ -20,6 +20,8 @@ from services.domain.alerting import Snapshot, Step, Therapy
 from services.storage import sql
 from services.storage.database import Connection
 
+_DAY = timedelta(days=1)
+
 
 @dataclass(frozen=True, slots=True)
 class Forecast:
@@ -159,5 +161,10 @@ def volume_now_ml(
 ) -> float | None:
     if volume_ml is None or state_at is None or program is None:
         return None
+    if not program.get("schedule"):  # a constant rate: no zone, no steps (delivered_ml's way)
+        if now <= state_at:
+            return max(0.0, volume_ml)
+        rate = float(program["rate_ml_per_day"])
+        return max(0.0, volume_ml - rate * ((now - state_at) / _DAY))
     used = therapy.delivered_ml(therapy_of(program), state_at, now, zone_of(zone))
     return max(0.0, volume_ml - used)
