@@ -287,9 +287,6 @@ INSERT INTO claim_failures (serial, at, clinic_id, actor) VALUES ($1, $2, $3, $4
 """
 SET_APPOINTMENT = "UPDATE pumps SET refill_appointment_at = $2 WHERE serial = $1"
 # Pumps of a scope (NULL: every clinic's, assigned or not) for the worklist.
-SCOPE_PUMPS = """
-SELECT p.serial FROM pumps p WHERE ($1::uuid IS NULL OR p.clinic_id = $1) ORDER BY p.serial
-"""
 PUMPS_OF = """
 SELECT p.serial, coalesce(s.model, p.model) AS model, p.patient_id
 FROM pumps p LEFT JOIN pump_state s ON s.serial = p.serial WHERE p.serial = ANY($1::text[])
