@@ -4,6 +4,8 @@ custody changes and pumps the engine has not evaluated yet."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -236,23 +238,26 @@ async def test_a_moved_pump_leaves_its_old_clinic_at_once_even_when_the_engine_r
     await pump_due_in(pool, w.a.id, "NGPRM0006", 4)
     await sweep(pool)
     assert "NGPRM0006" in [i["serial"] for i in await due(api, w.a.clinician)]
-    # An evaluation that read the pump before the move and writes after it.
-    async with pool.acquire() as conn, conn.transaction():
-        now = datetime.now(UTC)
-        seen = await forecasts.versions(conn, ["NGPRM0006"])
-        loaded = await load(conn, ["NGPRM0006"], now=now, wall_now=now, settings=RuleSettings())
-        moved = await api.call(
-            "PUT", "/v1/pumps/NGPRM0006", ADMIN_TOKEN, json={"clinic_id": w.b.id}
-        )
-        assert moved.status_code == 200, moved.text
-        await forecasts.write(conn, [forecasts.of(loaded["NGPRM0006"][0])], seen, wall_now=now)
+    # An evaluation that has read the pump when the move comes: the move waits for its commit
+    # (the row is the evaluation's until then), and then leaves the row B's and stale.
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            now = datetime.now(UTC)
+            seen = await forecasts.versions(conn, ["NGPRM0006"])
+            loaded = await load(conn, ["NGPRM0006"], now=now, wall_now=now, settings=RuleSettings())
+            move = asyncio.create_task(
+                api.call("PUT", "/v1/pumps/NGPRM0006", ADMIN_TOKEN, json={"clinic_id": w.b.id})
+            )
+            await waiting_on_a_lock(pool, move)
+            await forecasts.write(conn, [forecasts.of(loaded["NGPRM0006"][0])], seen, wall_now=now)
+        moved = await move
+    assert moved.status_code == 200, moved.text
     found = await row(pool, "NGPRM0006")
     assert str(found["clinic_id"]) == w.b.id  # the evaluation did not give it back
     assert found["patient_id"] is None
     assert not found["fresh"]  # it computed A's forecast: B's zone and settings may differ
     assert "NGPRM0006" not in [i["serial"] for i in await due(api, w.a.clinician)]
-    b_items = await due(api, w.b.clinician)
-    assert "NGPRM0006" in [i["serial"] for i in b_items]
+    assert "NGPRM0006" in [i["serial"] for i in await due(api, w.b.clinician)]
     await sweep(pool)
     assert (await row(pool, "NGPRM0006"))["fresh"]
     assert "NGPRM0006" not in [i["serial"] for i in await due(api, w.a.clinician)]
@@ -261,6 +266,19 @@ async def test_a_moved_pump_leaves_its_old_clinic_at_once_even_when_the_engine_r
         i["patient"] is None or i["patient"]["clinic_id"] == w.b.id
         for i in await due(api, w.b.clinician)
     )
+
+
+async def waiting_on_a_lock(pool: asyncpg.Pool, task: asyncio.Task[Any]) -> None:
+    """Until another backend of this database waits for a row lock (the task's request)."""
+    deadline = time.monotonic() + 30
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    )
+    while not await pool.fetchval(query):
+        assert not task.done(), task.result().text
+        assert time.monotonic() < deadline, "the move never waited for the evaluation"
+        await asyncio.sleep(0.02)
 
 
 async def test_pages_merge_evaluated_and_unevaluated_pumps_in_deadline_order(

@@ -79,8 +79,9 @@ def of(snapshot: Snapshot) -> Forecast:
 
 
 async def versions(conn: Connection, serials: list[str]) -> dict[str, int]:
-    """The rows' versions now: read before the snapshots are (the engine records what it saw,
-    so a change committed meanwhile leaves the row stale, never wrongly fresh)."""
+    """The rows' versions, locked until the caller's transaction ends: read before the snapshots
+    are (the engine records what it saw; a change to the pump waits for the evaluation's commit
+    and then leaves the row stale, never wrongly fresh)."""
     return {r["serial"]: r["version"] for r in await conn.fetch(sql.FORECAST_VERSIONS, serials)}
 
 

@@ -102,7 +102,13 @@ GROUP BY serial
 
 # --- the pump forecast read model (services/storage/forecasts.py, migration 0015) ------------
 
-FORECAST_VERSIONS = "SELECT serial, version FROM pump_forecasts WHERE serial = ANY($1::text[])"
+# Locked for the evaluation, in serial order, before its alerts: a custody change locks the row
+# (the trigger on pumps) before the pump's alerts, so both take them in one order (no deadlock),
+# and no change can slip between the version read and the row written.
+FORECAST_VERSIONS = """
+SELECT serial, version FROM pump_forecasts WHERE serial = ANY($1::text[])
+ORDER BY serial FOR UPDATE
+"""
 
 # The engine's rows, as of the versions it read before its snapshots ($2), with each pump's
 # unresolved alerts as its transaction sees them. The holder and the booked visit are the

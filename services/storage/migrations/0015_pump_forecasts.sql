@@ -104,7 +104,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.withdrawal_risk IS DISTINCT FROM OLD.withdrawal_risk
        OR NEW.low_alarm_margin_ml IS DISTINCT FROM OLD.low_alarm_margin_ml THEN
-        UPDATE pump_forecasts SET version = version + 1 WHERE patient_id = NEW.id;
+        UPDATE pump_forecasts SET version = version + 1
+        WHERE serial IN (SELECT serial FROM pump_forecasts WHERE patient_id = NEW.id
+                         ORDER BY serial FOR UPDATE);
     END IF;
     RETURN NULL;
 END
@@ -118,7 +120,10 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.alert_settings IS DISTINCT FROM OLD.alert_settings
        OR NEW.timezone IS DISTINCT FROM OLD.timezone THEN
-        UPDATE pump_forecasts SET version = version + 1 WHERE clinic_id = NEW.id;
+        -- In serial order, as the engine locks its batch (no deadlock with it).
+        UPDATE pump_forecasts SET version = version + 1
+        WHERE serial IN (SELECT serial FROM pump_forecasts WHERE clinic_id = NEW.id
+                         ORDER BY serial FOR UPDATE);
     END IF;
     RETURN NULL;
 END
