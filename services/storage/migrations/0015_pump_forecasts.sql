@@ -88,16 +88,22 @@ CREATE TRIGGER pumps_forecast AFTER INSERT OR UPDATE OF clinic_id, patient_id,
     refill_appointment_at ON pumps
     FOR EACH ROW EXECUTE FUNCTION pump_forecasts_pump();
 
+-- Once per statement (ingest stores a batch's events in one), the rows in serial order as the
+-- engine locks its batch: a batch with refills of several pumps cannot deadlock with it.
 CREATE FUNCTION pump_forecasts_refill() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE pump_forecasts SET version = version + 1 WHERE serial = NEW.serial;
+    UPDATE pump_forecasts SET version = version + 1
+    WHERE serial IN (SELECT f.serial FROM pump_forecasts f
+                     WHERE f.serial IN (SELECT serial FROM new_events WHERE type = 'refill')
+                     ORDER BY f.serial FOR UPDATE);
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER events_refill_forecast AFTER INSERT ON events
-    FOR EACH ROW WHEN (NEW.type = 'refill') EXECUTE FUNCTION pump_forecasts_refill();
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION pump_forecasts_refill();
 
 CREATE FUNCTION pump_forecasts_patient() RETURNS trigger
 LANGUAGE plpgsql AS $$
