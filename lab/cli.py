@@ -109,7 +109,9 @@ def simulate(
 
 
 def demo(
-    pumps: Annotated[int, typer.Option(min=1, help="Simulated pumps.")] = 60,
+    pumps: Annotated[
+        int, typer.Option(min=1, help="Simulated pumps (a few stay unclaimed, the rest assigned).")
+    ] = 44,
     seed: Annotated[
         int | None, typer.Option(help="Simulator seed (default: a new one each run).")
     ] = None,
@@ -118,16 +120,23 @@ def demo(
     ] = 86400.0,
     backfill_days: Annotated[
         float, typer.Option(min=0, help="Days of history the fleet uploads first.")
-    ] = 60.0,
+    ] = 90.0,
     data_dir: Annotated[
         str, typer.Option(help="Where the embedded servers keep their data.")
     ] = ".pumpwatch/demo",
     metrics_port: Annotated[int, typer.Option(help="Ingest /metrics and /healthz port.")] = 9101,
     alerts_metrics_port: Annotated[int, typer.Option(help="Alert engine /metrics port.")] = 9102,
     port: Annotated[int, typer.Option(help="HTTP API port.")] = 8000,
+    reset: Annotated[
+        bool,
+        typer.Option(
+            "--reset", help="Remove the data directory first: new clinics, people and fleet."
+        ),
+    ] = False,
 ) -> None:
     """Run everything in one process, on embedded servers unless PUMPWATCH_DATABASE_URL and
-    PUMPWATCH_MQTT_URL are set, with the fleet simulator. Ctrl-C stops it."""
+    PUMPWATCH_MQTT_URL are set, with the fleet simulator and two demo clinics. Started again on
+    the same data directory it resumes the same clinics and fleet. Ctrl-C stops it."""
     _require_lab()
     from pathlib import Path
 
@@ -146,6 +155,7 @@ def demo(
         metrics_port,
         alerts_metrics_port,
         port,
+        reset=reset,
     )
     _run(run_demo(options, Console()), settings)
 
@@ -155,6 +165,16 @@ def bench_ingest(
     messages: Annotated[int, typer.Option(min=100, help="Messages in the stream.")] = 200_000,
     pumps: Annotated[int, typer.Option(min=1, help="Pumps publishing them.")] = 1000,
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+    publisher: Annotated[
+        str,
+        typer.Option(
+            help="Who publishes the stream: 'paho' (the simulator's Python client) or "
+            "'mosquitto_pub' (C, one process per topic), so the publisher is not the limit."
+        ),
+    ] = "paho",
+    publisher_processes: Annotated[
+        int, typer.Option(min=1, help="mosquitto_pub processes at once.")
+    ] = 32,
 ) -> None:
     """Stored messages/s end to end vs. the broker's raw delivery rate, same stream.
 
@@ -170,7 +190,18 @@ def bench_ingest(
     # The figures are the output: only warnings and errors besides them.
     level = "warning" if settings.log_level == "info" else settings.log_level
     logs.configure(level, settings.log_format)
-    run_bench(BenchOptions(messages, pumps, seed), Console())
+    if publisher not in {"paho", "mosquitto_pub"}:
+        raise typer.BadParameter("'paho' or 'mosquitto_pub'", param_hint="--publisher")
+    run_bench(
+        BenchOptions(
+            messages,
+            pumps,
+            seed,
+            "paho" if publisher == "paho" else "mosquitto_pub",
+            publisher_processes,
+        ),
+        Console(),
+    )
 
 
 @bench.command("alerts")

@@ -2,7 +2,11 @@
 
 Starts PostgreSQL (pgserver) and an MQTT broker (mosquitto, else amqtt) when
 ``PUMPWATCH_DATABASE_URL`` / ``PUMPWATCH_MQTT_URL`` are not set, migrates, runs ingest, the
-alert service and the fleet simulator, prints where to look and a status line now and then.
+alert service (its notifications also on MQTT), the API and the fleet simulator, sets up the
+demo's two clinics through the API (``lab.demo_clinic``: people, patients, assigned pumps,
+unclaimed pumps with live claim codes, booked visits), prints where to look and a status line
+now and then. What it needs to resume is kept in the data directory (``lab.demo_state``): a
+restart there goes on with the same clinics and fleet; ``--reset`` starts afresh.
 The simulated devices answer ``resend`` (backfill): one healthy pump's hub loses a few readings
 on the way to the broker early on, and the demo prints ``gap filled …`` once ingest has asked for
 them and stored what the hub resent. Ctrl-C or SIGTERM stops it all and exits 0.
@@ -13,23 +17,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import signal
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 from rich.console import Console
 
-from lab import embedded
+from lab import demo_state, embedded
+from lab.demo_clinic import (
+    BOOKINGS_PER_CLINIC,
+    CLINICS,
+    DemoApi,
+    FleetPlan,
+    book_visits,
+    email_of,
+    plan_fleet,
+    set_up,
+    show_claim_codes,
+)
+from lab.demo_state import DemoState
 from lab.sim.command import simulate
 from lab.sim.fleet import Fault
 from lab.sim.resend import TransitLoss
 from services.alerts.service import AlertsService
 from services.alerts.settings import AlertsSettings
-from services.api import keys, passwords
+from services.api import keys
+from services.api import sql as api_sql
 from services.api.server import serve_until, server
 from services.api.settings import ApiSettings
 from services.ingest.service import IngestService
@@ -69,6 +89,7 @@ class DemoOptions:
     alerts_metrics_port: int
     api_port: int = 8000
     status_every_s: float = 10.0
+    reset: bool = False
 
 
 async def run(options: DemoOptions, console: Console) -> None:
@@ -77,6 +98,13 @@ async def run(options: DemoOptions, console: Console) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     settings = IngestSettings()
+    # The state is kept beside the embedded database it describes, never for a configured one.
+    keeps_state = settings.database_url is None
+    if options.reset:
+        if demo_state.reset(options.data_dir):
+            console.print(f"reset: removed {options.data_dir}")
+        if not keeps_state:
+            console.print("reset: the configured database is left as it is")
     with contextlib.ExitStack() as servers:
         database_url, mqtt_url, mqtt5 = await _servers(settings, options, servers, console)
         conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
@@ -85,50 +113,122 @@ async def run(options: DemoOptions, console: Console) -> None:
         finally:
             await conn.close()
         console.print(f"database migrated ({len(applied)} migrations applied)")
-        admin_key = await _admin_key(database_url)
-        nurse = await _people(database_url)
-
-        ingest_settings = settings.model_copy(
-            update={
-                "database_url": database_url,
-                "mqtt_url": mqtt_url,
-                "mqtt_client_id": "pumpwatch-demo-ingest",
-                "metrics_port": options.metrics_port,
-                "metrics_host": "127.0.0.1",
-                **({} if mqtt5 else {"mqtt_protocol": "3.1.1", "mqtt_share_group": ""}),
-            }
-        )
-        service = IngestService(ingest_settings, stop)
-        ingest = asyncio.create_task(service.run(), name="ingest")
-        notifier = runner.part(NotifySettings(database_url=database_url))
-        alerting = asyncio.create_task(
-            AlertsService(_alerts_settings(database_url, options), stop, (notifier,)).run(),
-            name="alerts",
-        )
-        api = server(ApiSettings(database_url=database_url), "127.0.0.1", options.api_port)
-        serving = asyncio.create_task(serve_until(api, stop), name="api")
-        seed = options.seed if options.seed is not None else secrets.randbelow(1_000_000)
-        # The fleet starts once ingest is subscribed: what it published before would be lost
-        # (ingest's session is new), and with it the readings before the demo's gap.
-        await _until_ready(service, ingest)
-        sim_stop = threading.Event()
-        transit = TransitLoss(count=DEMO_TRANSIT_LOSS)
-        sim = _simulator(options, mqtt_url, mqtt5, seed, sim_stop, transit=transit)
-        sim.start()
-        provisioning = asyncio.create_task(_provision(database_url), name="provision")
-        watching = asyncio.create_task(
-            _watch_gap_filled(database_url, transit, service, console), name="gap"
-        )
-        _print_links(
+        state, resumed = _state(options, keeps_state, console)
+        state.admin_key = await _admin_key(database_url, state.admin_key)
+        if keeps_state:
+            demo_state.save(options.data_dir, state)
+        await _run_on(
+            _On(database_url, mqtt_url, mqtt5, state, keeps_state, resumed),
+            settings,
+            options,
+            stop,
             console,
-            database_url=database_url,
-            mqtt_url=mqtt_url,
-            options=options,
-            seed=seed,
-            admin_key=admin_key,
-            nurse=nurse,
         )
-        try:
+    console.print("demo stopped")
+
+
+@dataclass(frozen=True)
+class _On:
+    """What the demo runs on: its servers and its state."""
+
+    database_url: str
+    mqtt_url: str
+    mqtt5: bool
+    state: DemoState
+    keeps_state: bool
+    resumed: bool
+
+
+async def _run_on(
+    on: _On,
+    settings: IngestSettings,
+    options: DemoOptions,
+    stop: asyncio.Event,
+    console: Console,
+) -> None:
+    database_url, mqtt_url, mqtt5, state = on.database_url, on.mqtt_url, on.mqtt5, on.state
+
+    def save() -> None:
+        if on.keeps_state:
+            demo_state.save(options.data_dir, state)
+
+    plan = plan_fleet(state, DEMO_FAULT_RATES)
+    assert state.admin_key is not None
+    ingest_settings = settings.model_copy(
+        update={
+            "database_url": database_url,
+            "mqtt_url": mqtt_url,
+            "mqtt_client_id": "pumpwatch-demo-ingest",
+            "metrics_port": options.metrics_port,
+            "metrics_host": "127.0.0.1",
+            **({} if mqtt5 else {"mqtt_protocol": "3.1.1", "mqtt_share_group": ""}),
+        }
+    )
+    service = IngestService(ingest_settings, stop)
+    ingest = asyncio.create_task(service.run(), name="ingest")
+    # Alert notifications go out on MQTT too (clinics/{clinic_id}/alerts).
+    notifier = runner.part(NotifySettings(database_url=database_url, mqtt_url=mqtt_url))
+    alerting = asyncio.create_task(
+        AlertsService(_alerts_settings(database_url, options), stop, (notifier,)).run(),
+        name="alerts",
+    )
+    api_url = f"http://127.0.0.1:{options.api_port}"
+    api = server(ApiSettings(database_url=database_url), "127.0.0.1", options.api_port)
+    serving = asyncio.create_task(serve_until(api, stop), name="api")
+    sim_stop = threading.Event()
+    sim: threading.Thread | None = None
+    helpers: list[asyncio.Task[None]] = []
+    try:
+        async with DemoApi(api_url, state.admin_key) as people:
+            await people.ready(serving)
+            await set_up(people, state, plan, database_url, save)
+            console.print(
+                f"clinics ready    {len(CLINICS)} clinics, "
+                f"{sum(len(s) for s in plan.assigned.values())} patients with their pumps, "
+                f"{len(plan.unclaimed)} unclaimed",
+                soft_wrap=True,
+            )
+            # The fleet starts once ingest is subscribed: what it published before would be
+            # lost (ingest's session is new), and with it the readings before the demo's gap.
+            await _until_ready(service, ingest)
+            transit = TransitLoss(count=DEMO_TRANSIT_LOSS)
+            resume_from = await _resume_from(database_url) if on.resumed else None
+            if resume_from is not None:
+                console.print(
+                    f"simulator        resumes at {resume_from:%Y-%m-%d %H:%M} UTC: it first "
+                    "runs the history it already sent, without sending it again (a few seconds "
+                    "per month of history)",
+                    soft_wrap=True,
+                )
+            sim = _simulator(
+                options,
+                state,
+                plan,
+                sim_stop,
+                mqtt_url=mqtt_url,
+                mqtt5=mqtt5,
+                transit=transit,
+                resume_from=resume_from,
+            )
+            sim.start()
+            helpers += [
+                asyncio.create_task(
+                    _helper(book_visits(people, state, database_url, save, console))
+                ),
+                asyncio.create_task(
+                    _helper(show_claim_codes(database_url, plan.unclaimed, console))
+                ),
+                asyncio.create_task(_watch_gap_filled(database_url, transit, service, console)),
+            ]
+            _print_links(
+                console,
+                database_url=database_url,
+                mqtt_url=mqtt_url,
+                options=options,
+                state=state,
+                plan=plan,
+                keeps_state=on.keeps_state,
+            )
             await _report_until_stopped(
                 service,
                 database_url,
@@ -138,19 +238,57 @@ async def run(options: DemoOptions, console: Console) -> None:
                 options=options,
                 console=console,
             )
-        finally:
-            console.print("stopping: simulator, ingest (draining), alerts, API, servers…")
-            sim_stop.set()
-            stop.set()
+    finally:
+        console.print("stopping: simulator, ingest (draining), alerts, API, servers…")
+        sim_stop.set()
+        stop.set()
+        if sim is not None:
             sim.join(10)
-            for helper in (provisioning, watching):
-                helper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await helper
-            await ingest  # re-raises a fatal error
-            await alerting
-            await serving
-    console.print("demo stopped")
+        for helper in helpers:
+            helper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await helper
+        await ingest  # re-raises a fatal error
+        await alerting
+        await serving
+
+
+def _state(options: DemoOptions, keeps_state: bool, console: Console) -> tuple[DemoState, bool]:
+    """The fleet and people of the previous run in this data directory (and True), or new
+    ones."""
+    state = demo_state.load(options.data_dir) if keeps_state else None
+    if state is not None:
+        console.print(
+            f"resuming the demo in {options.data_dir}: the fleet of {state.pumps} pumps (seed "
+            f"{state.seed}) whose history starts {state.started:%Y-%m-%d %H:%M} UTC, and its "
+            "clinics (--reset starts afresh)",
+            soft_wrap=True,
+        )
+        return state, True
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=options.backfill_days)
+    fresh = demo_state.new_state(
+        seed=options.seed, pumps=options.pumps, start=start, backfill_days=options.backfill_days
+    )
+    return fresh, False
+
+
+async def _resume_from(database_url: str) -> datetime | None:
+    """Where the previous run's fleet had got to: the newest stored reading, less one reading
+    interval (pumps report staggered across it; what is sent twice is stored once)."""
+    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
+    try:
+        newest: datetime | None = await conn.fetchval("SELECT max(recorded_at) FROM readings")
+    finally:
+        await conn.close()
+    return None if newest is None else newest - timedelta(minutes=15)
+
+
+async def _helper(work: Coroutine[Any, Any, None]) -> None:
+    """A side task of the demo: its failure is logged, the demo goes on."""
+    try:
+        await work
+    except (httpx.HTTPError, RuntimeError, OSError, asyncpg.PostgresError) as exc:
+        log.warning("demo_helper_failed", error=str(exc))
 
 
 async def _servers(
@@ -176,23 +314,33 @@ async def _servers(
 
 def _simulator(
     options: DemoOptions,
-    mqtt_url: str,
-    mqtt5: bool,
-    seed: int,
+    state: DemoState,
+    plan: FleetPlan,
     stop: threading.Event,
     *,
+    mqtt_url: str,
+    mqtt5: bool,
     transit: TransitLoss,
+    resume_from: datetime | None,
 ) -> threading.Thread:
+    first_refill = (
+        {} if plan.discrepancy is None else {plan.discrepancy: timedelta(days=state.refill_in_days)}
+    )
     return threading.Thread(
         target=simulate,
         name="simulator",
         kwargs={
             "target": parse_mqtt_url(mqtt_url),
-            "pumps": options.pumps,
-            "seed": seed,
+            "pumps": state.pumps,
+            "seed": state.seed,
             "accelerate": options.accelerate,
-            "backfill_days": options.backfill_days,
+            "start": state.started,
+            "fault": [f"{serial}:{k}" for serial, kinds in plan.faults.items() for k in kinds],
             "fault_rate": [f"{fault}={share}" for fault, share in DEMO_FAULT_RATES.items()],
+            "titrating": plan.titrating,
+            "first_refill": first_refill,
+            "claimable": plan.unclaimed,
+            "resume_from": resume_from,
             "client_id": "pumpwatch-demo-simulator",
             "protocol": "5" if mqtt5 else "3.1.1",
             "progress": False,
@@ -299,10 +447,15 @@ async def _start_broker(data_dir: Path) -> embedded.EmbeddedBroker:
         return await embedded.start_amqtt()
 
 
-async def _admin_key(database_url: str) -> str:
-    """A fresh admin key for this run (shown once, like every key)."""
+async def _admin_key(database_url: str, kept: str | None) -> str:
+    """The admin key the state kept, if the database still takes it; else a new one (shown
+    once, like every key, and kept in the state file when there is one)."""
     conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
     try:
+        if kept is not None:
+            row = await conn.fetchrow(api_sql.KEY_BY_HASH, keys.hash_key(kept))
+            if row is not None and row["revoked_at"] is None:
+                return kept
         _, key = await keys.create(
             conn, role="admin", clinic_id=None, label="pumpwatch demo", created_by="demo"
         )
@@ -311,137 +464,49 @@ async def _admin_key(database_url: str) -> str:
     return key
 
 
-DEMO_CLINICS = (("North spinal unit", "north"), ("South pain clinic", "south"))
-
-
-async def _people(database_url: str) -> tuple[str, str]:
-    """The demo clinics, each with a clinic administrator and a nurse (random passwords, this
-    run's); returns the first nurse's email and password, which the demo prints."""
-    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
-    made: list[tuple[str, str]] = []
-    try:
-        for name, tag in DEMO_CLINICS:
-            clinic = await conn.fetchval("SELECT id FROM clinics WHERE name = $1", name)
-            if clinic is None:
-                clinic = await conn.fetchval(
-                    "INSERT INTO clinics (name, timezone) VALUES ($1, 'Europe/Berlin') "
-                    "RETURNING id",
-                    name,
-                )
-            for role, person in (("clinic_admin", "Ada Admin"), ("clinician", "Nora Nurse")):
-                email = f"{person.split()[0].lower()}@{tag}.demo"
-                password = "-".join(secrets.choice(_WORDS) for _ in range(4))
-                hashed = await asyncio.to_thread(passwords.hash_password, password)
-                await conn.execute(
-                    "INSERT INTO users (email, display_name, role, clinic_id, password_hash, "
-                    "password_changed_at, created_by) VALUES ($1, $2, $3, $4, $5, now(), 'demo') "
-                    "ON CONFLICT (email) DO UPDATE SET password_hash = EXCLUDED.password_hash, "
-                    "deactivated_at = NULL",
-                    email,
-                    f"{person} ({tag})",
-                    role,
-                    clinic,
-                    hashed,
-                )
-                made.append((email, password))
-    finally:
-        await conn.close()
-    return made[1]
-
-
-_WORDS = (
-    "amber",
-    "basil",
-    "cedar",
-    "delta",
-    "ember",
-    "fjord",
-    "grove",
-    "harbor",
-    "indigo",
-    "juniper",
-    "kelp",
-    "lagoon",
-    "meadow",
-    "nectar",
-    "orchid",
-    "pebble",
-    "quartz",
-    "river",
-    "saffron",
-    "tundra",
-    "umber",
-    "violet",
-    "willow",
-    "yarrow",
-    "zephyr",
-)
-
-
-async def _provision(database_url: str) -> None:
-    """Once the simulator's pumps have reported, give them to the demo clinics in turn, each
-    with a patient, so the clinics' people see a worklist (later pumps stay the admin's)."""
-    conn = await connect_with_retry(database_url, application_name="pumpwatch-demo")
-    try:
-        for _ in range(120):
-            if await conn.fetchval("SELECT count(*) FROM pumps") > 0:
-                break
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(2)  # let the first burst of pumps arrive
-        clinics = [
-            await conn.fetchval("SELECT id FROM clinics WHERE name = $1", name)
-            for name, _ in DEMO_CLINICS
-        ]
-        serials = await conn.fetch(
-            "SELECT serial FROM pumps WHERE clinic_id IS NULL ORDER BY serial"
-        )
-        for i, row in enumerate(serials):
-            clinic = clinics[i % len(clinics)]
-            async with conn.transaction():
-                patient = await conn.fetchval(
-                    "INSERT INTO patients (clinic_id, mrn, display_name) VALUES ($1, $2, $3) "
-                    "ON CONFLICT (clinic_id, mrn) DO UPDATE SET mrn = EXCLUDED.mrn RETURNING id",
-                    clinic,
-                    f"DEMO-{row['serial']}",
-                    f"Demo patient {i + 1}",
-                )
-                await conn.execute(
-                    "SELECT set_config('pumpwatch.actor', 'demo', true), "
-                    "set_config('pumpwatch.custody', 'provisioned', true)"
-                )
-                await conn.execute(
-                    "UPDATE pumps SET clinic_id = $2, patient_id = $3 WHERE serial = $1",
-                    row["serial"],
-                    clinic,
-                    patient,
-                )
-    finally:
-        await conn.close()
-
-
 def _print_links(
     console: Console,
     *,
     database_url: str,
     mqtt_url: str,
     options: DemoOptions,
-    seed: int,
-    admin_key: str,
-    nurse: tuple[str, str],
+    state: DemoState,
+    plan: FleetPlan,
+    keeps_state: bool,
 ) -> None:
     port = options.metrics_port
     broker_port = parse_mqtt_url(mqtt_url).port
     api = f"http://127.0.0.1:{options.api_port}"
+    first = CLINICS[0]
+    nurse = state.person(email_of(first.nurse, first))
+    assert nurse is not None
+    kept = options.data_dir / demo_state.STATE_FILE
     console.rule("pumpwatch demo is running — Ctrl-C stops it")
     console.print(f"API              {api}   (OpenAPI: {api}/docs)", soft_wrap=True)
     console.print(
-        f"web dashboard    {api}/   sign in as a nurse of the first demo clinic:", soft_wrap=True
+        f"web dashboard    {api}/   sign in as {nurse.display_name}, nurse of the {first.name}:",
+        soft_wrap=True,
     )
-    console.print(f"  nurse email    {nurse[0]}", soft_wrap=True)
-    console.print(f"  nurse password {nurse[1]}", soft_wrap=True)
-    console.print(f"admin key        {admin_key}", soft_wrap=True)
+    console.print(f"  nurse email    {nurse.email}", soft_wrap=True)
+    console.print(f"  nurse password {nurse.password}", soft_wrap=True)
+    others = ", ".join(
+        f"{p.email} ({'clinic admin' if p.role == 'clinic_admin' else 'nurse'})"
+        for p in state.people
+        if p is not nurse
+    )
     console.print(
-        f"  e.g.           curl -H 'Authorization: Bearer {admin_key}' {api}/v1/refills/due",
+        f"  also           {others}; passwords in {kept} (readable by you only), kept for the "
+        "next start"
+        if keeps_state
+        else f"  also           {others}: "
+        + ", ".join(f"{p.email} {p.password}" for p in state.people if p is not nurse)
+        + " (passwords set anew at each start)",
+        soft_wrap=True,
+        highlight=False,
+    )
+    console.print(f"admin key        {state.admin_key}", soft_wrap=True)
+    console.print(
+        f"  e.g.           curl -H 'Authorization: Bearer {state.admin_key}' {api}/v1/refills/due",
         soft_wrap=True,
     )
     console.print(f"ingest metrics   http://127.0.0.1:{port}/metrics", soft_wrap=True)
@@ -455,9 +520,26 @@ def _print_links(
         soft_wrap=True,
     )
     console.print(
-        f"simulator        {options.pumps} pumps, seed {seed}: "
-        f"{options.backfill_days:g} days of history at x{options.accelerate:g}, "
-        "then live",
+        f"alerts on MQTT   every alert change, e.g. mosquitto_sub -p {broker_port} "
+        "-t 'clinics/+/alerts' -v",
+        soft_wrap=True,
+    )
+    days = (datetime.now(UTC) - state.started).total_seconds() / 86400
+    console.print(
+        f"simulator        {state.pumps} pumps, seed {state.seed}: {days:.0f} days of history "
+        f"at x{options.accelerate:g}, then live; dose titration: "
+        f"{', '.join(plan.titrating) or 'none'}; a refill with a discrepancy: "
+        f"{plan.discrepancy or 'none'}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"claims           {', '.join(plan.unclaimed) or 'none'} unclaimed: a 'claim code' line "
+        "shows the code its programmer shows now (a new one every 20 minutes)",
+        soft_wrap=True,
+    )
+    console.print(
+        f"visits           each nurse books {BOOKINGS_PER_CLINIC} refill visits once the history "
+        "is uploaded",
         soft_wrap=True,
     )
     console.print(

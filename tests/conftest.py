@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from playwright.sync_api import expect
 
 from lab.embedded import (
     EmbeddedBroker,
@@ -30,6 +31,10 @@ from lab.embedded import (
     start_postgres,
 )
 from services.storage import migrate
+
+# Browser assertions wait for their condition; on a busy 2-core CI machine a page as big as ReDoc's
+# can take longer than Playwright's 5 s default to render, so every expect() waits up to 60 s.
+expect.set_options(timeout=60_000)
 
 
 def _with_database(url: str, name: str) -> str:

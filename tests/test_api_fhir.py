@@ -38,6 +38,12 @@ SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/pump-observation"
 UCUM = "http://unitsofmeasure.org"
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 MODEL = "SynchroMed II 8637-40"
+MDC = "urn:iso:std:iso:11073:10101"
+MDC_CODES = {
+    "programmed-rate": [(MDC, "157784", "MDC_FLOW_FLUID_PUMP")],
+    "programmed-dose": [(MDC, "157924", "MDC_RATE_DOSE")],
+    "battery-remaining": [(MDC, "67996", "MDC_ATTR_VAL_BATT_CHARGE")],
+}
 UNITS = {
     "reservoir-volume": "mL",
     "programmed-rate": "mL/d",
@@ -356,8 +362,12 @@ def _by_reading(found: list[Observation]) -> dict[datetime, dict[str, Observatio
     grouped: dict[datetime, dict[str, Observation]] = {}
     for item in found:
         assert item.code.coding is not None
-        (coding,) = item.code.coding
+        coding, *others = item.code.coding
         assert coding.system == SYSTEM
+        # Then the ISO/IEEE 11073 code where MDC has one, and nothing else.
+        assert [(c.system, c.code, c.display) for c in others] == MDC_CODES.get(
+            str(coding.code), []
+        )
         grouped.setdefault(when(item.effectiveDateTime), {})[str(coding.code)] = item
     return grouped
 

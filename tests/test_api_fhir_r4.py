@@ -42,6 +42,7 @@ class Seeded:
     alert_a: str
     alert_b: str
     integrator_a: str
+    integrator_b: str
     fleet: str
 
 
@@ -84,6 +85,13 @@ async def _seed(url: str) -> Seeded:
             label="fhir client",
             created_by="test",
         )
+        _, integrator_b = await keys.create(
+            conn,
+            role="integrator",
+            clinic_id=uuid.UUID(made["B"][0]),
+            label="fhir client B",
+            created_by="test",
+        )
         _, fleet = await keys.create(
             conn, role="fleet", clinic_id=None, label="fleet", created_by="test"
         )
@@ -98,6 +106,7 @@ async def _seed(url: str) -> Seeded:
         made["A"][3],
         made["B"][3],
         integrator,
+        integrator_b,
         fleet,
     )
 
@@ -172,6 +181,26 @@ def test_a_clinic_key_reads_its_patient_device_observation_and_flag(seeded: Seed
     assert observation.subject.reference == f"Patient/{seeded.patient_a}"
     assert observation.device.reference == f"Device/{seeded.serial_a}"
     assert observation.valueQuantity.system == "http://unitsofmeasure.org"
+    # The reading as a panel: found by its code, read by its id, its members read in turn.
+    panels = first(
+        Observation.where(
+            struct={"device": seeded.serial_a, "code": "pump-reading", "_count": "1"}
+        ),
+        server,
+    )
+    assert panels.total == 600
+    panel = Observation.read(panels.entry[0].resource.id, server)
+    assert panel.code.coding[0].code == "pump-reading"
+    assert panel.valueQuantity is None
+    assert panel.subject.reference == f"Patient/{seeded.patient_a}"
+    members = [Observation.read(m.reference.split("/", 1)[1], server) for m in panel.hasMember]
+    assert [m.code.coding[0].code for m in members] == [
+        "reservoir-volume",
+        "programmed-rate",
+        "programmed-dose",
+    ]  # the fixture's readings report no battery level
+    assert {m.effectiveDateTime.isostring for m in members} == {panel.effectiveDateTime.isostring}
+    assert observation.id in {m.id for m in members}  # the newest reading's volume
     flag = Flag.read(seeded.alert_a, server)
     assert flag.subject.reference == f"Patient/{seeded.patient_a}"
     assert flag.status == "active"
@@ -184,10 +213,34 @@ def test_another_clinics_resources_are_not_found(seeded: Seeded) -> None:
         .entry[0]
         .resource.id.replace(seeded.serial_a, seeded.serial_b)
     )
+    b_server = smart(seeded.base, seeded.integrator_b).server
+    their_panel = (
+        first(
+            Observation.where(
+                struct={"device": seeded.serial_b, "code": "pump-reading", "_count": "1"}
+            ),
+            b_server,
+        )
+        .entry[0]
+        .resource.id
+    )
+    their_volume = (
+        first(Observation.where(struct={"device": seeded.serial_b, "_count": "1"}), b_server)
+        .entry[0]
+        .resource.id
+    )
+    # Each is clinic B's to read: A's 404s below are tenancy, not ids that name nothing.
+    Patient.read(seeded.patient_b, b_server)
+    Device.read(seeded.serial_b, b_server)
+    Observation.read(their_panel, b_server)
+    Observation.read(their_volume, b_server)
+    Flag.read(seeded.alert_b, b_server)
     for kind, ident in (
         (Patient, seeded.patient_b),
         (Device, seeded.serial_b),
         (Observation, theirs),
+        (Observation, their_volume),
+        (Observation, their_panel),
         (Flag, seeded.alert_b),
         (Patient, str(uuid.uuid4())),
     ):

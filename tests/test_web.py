@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from pypdf import PdfReader
 
 from services.api import keys, passwords
 from services.api.web.chart import Chart, Point, RefillMark, render
@@ -45,8 +46,18 @@ class Seeded:
 
 
 async def _patient(
-    conn: asyncpg.Connection, clinic: str, name: str, *, mrn: str, serial: str, start_ml: float
+    conn: asyncpg.Connection,
+    clinic: str,
+    name: str,
+    *,
+    mrn: str,
+    serial: str,
+    start_ml: float,
+    early_rate: float = 0.25,
 ) -> str:
+    """A patient of the clinic with a pump refilled 60 days ago, read every 6 h since at
+    0.25 mL/day x 2000 mcg/mL (500 mcg/day); ``early_rate`` over the first 30 days (a dose
+    titrated up to 500 mcg/day)."""
     patient = str(
         await conn.fetchval(
             "INSERT INTO patients (clinic_id, mrn, display_name) VALUES ($1, $2, $3) RETURNING id",
@@ -67,7 +78,7 @@ async def _patient(
             serial,
             now - timedelta(hours=hours),
             volume_ml=round(volume, 3),
-            rate_ml_per_day=0.25,
+            rate_ml_per_day=early_rate if hours > 30 * 24 else 0.25,
         )
     return patient
 
@@ -78,7 +89,9 @@ async def _seed(url: str) -> tuple[Seeded, dict[str, str]]:
     try:
         a = await fx.clinic(conn, name="North")
         b = await fx.clinic(conn, name="South")
-        soon = await _patient(conn, a, "Ada Soon", mrn="MRN-A1", serial="NGPWEBA01", start_ml=18.5)
+        soon = await _patient(
+            conn, a, "Ada Soon", mrn="MRN-A1", serial="NGPWEBA01", start_ml=18.5, early_rate=0.2
+        )
         later = await _patient(
             conn, a, "Ben Later", mrn="MRN-A2", serial="NGPWEBA02", start_ml=22.0
         )
@@ -221,6 +234,33 @@ def test_a_clinician_works_through_the_dashboard(server: Seeded, page: Page) -> 
     assert len(chart.locator("path.projection").get_attribute("d") or "") > 20
     _shot(page, "patient")
 
+    # Therapy and titration: the dose chart marks the change and its percentage; the
+    # dose-escalation rule's signal is said in words.
+    doses = page.locator("#dose-chart svg")
+    expect(doses).to_be_visible()
+    expect(doses.locator("g.dose-change")).to_have_count(1)
+    expect(doses.locator("g.dose-change")).to_contain_text("+25%")
+    expect(page.locator("#tolerance")).to_contain_text("Now 500 mcg/day")
+    expect(page.locator("#tolerance")).to_contain_text("400 mcg/day")
+    expect(page.locator("#therapy-table")).to_contain_text("+25%")
+    # Print the report: the page (the browser prints it with its print stylesheet), its PDF.
+    page.get_by_role("link", name="Print report").click()
+    expect(page.get_by_role("heading", name="Patient report: Ada Soon")).to_be_visible()
+    expect(page.locator("#report-dose")).to_have_text("500 mcg/day")
+    expect(page.get_by_role("button", name="Print")).to_be_visible()
+    _shot(page, "report")
+    with page.expect_download() as downloading:
+        page.get_by_role("link", name="Download PDF").click()
+    download = downloading.value
+    assert download.suggested_filename.endswith(".pdf")
+    reader = PdfReader(download.path())
+    text = "\n".join(p.extract_text() for p in reader.pages)
+    for expected in ("Ada Soon", "MRN-A1", "500 mcg/day", "+25%", "18.5 mL", "Reservoir at low"):
+        assert expected in text, (expected, text)
+    assert "Ben Later" not in text
+    page.get_by_role("link", name=re.compile("Back to the patient")).click()
+    expect(page.get_by_role("heading", name=re.compile("Ada Soon"))).to_be_visible()
+
     alert = page.locator(f'li[data-alert="{server.high_alert}"]')
     expect(alert.locator(".status")).to_have_text("open")
     alert.get_by_role("button", name="Acknowledge").click()
@@ -284,6 +324,13 @@ def test_another_clinic_cannot_open_the_patient_page(server: Seeded, page: Page)
     assert response.status == 404
     expect(page.locator("main")).not_to_contain_text("Ada Soon")
     _shot(page, "other-clinic-denied")
+    for path in ("report", "report.pdf"):
+        denied = page.request.get(f"{server.base}/patients/{server.soon}/{path}")
+        assert denied.status == 404
+        assert "Ada Soon" not in denied.text()
+    # Her own patient's pump lost messages for good: the patient page says so.
+    page.goto(f"{server.base}/patients/{server.other}")
+    expect(page.locator("#unrecovered-gaps")).to_contain_text("4 messages lost for good")
 
 
 def test_a_form_post_without_the_csrf_token_is_refused(server: Seeded, page: Page) -> None:
@@ -347,3 +394,82 @@ def test_the_chart_is_an_accessible_svg_with_what_it_shows_in_words() -> None:
     assert "<script>" not in svg  # labels are escaped
     assert svg.count('class="refill flagged"') == 1
     assert "low alarm 2 mL" in svg
+
+
+def test_a_clinician_snoozes_an_alert_within_the_contracts_limits(
+    server: Seeded, page: Page
+) -> None:
+    _sign_in(page, server.base, NURSE_A)
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    page.goto(f"{server.base}/patients/{server.later}")
+    alert = page.locator("li.alert-item").filter(has_text="Dose up 55")
+    hours = alert.get_by_label("Snooze reminders for")
+    # A low priority alert: up to 24 h (a high one: 4 h).
+    expect(hours.locator("option")).to_have_text(["1 h", "2 h", "4 h", "8 h", "12 h", "24 h"])
+    hours.select_option("4")
+    alert.get_by_label("Reason for snoozing").fill("titration review booked")
+    alert.get_by_role("button", name="Snooze").click()
+    alert = page.locator("li.alert-item").filter(has_text="Dose up 55")
+    expect(alert).to_contain_text("reminders snoozed until")
+    expect(alert).to_contain_text("by Nora Nurse (titration review booked)")
+    expect(alert.locator(".status")).to_have_text("open")  # never silenced
+    alert.locator("summary", has_text="History").click()
+    expect(alert.locator(".alert-history")).to_contain_text("snoozed by Nora Nurse")
+    _shot(page, "patient-snoozed")
+    # Beyond the contract's limit (a form sent by hand): refused, in words, beside the alert.
+    token = page.locator('input[name="csrf_token"]').first.get_attribute("value")
+    alert_id = alert.get_attribute("data-alert")
+    refused = page.request.post(
+        f"{server.base}/patients/{server.later}/alerts/{alert_id}/snooze",
+        form={"csrf_token": token or "", "hours": "30", "note": "longer"},
+    )
+    assert refused.status == 422
+    assert "at most 24 h ahead for a low priority alert" in refused.text()
+    nothing = page.request.post(
+        f"{server.base}/patients/{server.later}/alerts/{alert_id}/snooze",
+        form={"csrf_token": token or "", "hours": "2", "note": " "},
+    )
+    assert nothing.status == 422
+    assert "write a note" in nothing.text()
+
+
+DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+@pytest.mark.parametrize("width", [390, 1366])
+def test_the_worklist_and_patient_page_fit_a_phone_and_a_desktop(
+    server: Seeded, browser: Browser, width: int
+) -> None:
+    """No horizontal scrolling at 390 px (tables become cards, the discrepancy opens on a tap);
+    the screenshots the README shows."""
+    phone = width < 500
+    context = browser.new_context(
+        viewport={"width": width, "height": 844 if phone else 900},
+        has_touch=phone,
+        is_mobile=phone,
+    )
+    page = context.new_page()
+    try:
+        _sign_in(page, server.base, NURSE_A)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        expect(page.locator("#due-table")).to_contain_text("Ben Later")
+        wide = page.evaluate("document.documentElement.scrollWidth")
+        assert wide <= width, f"the worklist is {wide} px wide at {width} px"
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(DOCS_SCREENSHOTS / f"worklist-{width}.png"), full_page=True)
+        page.goto(f"{server.base}/patients/{server.soon}")
+        expect(page.locator("#dose-chart svg")).to_be_visible()
+        wide = page.evaluate("document.documentElement.scrollWidth")
+        assert wide <= width, f"the patient page is {wide} px wide at {width} px"
+        discrepancy = page.locator("details.discrepancy").first
+        expect(discrepancy.locator("p")).not_to_be_visible()
+        if phone:
+            discrepancy.locator("summary").tap()
+        else:
+            discrepancy.locator("summary").click()
+        expect(discrepancy.locator("p")).to_be_visible()
+        expect(discrepancy.locator("p")).to_contain_text("Limit")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        page.screenshot(path=str(DOCS_SCREENSHOTS / f"patient-{width}.png"), full_page=True)
+    finally:
+        context.close()

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Literal
@@ -32,6 +32,10 @@ _COUNT_MARGIN = 1.1
 """With ``--count``, the fleet starts early enough that this much more traffic would fit."""
 _HELD_FOR = timedelta(days=7)
 """What each device holds for ``resend`` (MQTT contract 1.1: at least the last 7 days)."""
+
+
+_CLAIMS_BEFORE = timedelta(minutes=30)
+"""Claim codes shown from this long before now on: one is valid as soon as the fleet is live."""
 
 
 class OptionError(ValueError):
@@ -82,6 +86,12 @@ def simulate(
     now: datetime | None = None,
     resend: bool = True,
     transit_loss: TransitLoss | None = None,
+    start: datetime | None = None,
+    titrating: Sequence[str] = (),
+    first_refill: Mapping[str, timedelta] | None = None,
+    claimable: Sequence[str] = (),
+    claims_from: datetime | None = None,
+    resume_from: datetime | None = None,
 ) -> PublishReport:
     """Simulate a fleet of pumps and publish its messages to the broker at ``target``.
 
@@ -119,6 +129,13 @@ def simulate(
       ``gap`` fault loses were never kept: those gaps stay unrecoverable.
     - ``transit_loss``: a few of one healthy pump's readings lost on the way to the broker but
       held by its hub (live runs with ``resend``): a gap backfill fills (the demo's).
+    - ``start``: when the fleet starts (live runs), instead of ``backfill_days`` before now: the
+      same seed and start replay the same history (the demo resuming its fleet).
+    - ``titrating``, ``first_refill``, ``claimable``, ``claims_from``: the demo clinic's pumps
+      (:class:`lab.sim.fleet.Fleet`); claim codes from ``claims_from`` (default: 30 minutes
+      before now) on.
+    - ``resume_from`` (live runs, with ``start``): the devices sent everything before this in
+      an earlier run; the fleet runs up to it without publishing, then goes on as usual.
 
     Raises :class:`OptionError` for an unusable option and
     :class:`lab.sim.publisher.PublishError` when the broker cannot be used.
@@ -149,6 +166,10 @@ def simulate(
                 faults=faults,
                 fault_rates=rates,
                 topic_prefix=topic_prefix,
+                titrating=titrating,
+                first_refill=first_refill,
+                claimable=claimable,
+                claims_from=claims_from or max(start, wall_now - _CLAIMS_BEFORE),
             )
         except ValueError as exc:
             raise OptionError(str(exc)) from None
@@ -179,7 +200,9 @@ def simulate(
                 fleet=fleet,
                 stop=stopping,
             )
-        fleet = fleet_from(wall_now - timedelta(days=backfill_days))
+        fleet = fleet_from(start or wall_now - timedelta(days=backfill_days))
+        if resume_from is not None:
+            _fast_forward(fleet, min(resume_from, wall_now))
         if progress:
             _describe(fleet)
         devices = DeviceBuffers(keep=math.ceil(_HELD_FOR / interval)) if resend else None
@@ -198,6 +221,13 @@ def simulate(
                 devices=devices,
                 transit_loss=transit_loss if resend else None,
             )
+
+
+def _fast_forward(fleet: Fleet, until: datetime) -> None:
+    """Run the fleet to ``until`` without keeping what it sends (a day at a time: bounded
+    memory)."""
+    while fleet.now < until:
+        fleet.advance(min(until, fleet.now + timedelta(days=1)))
 
 
 @contextlib.contextmanager

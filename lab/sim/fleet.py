@@ -20,6 +20,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from lab.sim import truth as ground_truth
+from lab.sim.claims import CLAIM_EVERY, ClaimProgrammer
 from lab.sim.faults import Fault, fault_needs
 from lab.sim.outgoing import Kind, Lost, Outgoing
 from lab.sim.profiles import PumpProfile, generate_profiles
@@ -42,6 +43,13 @@ class Fleet:
     needs a flow sensor, motor_stall a SynchroMed), so fewer if too few can. Both may be combined.
     Profiles do not depend on faults: build a fleet once to look at ``pumps``, then again with
     faults for the serials you picked.
+
+    The demo's clinic (``lab.demo``): ``titrating`` pumps have their dose raised every few
+    weeks (a patient growing tolerant); ``first_refill`` brings a pump's first refill visit this
+    long after the start (its reservoir at the start is set to fit); the programmers of
+    ``claimable`` pumps publish a ``claim`` event with a new code every ``claim_every`` from
+    ``claims_from`` (default: the start) on (:mod:`lab.sim.claims`). None of these changes
+    another message of the fleet.
     """
 
     def __init__(
@@ -54,6 +62,11 @@ class Fleet:
         faults: Mapping[str, Iterable[Fault | str]] | None = None,
         fault_rates: Mapping[Fault, float] | Mapping[str, float] | None = None,
         topic_prefix: str = "",
+        titrating: Iterable[str] = (),
+        first_refill: Mapping[str, timedelta] | None = None,
+        claimable: Iterable[str] = (),
+        claims_from: datetime | None = None,
+        claim_every: timedelta = CLAIM_EVERY,
     ) -> None:
         if pumps < 1:
             raise ValueError("a fleet needs at least one pump")
@@ -73,6 +86,12 @@ class Fleet:
         self.lost: list[Lost] = []
         """Messages the ``gap`` fault lost so far (their sequence numbers were consumed)."""
         t0 = math.ceil(start.timestamp())
+        titrate = set(titrating)
+        refills = dict(first_refill or {})
+        claiming = list(claimable)
+        for serial in {*titrate, *refills, *claiming}:
+            if serial not in {p.serial for p in self.pumps}:
+                raise ValueError(f"no pump {serial!r} in this fleet")
         self._sims = [
             PumpSim(
                 profile,
@@ -82,10 +101,28 @@ class Fleet:
                 phase_s=interval_s * profile.index // pumps,
                 topic_prefix=self.topic_prefix,
                 lost=self.lost,
+                titrating=profile.serial in titrate,
+                first_refill_in_s=(
+                    None
+                    if profile.serial not in refills
+                    else round(refills[profile.serial].total_seconds())
+                ),
             )
             for profile in self.pumps
         ]
+        claims_t = math.ceil((claims_from or start).timestamp())
+        self._claimers = [
+            ClaimProgrammer(
+                serial,
+                seed=seed,
+                from_t=claims_t,
+                every_s=round(claim_every.total_seconds()),
+                topic_prefix=self.topic_prefix,
+            )
+            for serial in claiming
+        ]
         self._heap = [(sim.next_at, i) for i, sim in enumerate(self._sims)]
+        self._heap += [(c.next_at, len(self._sims) + i) for i, c in enumerate(self._claimers)]
         heapq.heapify(self._heap)
         self._by_serial = {p.serial: p for p in self.pumps}
         self.now = start
@@ -175,7 +212,9 @@ class Fleet:
         """Step the pump due first; its message, if this step sends one."""
         heap = self._heap
         i = heap[0][1]
-        sim = self._sims[i]
+        sim: PumpSim | ClaimProgrammer = (
+            self._sims[i] if i < len(self._sims) else self._claimers[i - len(self._sims)]
+        )
         message = sim.step()
         if sim.finished:
             heapq.heappop(heap)

@@ -45,6 +45,10 @@ _DOSE_STEPS = (0.85, 0.9, 0.95, 1.05, 1.1, 1.15)
 """Titration: a prescription change moves the dose by 5-15 %, up or down ..."""
 _DOSE_DRIFT = (0.75, 1.35)
 """... staying within this factor of the initial dose (a maintenance patient, not escalating)."""
+_TITRATION_MEAN_DAYS, _TITRATION_MIN_DAYS = 21.0, 10.0
+_TITRATION_STEPS = (0.9, 1.1, 1.1, 1.1, 1.15, 1.15, 1.2, 1.2)
+_TITRATION_DRIFT = (0.75, 3.0)
+"""A titrating patient (tolerance): the dose is raised every few weeks, mostly by 10-20 %."""
 
 # Measurement and device accuracy.
 _ACCURACY = (0.99, 1.01)
@@ -157,8 +161,12 @@ class PumpSim:
         phase_s: int,
         topic_prefix: str,
         lost: list[Lost],
+        titrating: bool = False,
+        first_refill_in_s: int | None = None,
     ) -> None:
         self.profile = profile
+        self._titrating = titrating
+        self._first_refill_in_s = first_refill_in_s
         faults = profile.faults
         rng = random.Random(f"pumpwatch-sim:{seed}:{profile.serial}:run")
         self._rng = rng
@@ -320,6 +328,9 @@ class PumpSim:
         cycle_days = self._plan_days(float(profile.capacity_ml))
         share = rng.uniform(0.5, 0.95) if Fault.MISSED_REFILL in faults else rng.random()
         since_days = share * cycle_days
+        if self._first_refill_in_s is not None:
+            # The clinic's first visit comes this long after the start (a refill on record).
+            since_days = max(0.0, cycle_days - self._first_refill_in_s / DAY_S)
         programmed = profile.rate_ml_per_day * since_days
         self.calculated_ml = max(0.0, profile.capacity_ml - programmed)
         self.true_ml = max(0.0, profile.capacity_ml - programmed * self._factor)
@@ -333,8 +344,12 @@ class PumpSim:
             t0 + int(rng.expovariate(1.0 / _BOLUS_MEAN_DAYS) * DAY_S), not_before=t0
         )
         self.next_change = self._clinic_time(
-            t0 + int(rng.expovariate(1.0 / _CHANGE_MEAN_DAYS) * DAY_S), not_before=t0
+            t0 + int(rng.expovariate(1.0 / self._change_mean_days) * DAY_S), not_before=t0
         )
+
+    @property
+    def _change_mean_days(self) -> float:
+        return _TITRATION_MEAN_DAYS if self._titrating else _CHANGE_MEAN_DAYS
 
     # -- the step --------------------------------------------------------------------------
 
@@ -495,13 +510,18 @@ class PumpSim:
     def _prescription_change(self, t: int) -> Outgoing | None:
         rng = self._rng
         initial = self.profile.daily_dose_mcg
-        lo, hi = initial * _DOSE_DRIFT[0], initial * _DOSE_DRIFT[1]
-        dose = self.program.daily_dose_mcg * rng.choice(_DOSE_STEPS)
+        drift, steps, least = (
+            (_TITRATION_DRIFT, _TITRATION_STEPS, _TITRATION_MIN_DAYS)
+            if self._titrating
+            else (_DOSE_DRIFT, _DOSE_STEPS, _CHANGE_MIN_DAYS)
+        )
+        lo, hi = initial * drift[0], initial * drift[1]
+        dose = self.program.daily_dose_mcg * rng.choice(steps)
         dose = float(round(min(hi, max(lo, dose)) / 5) * 5)
         self.program = self.program.with_dose(dose)
         self.next_change = self._clinic_time(
-            t + int(rng.expovariate(1.0 / _CHANGE_MEAN_DAYS) * DAY_S),
-            not_before=t + int(_CHANGE_MIN_DAYS * DAY_S),
+            t + int(rng.expovariate(1.0 / self._change_mean_days) * DAY_S),
+            not_before=t + int(least * DAY_S),
         )
         if self._refills:
             # The clinician sees the new projection and brings the booked refill forward if needed.

@@ -37,11 +37,16 @@ from services.api.routes import (
     patients,
     pumps,
     refills,
+    reports,
     users,
     webhooks,
 )
 from services.api.settings import ApiSettings
+from services.api.web import onboarding as web_onboarding
+from services.api.web import patients as web_patients
 from services.api.web import routes as web_routes
+from services.api.web import therapy as web_therapy
+from services.api.web import visits as web_visits
 from services.logs import get
 from services.storage.database import create_pool, prepare_connection
 
@@ -158,6 +163,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         pumps,
         refills,
         exports,
+        reports,
         alerts,
         webhooks,
         fhir_patients,
@@ -165,6 +171,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     ):
         app.include_router(module.router)
     app.include_router(web_routes.router)
+    for page in (web_patients, web_onboarding, web_visits, web_therapy):
+        app.include_router(page.router)
     docs.install(app)
     app.mount("/static", StaticFiles(directory=str(web_routes.STATIC_DIR)), name="static")
     app.add_middleware(_Middleware)

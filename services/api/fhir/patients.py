@@ -203,7 +203,7 @@ async def search_patients(
 # --- the CapabilityStatement ---------------------------------------------------------------------
 
 FHIR_VERSION = "4.0.1"
-RELEASED = "2026-12-01"
+RELEASED = "2026-12-07"
 """When this CapabilityStatement's content last changed (its ``date``)."""
 
 
@@ -264,7 +264,13 @@ def capability_statement(base: str, version: str) -> dict[str, Any]:
                         search=[
                             _param("device", "reference", "required: the pump"),
                             _param("date", "date", "effectiveDateTime; repeatable, all apply"),
-                            _param("code", "token", "the measure, `code` or `system|code`"),
+                            _param(
+                                "code",
+                                "token",
+                                "the measure (pumpwatch's or MDC's code) or `pump-reading`, the "
+                                "readings' panels (found by this code only); `code` or "
+                                "`system|code`",
+                            ),
                         ],
                     ),
                     _resource(

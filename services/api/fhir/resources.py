@@ -1,6 +1,7 @@
 """FHIR R4 resources of our rows: ``Device`` (a pump), ``Observation`` (one measure of a
-reading, in UCUM units), ``Flag`` (an alert) and the searchset ``Bundle`` of a search; the code
-systems and extensions they use, and beside each mapping the example the OpenAPI document shows."""
+reading, in UCUM units, and the reading itself as a panel of them), ``Flag`` (an alert) and the
+searchset ``Bundle`` of a search; the code systems and extensions they use, and beside each
+mapping the example the OpenAPI document shows."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ READING_SYSTEM = "urn:pumpwatch:reading"
 """An Observation's identifier: ``{reading id}-{measure code}`` (its id up to pumpwatch 1.1)."""
 ALERT_SYSTEM = "urn:pumpwatch:alert"
 OBSERVATION_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/pump-observation"
+PANEL_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/pump-panel"
+"""The code of a reading's panel Observation (its own system: ``pump-observation|`` keeps
+selecting the measures only)."""
+PANEL_CODE = "pump-reading"
+PANEL_DISPLAY = "Pump reading"
+MDC = "urn:iso:std:iso:11073:10101"
+"""ISO/IEEE 11073-10101 (MDC), the nomenclature of point-of-care devices; its FHIR system URI as
+HL7's Personal Health Device IG uses it."""
 CATEGORY_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/observation-category"
 RULE_SYSTEM = "https://pumpwatch.dev/fhir/CodeSystem/alert-rule"
 PRIORITY_EXTENSION = "https://pumpwatch.dev/fhir/StructureDefinition/alert-priority"
@@ -45,18 +54,56 @@ class Measure:
     """Human-readable unit (``Quantity.unit``)."""
     ucum: str
     """UCUM code (``Quantity.code``)."""
+    mdc: tuple[str, str] | None = None
+    """The IEEE 11073-10101 (MDC) code and reference id that means the same, when one does."""
 
 
+# MDC codes, each taken from a published source, none guessed (LOINC has none for these):
+# - 157784 MDC_FLOW_FLUID_PUMP ("Rate" of an infusion source) and 157924 MDC_RATE_DOSE ("Dose
+#   Rate"): IHE Patient Care Device Technical Framework vol. 2, the infusion pump parameters
+#   table and its PCD-01 example message (repository IHEPCD/ihe-pcd-tf-2020,
+#   docx/tf-v2-orig.txt, commit 6cec01a7).
+# - 67996 MDC_ATTR_VAL_BATT_CHARGE (battery level, in %): HL7's Personal Health Device IG,
+#   example input/examples/bundle-continuousnonin.json (repository HL7/phd, commit 5af8412f),
+#   an Observation of this code with a UCUM `%` quantity.
+# The reservoir volume has none: the closest, 157872 MDC_VOL_FLUID_TBI_REMAIN, is the volume of
+# an infusion program still to be infused, not the drug in a reservoir, and MDC_INS_RESERVOIR
+# is an insulin pump's.
 MEASURES: tuple[Measure, ...] = (
     Measure("reservoir-volume", "v", "Reservoir volume", "volume_ml", "mL", "mL"),
-    Measure("programmed-rate", "r", "Programmed infusion rate", "rate_ml_per_day", "mL/d", "mL/d"),
-    Measure("programmed-dose", "d", "Programmed daily dose", "daily_dose_mcg", "µg/d", "ug/d"),
-    Measure("battery-remaining", "b", "Battery remaining", "battery_pct", "%", "%"),
+    Measure(
+        "programmed-rate",
+        "r",
+        "Programmed infusion rate",
+        "rate_ml_per_day",
+        "mL/d",
+        "mL/d",
+        ("157784", "MDC_FLOW_FLUID_PUMP"),
+    ),
+    Measure(
+        "programmed-dose",
+        "d",
+        "Programmed daily dose",
+        "daily_dose_mcg",
+        "µg/d",
+        "ug/d",
+        ("157924", "MDC_RATE_DOSE"),
+    ),
+    Measure(
+        "battery-remaining",
+        "b",
+        "Battery remaining",
+        "battery_pct",
+        "%",
+        "%",
+        ("67996", "MDC_ATTR_VAL_BATT_CHARGE"),
+    ),
 )
 OBSERVATION_ID = re.compile(
     r"(?P<serial>[A-Za-z0-9-]{4,32})\.(?P<time>-?[0-9a-z]{1,12})\.(?P<reading>[0-9a-f]{8})"
-    r"\.(?P<measure>[vrdb])"
+    r"(\.(?P<measure>[vrdb]))?"
 )
+"""A measure's Observation id; without the measure's letter, the reading's panel."""
 
 
 class FhirResponse(JSONResponse):
@@ -146,17 +193,21 @@ def _base36(number: int) -> str:
             return digits
 
 
-def observation_id(serial: str, recorded_at: datetime, msg_id: UUID, measure: Measure) -> str:
+def observation_id(
+    serial: str, recorded_at: datetime, msg_id: UUID, measure: Measure | None
+) -> str:
     """``{serial}.{time}.{reading}.{measure}``: the reading's time (microseconds since 1970 in
     base 36) and serial find it through the readings' index; the first 8 hex digits of its id
-    tell readings of one instant apart; the measure is its letter. At most 55 characters (FHIR
-    ids: 64)."""
+    tell readings of one instant apart; the measure is its letter (None: the reading's panel,
+    ``{serial}.{time}.{reading}``). At most 55 characters (FHIR ids: 64)."""
     micros = (recorded_at - _EPOCH) // timedelta(microseconds=1)
-    return f"{serial}.{_base36(micros)}.{msg_id.hex[:8]}.{measure.letter}"
+    panel = f"{serial}.{_base36(micros)}.{msg_id.hex[:8]}"
+    return panel if measure is None else f"{panel}.{measure.letter}"
 
 
-def parse_observation_id(value: str) -> tuple[str, datetime, str, Measure] | None:
-    """The serial, time, reading id prefix and measure of an Observation id, or None."""
+def parse_observation_id(value: str) -> tuple[str, datetime, str, Measure | None] | None:
+    """The serial, time, reading id prefix and measure (None: the panel) of an Observation id,
+    or None."""
     found = OBSERVATION_ID.fullmatch(value)
     if found is None:
         return None
@@ -165,39 +216,44 @@ def parse_observation_id(value: str) -> tuple[str, datetime, str, Measure] | Non
         at = _EPOCH + timedelta(microseconds=micros)
     except OverflowError:
         return None
-    measure = next(m for m in MEASURES if m.letter == found["measure"])
+    letter = found["measure"]
+    measure = None if letter is None else next(m for m in MEASURES if m.letter == letter)
     return found["serial"], at, found["reading"], measure
+
+
+def _codings(measure: Measure) -> list[dict[str, str]]:
+    codings = [{"system": OBSERVATION_SYSTEM, "code": measure.code, "display": measure.display}]
+    if measure.mdc is not None:
+        code, reference_id = measure.mdc
+        codings.append({"system": MDC, "code": code, "display": reference_id})
+    return codings
+
+
+def _subject(serial: str, patient_id: UUID | None) -> dict[str, str]:
+    if patient_id is not None:
+        return _reference("Patient", patient_id)
+    return _reference("Device", serial)
+
+
+_DEVICE_CATEGORY = [
+    {"coding": [{"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}]}
+]
 
 
 def observation(
     row: asyncpg.Record, measure: Measure, serial: str, patient_id: UUID | None
 ) -> dict[str, Any]:
     """One measure of a reading. ``subject`` is the patient the pump was assigned to when the
-    reading was taken (None: nobody, or the fleet role), else the pump itself."""
-    subject = (
-        _reference("Patient", patient_id)
-        if patient_id is not None
-        else _reference("Device", serial)
-    )
+    reading was taken (None: nobody, or the fleet role), else the pump itself. ``code`` is
+    pumpwatch's, then MDC's where MDC has one."""
     return {
         "resourceType": "Observation",
         "id": observation_id(serial, row["recorded_at"], row["msg_id"], measure),
         "identifier": [{"system": READING_SYSTEM, "value": f"{row['msg_id']}-{measure.code}"}],
         "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}
-                ]
-            }
-        ],
-        "code": {
-            "coding": [
-                {"system": OBSERVATION_SYSTEM, "code": measure.code, "display": measure.display}
-            ],
-            "text": measure.display,
-        },
-        "subject": subject,
+        "category": _DEVICE_CATEGORY,
+        "code": {"coding": _codings(measure), "text": measure.display},
+        "subject": _subject(serial, patient_id),
         "effectiveDateTime": instant(row["recorded_at"]),
         "issued": instant(row["received_at"]),
         "valueQuantity": {
@@ -235,6 +291,56 @@ OBSERVATION_EXAMPLE: dict[str, Any] = {
     "issued": "2026-11-20T08:30:02.113Z",
     "valueQuantity": {"value": 17.42, "unit": "mL", "system": UCUM, "code": "mL"},
     "device": {"reference": f"Device/{EXAMPLE_SERIAL}"},
+}
+
+
+def panel(row: asyncpg.Record, serial: str, patient_id: UUID | None) -> dict[str, Any]:
+    """The reading as a whole: a panel (FHIR's grouping of Observations) with no value of its
+    own, its measures' Observations as ``hasMember``. The members name no panel (R4 has no
+    element for it; ``derivedFrom`` would say a value was computed from another)."""
+    members = [
+        {"reference": f"Observation/{observation_id(serial, row['recorded_at'], row['msg_id'], m)}"}
+        for m in MEASURES
+        if row[m.column] is not None
+    ]
+    return {
+        "resourceType": "Observation",
+        "id": observation_id(serial, row["recorded_at"], row["msg_id"], None),
+        "identifier": [{"system": READING_SYSTEM, "value": str(row["msg_id"])}],
+        "status": "final",
+        "category": _DEVICE_CATEGORY,
+        "code": {
+            "coding": [{"system": PANEL_SYSTEM, "code": PANEL_CODE, "display": PANEL_DISPLAY}],
+            "text": PANEL_DISPLAY,
+        },
+        "subject": _subject(serial, patient_id),
+        "effectiveDateTime": instant(row["recorded_at"]),
+        "issued": instant(row["received_at"]),
+        "device": _reference("Device", serial),
+        "hasMember": members,
+    }
+
+
+PANEL_EXAMPLE: dict[str, Any] = {
+    "resourceType": "Observation",
+    "id": f"{EXAMPLE_SERIAL}.hobyoim4g0.3d9b7c0a",
+    "identifier": [{"system": "urn:pumpwatch:reading", "value": _EXAMPLE_READING}],
+    "status": "final",
+    "category": [
+        {"coding": [{"system": CATEGORY_SYSTEM, "code": "device", "display": "Device telemetry"}]}
+    ],
+    "code": {
+        "coding": [{"system": PANEL_SYSTEM, "code": PANEL_CODE, "display": PANEL_DISPLAY}],
+        "text": PANEL_DISPLAY,
+    },
+    "subject": {"reference": f"Patient/{EXAMPLE_PATIENT}"},
+    "effectiveDateTime": "2026-11-20T08:30:00Z",
+    "issued": "2026-11-20T08:30:02.113Z",
+    "device": {"reference": f"Device/{EXAMPLE_SERIAL}"},
+    "hasMember": [
+        {"reference": f"Observation/{EXAMPLE_SERIAL}.hobyoim4g0.3d9b7c0a.{letter}"}
+        for letter in "vrdb"
+    ],
 }
 
 

@@ -1,6 +1,6 @@
 """FHIR R4 read endpoints for integrators: ``Device`` (a pump), ``Observation`` (its readings:
-reservoir volume, programmed rate and dose, battery, in UCUM units) and ``Flag`` (its unresolved
-alerts), as ``application/fhir+json``.
+reservoir volume, programmed rate and dose, battery, in UCUM units; each reading also as a panel
+of these) and ``Flag`` (its unresolved alerts), as ``application/fhir+json``.
 
 Tenancy is the API's: the same keys, the same 404 for another clinic's pump, alert or patient,
 and no patient references for the fleet role. Errors are FHIR ``OperationOutcome`` resources with
@@ -11,6 +11,7 @@ handling (413 from the body limit, 500) stay RFC 9457 problem documents.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any
@@ -44,10 +45,14 @@ from services.api.fhir.resources import (
     EXAMPLE_SERIAL,
     FLAG_CATEGORY_SYSTEM,
     FLAG_EXAMPLE,
+    MDC,
     MEASURES,
     OBSERVATION_EXAMPLE,
     OBSERVATION_ID,
     OBSERVATION_SYSTEM,
+    PANEL_CODE,
+    PANEL_EXAMPLE,
+    PANEL_SYSTEM,
     PRIORITY_EXTENSION,
     RULE_SYSTEM,
     SERIAL_SYSTEM,
@@ -57,6 +62,7 @@ from services.api.fhir.resources import (
     flag,
     observation,
     ok,
+    panel,
     parse_observation_id,
     search_entry,
     searchset,
@@ -65,15 +71,17 @@ from services.api.fhir.resources import (
 from services.api.fhir.search import (
     DEFAULT_COUNT,
     DEVICE_REFERENCE,
+    PANEL_SLOT,
     PATIENT_REFERENCE,
     CodeSearch,
     Count,
     DateSearch,
     PageCursor,
-    cursor_index,
+    cursor_slot,
     date_bounds,
     device_serial,
-    wanted_measures,
+    slot_cursor,
+    wanted_observations,
 )
 from services.api.problems import Problem, not_found, validation_problem
 from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
@@ -146,20 +154,28 @@ async def read_device(serial: Serial, principal: Auth, db: Db) -> FhirResponse:
         "reading's time, `issued` when it arrived, `subject` the patient the pump was assigned "
         "to then (`Patient/{id}`; the pump, `Device/{serial}`, for the fleet role or when it was "
         f"nobody's), `device` the pump, `category` `device` (system `{CATEGORY_SYSTEM}`). "
-        "LOINC has no codes for pump telemetry, so `code` is of the system "
-        f"`{OBSERVATION_SYSTEM}`; "
-        f"`valueQuantity` is in UCUM (`system` `{UCUM}`):\n\n"
-        "| code | value | UCUM |\n|---|---|---|\n"
-        "| `reservoir-volume` | drug in the reservoir | `mL` |\n"
-        "| `programmed-rate` | programmed infusion rate | `mL/d` |\n"
-        "| `programmed-dose` | programmed daily dose | `ug/d` |\n"
-        "| `battery-remaining` | battery charge (when the pump reports it) | `%` |\n\n"
-        "Observation ids are `{serial}.{time}.{reading}.{measure}` (see `GET "
-        "/fhir/Observation/{observation_id}`). Search parameters: `device` (required: "
-        "`{serial}` or `Device/{serial}`), `date` (repeatable, all apply: prefixes `eq` (default), "
-        "`ge`, `gt`, `le`, `lt`, `sa`, `eb`; a year, month or day (UTC) or a date-time with an "
-        "offset; `date=ge2026-11-01&date=lt2026-12-01` is November), `code` (`code`, "
-        "`system|code` or `system|`; a comma means or). Unknown parameters are ignored.\n\n"
+        f"`code` is of the system `{OBSERVATION_SYSTEM}`, followed by the ISO/IEEE 11073-10101 "
+        f"code (system `{MDC}`) where that nomenclature has one (LOINC has none for pump "
+        f"telemetry); `valueQuantity` is in UCUM (`system` `{UCUM}`):\n\n"
+        "| code | value | UCUM | MDC |\n|---|---|---|---|\n"
+        "| `reservoir-volume` | drug in the reservoir | `mL` | none |\n"
+        "| `programmed-rate` | programmed infusion rate | `mL/d` | `157784` "
+        "MDC_FLOW_FLUID_PUMP |\n"
+        "| `programmed-dose` | programmed daily dose | `ug/d` | `157924` MDC_RATE_DOSE |\n"
+        "| `battery-remaining` | battery charge (when the pump reports it) | `%` | `67996` "
+        "MDC_ATTR_VAL_BATT_CHARGE |\n\n"
+        "Each reading is also a panel Observation (FHIR's grouping): code "
+        f"`{PANEL_CODE}` (system `{PANEL_SYSTEM}`), no value, its measures' Observations as "
+        "`hasMember`, the same subject, device and times. Panels are found by their code only "
+        f"(`code={PANEL_CODE}`, alone or with measures: `code={PANEL_CODE},reservoir-volume`); "
+        "without `code`, a search finds the measures. Within a reading the panel comes first.\n\n"
+        "Observation ids are `{serial}.{time}.{reading}.{measure}`, a panel's "
+        "`{serial}.{time}.{reading}` (see `GET /fhir/Observation/{observation_id}`). Search "
+        "parameters: `device` (required: `{serial}` or `Device/{serial}`), `date` (repeatable, "
+        "all apply: prefixes `eq` (default), `ge`, `gt`, `le`, `lt`, `sa`, `eb`; a year, month or "
+        "day (UTC) or a date-time with an offset; `date=ge2026-11-01&date=lt2026-12-01` is "
+        "November), `code` (`code`, `system|code` or `system|`, of either of our systems or "
+        "MDC's; a comma means or). Unknown parameters are ignored.\n\n"
         + _PAGING
         + "\n\n"
         + _TENANCY
@@ -205,7 +221,8 @@ async def search_observations(
         Query(
             alias="code",
             description="Measures: `reservoir-volume`, `programmed-rate`, `programmed-dose`, "
-            "`battery-remaining`, optionally as `system|code`; a comma means or.",
+            f"`battery-remaining` (or their MDC codes); the readings' panels: `{PANEL_CODE}`; "
+            "optionally as `system|code`; a comma means or.",
             examples=[["reservoir-volume,battery-remaining"]],
         ),
     ] = None,
@@ -215,25 +232,39 @@ async def search_observations(
     serial = device_serial(device_param)
     await pump_clinic(db, principal, serial, history=True)
     low, high = date_bounds(date_param or ())
-    wanted = wanted_measures(code_param or ())
+    wanted, panels = wanted_observations(code_param or ())
     after = decode_cursor(cursor, 3)
     at = None if after is None else _cursor_time(after[0])
     msg_id = None if after is None else cursor_uuid(after[1])
-    start_index = 0 if after is None else cursor_index(after[2])
-    if not wanted or low >= high:
+    start_slot = PANEL_SLOT if after is None else cursor_slot(after[2])
+    if not (wanted or panels) or low >= high:
         return FhirResponse(searchset(request, [], None, total=0))
     codes = {m.code for m in wanted}
-    total = await db.fetchval(
-        sql.FHIR_OBSERVATIONS_TOTAL,
-        serial,
-        low,
-        high,
-        "reservoir-volume" in codes,
-        "programmed-rate" in codes,
-        "programmed-dose" in codes,
-        "battery-remaining" in codes,
-        scope_of(principal),
-    )
+    total = 0
+    if wanted:
+        total += await db.fetchval(
+            sql.FHIR_OBSERVATIONS_TOTAL,
+            serial,
+            low,
+            high,
+            "reservoir-volume" in codes,
+            "programmed-rate" in codes,
+            "programmed-dose" in codes,
+            "battery-remaining" in codes,
+            scope_of(principal),
+        )
+    if panels:  # one per reading: counted as the volume is (every reading has one)
+        total += await db.fetchval(
+            sql.FHIR_OBSERVATIONS_TOTAL,
+            serial,
+            low,
+            high,
+            True,
+            False,
+            False,
+            False,
+            scope_of(principal),
+        )
     patient_at = await patients_at(db, principal, serial)
     base = base_url(request)
     rows = await db.fetch(
@@ -243,25 +274,35 @@ async def search_observations(
         high,
         at,
         msg_id,
-        bool(codes & {"reservoir-volume", "programmed-rate"}),
+        panels or bool(codes & {"reservoir-volume", "programmed-rate"}),
         "programmed-dose" in codes,
         "battery-remaining" in codes,
         count + 2,  # every row has an Observation wanted; the cursor's may have none left
         scope_of(principal),
     )
+    slots = ([PANEL_SLOT] if panels else []) + [
+        index for index, measure in enumerate(MEASURES) if measure in wanted
+    ]
     entries: list[dict[str, Any]] = []
     next_cursor = None
     for row in rows:
         resumed = row["recorded_at"] == at and row["msg_id"] == msg_id
-        for index, measure in enumerate(MEASURES):
-            if measure not in wanted or row[measure.column] is None:
+        for slot in slots:
+            if slot != PANEL_SLOT and row[MEASURES[slot].column] is None:
                 continue
-            if resumed and index < start_index:
+            if resumed and slot < start_slot:
                 continue
             if len(entries) == count:
-                next_cursor = encode_cursor(row["recorded_at"].isoformat(), row["msg_id"], index)
+                next_cursor = encode_cursor(
+                    row["recorded_at"].isoformat(), row["msg_id"], slot_cursor(slot)
+                )
                 break
-            resource = observation(row, measure, serial, patient_at(row["recorded_at"]))
+            subject = patient_at(row["recorded_at"])
+            resource = (
+                panel(row, serial, subject)
+                if slot == PANEL_SLOT
+                else observation(row, MEASURES[slot], serial, subject)
+            )
             entries.append(search_entry(resource, f"{base}/Observation/{resource['id']}"))
         if next_cursor is not None:
             break
@@ -289,20 +330,28 @@ async def patients_at(
 
 @router.get(
     "/Observation/{observation_id}",
-    summary="One measure of a reading as a FHIR Observation",
+    summary="One measure of a reading, or the reading's panel, as a FHIR Observation",
     description=(
         "The Observation with this id, as `GET /fhir/Observation` finds it: ids are "
         "`{serial}.{time}.{reading}.{measure}` (the reading's time in microseconds since 1970 "
         "in base 36, the first 8 hex digits of its id, the measure's letter: `v` volume, `r` "
         "rate, `d` dose, `b` battery); `identifier` (system `urn:pumpwatch:reading`) is "
-        "`{reading id}-{code}`. `subject` is the patient the pump was assigned to when the "
+        "`{reading id}-{code}`. Without the measure's letter, `{serial}.{time}.{reading}` is the "
+        f"reading's panel (code `{PANEL_CODE}`, its measures as `hasMember`, `identifier` the "
+        "reading id), for example:\n\n```json\n"
+        + json.dumps(PANEL_EXAMPLE, indent=1)
+        + "\n```\n\n`subject` is the patient the pump was assigned to when the "
         "reading was taken (the pump itself for the fleet role or when it was nobody's), "
         "`device` the pump. A clinic reads the readings of the periods in which it held the "
         "pump.\n\n" + _TENANCY
     ),
     response_class=FhirResponse,
     responses={
-        200: ok("Observation", OBSERVATION_EXAMPLE, "The reading's measure as an Observation"),
+        200: ok(
+            "Observation",
+            OBSERVATION_EXAMPLE,
+            "The reading's measure (or the reading's panel) as an Observation",
+        ),
         **ERRORS,
     },
 )
@@ -324,10 +373,13 @@ async def read_observation(
     serial, at, reading, measure = parsed
     await pump_clinic(db, principal, serial, history=True)
     row = await db.fetchrow(sql.FHIR_READING, serial, at, reading, scope_of(principal))
-    if row is None or row[measure.column] is None:
+    if row is None or (measure is not None and row[measure.column] is None):
         raise not_found("observation")
     patient_at = await patients_at(db, principal, serial)
-    return FhirResponse(observation(row, measure, serial, patient_at(row["recorded_at"])))
+    subject = patient_at(row["recorded_at"])
+    if measure is None:
+        return FhirResponse(panel(row, serial, subject))
+    return FhirResponse(observation(row, measure, serial, subject))
 
 
 @router.get(

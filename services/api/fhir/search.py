@@ -1,6 +1,6 @@
 """FHIR search parameters of the FHIR routes: the ``device`` and ``patient`` references, ``date``
-values (prefix and precision) as bounds of ``recorded_at``, ``code`` tokens as the measures they
-select, and paging (``_count``, ``_cursor``)."""
+values (prefix and precision) as bounds of ``recorded_at``, ``code`` tokens as the measures (and
+panels) they select, and paging (``_count``, ``_cursor``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from typing import Annotated
 from fastapi import Query
 from pydantic import StringConstraints
 
-from services.api.fhir.resources import MEASURES, OBSERVATION_SYSTEM, Measure
+from services.api.fhir.resources import (
+    MDC,
+    MEASURES,
+    OBSERVATION_SYSTEM,
+    PANEL_CODE,
+    PANEL_SYSTEM,
+    Measure,
+)
 from services.api.problems import FieldError, Problem
 
 DEFAULT_COUNT = 50
@@ -147,29 +154,59 @@ def date_bounds(values: Sequence[str]) -> tuple[datetime, datetime]:
     return low, high
 
 
-def wanted_measures(params: Sequence[str]) -> tuple[Measure, ...]:
-    """The measures the ``code`` parameters select: each a comma-separated list of tokens
-    (``code``, ``system|code``, ``system|``) of which one must match; all parameters apply."""
-    wanted = list(MEASURES)
+def _matches(system: str | None, code: str, measure: Measure | None) -> bool:
+    """Whether a ``code`` token (``system`` None: no ``|``, any system; ``code`` empty: every
+    code of the system) names a measure's Observation (one of its codings) or, ``measure``
+    None, a panel."""
+    codings = (
+        [(PANEL_SYSTEM, PANEL_CODE)]
+        if measure is None
+        else [(OBSERVATION_SYSTEM, measure.code)] + ([(MDC, measure.mdc[0])] if measure.mdc else [])
+    )
+    return any(
+        (system is None or system == own_system) and code in ("", own_code)
+        for own_system, own_code in codings
+    )
+
+
+def wanted_observations(params: Sequence[str]) -> tuple[tuple[Measure, ...], bool]:
+    """The measures the ``code`` parameters select, and whether the readings' panels are
+    selected: each parameter a comma-separated list of tokens (``code``, ``system|code``,
+    ``system|``) of which one must match; all parameters apply. Without any, every measure and
+    no panel: a panel is found by its code only (``pump-reading``)."""
+    wanted: list[Measure | None] = list(MEASURES)
+    if params:
+        wanted.append(None)
     for param in params:
-        chosen: set[str] = set()
+        tokens: list[tuple[str | None, str]] = []
         for token in param.split(","):
             system, bar, code = token.rpartition("|")
-            if bar and system != OBSERVATION_SYSTEM:
-                continue  # another system (or `|code`: none) has none of these codes
-            if bar and code == "":
-                chosen.update(m.code for m in MEASURES)  # `system|`: every code of ours
-            else:
-                chosen.add(code)
-        wanted = [m for m in wanted if m.code in chosen]
-    return tuple(wanted)
+            if not bar:
+                if code:
+                    tokens.append((None, code))
+            elif system:  # `|code` (no system) names none of these codes
+                tokens.append((system, code))
+        wanted = [m for m in wanted if any(_matches(sy, co, m) for sy, co in tokens)]
+    measures = tuple(m for m in wanted if m is not None)
+    return measures, None in wanted
 
 
 def device_serial(reference: str) -> str:
     return reference.removeprefix("Device/")
 
 
-def cursor_index(value: str | None) -> int:
+PANEL_SLOT = -1
+"""Where a reading's panel is within its Observations (first; its measures are 0, 1, ...)."""
+
+
+def cursor_slot(value: str | None) -> int:
+    """The Observation of a reading a page starts at: ``p`` its panel, else a measure's index."""
+    if value == "p":
+        return PANEL_SLOT
     if value is None or not value.isdigit() or int(value) >= len(MEASURES):
         raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor")
     return int(value)
+
+
+def slot_cursor(slot: int) -> str:
+    return "p" if slot == PANEL_SLOT else str(slot)

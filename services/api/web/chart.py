@@ -74,7 +74,7 @@ def render(chart: Chart) -> str:
             f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" '
             f'text-anchor="end">{volume:.0f}</text>'
         )
-    parts.append(f'<text class="axis" x="4" y="{TOP + 4}">mL</text>')
+    parts.append(f'<text class="axis" x="{LEFT + 4}" y="{TOP + 12}">mL</text>')
     tick = chart.start
     step = timedelta(days=max(1, round((chart.end - chart.start).days / 6)))
     while tick <= chart.end:

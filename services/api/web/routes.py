@@ -26,6 +26,7 @@ from services.api.routes import patients as patient_routes
 from services.api.routes import pumps as pump_routes
 from services.api.routes import refills as refill_routes
 from services.api.web import sessions
+from services.api.web import therapy as therapy_page
 from services.api.web.chart import Chart, Point, RefillMark, render
 from services.domain import rules, therapy
 from services.domain.alerting import Snapshot
@@ -382,13 +383,14 @@ async def patient_page(patient_id: UUID, request: Request, db: Db) -> Response:
     session = await _session(db, request)
     if session is None:
         return _to_login(request)
-    return await _patient(patient_id, session, db)
+    return await _patient(patient_id, session, db, request)
 
 
 async def _patient(
     patient_id: UUID,
     session: sessions.Session,
     db: Connection,
+    request: Request,
     *,
     refused: dict[UUID, str] | None = None,
     status: int = 200,
@@ -424,6 +426,8 @@ async def _patient(
             )
         ).items
     alerts.sort(key=lambda a: (a.status == "resolved", PRIORITY_ORDER[a.priority], a.opened_at))
+    more = await therapy_page.extras(db, principal, patient_id, alerts)
+    settings = request.app.state.settings
     return _page(
         "patient.html",
         session=session,
@@ -434,6 +438,11 @@ async def _patient(
         refused=refused or {},
         status=status,
         tz=await _zone(db, dashboard.patient.clinic_id),
+        report=more.report,
+        histories=more.histories,
+        snooze_hours={
+            p: therapy_page.snooze_choices(settings, p) for p in ("high", "medium", "low")
+        },
     )
 
 
@@ -446,12 +455,13 @@ async def alert_action(
     db: Db,
     csrf_token: Annotated[str, Form(max_length=200)] = "",
     note: Annotated[str, Form(max_length=2000)] = "",
+    hours: Annotated[str, Form(max_length=10)] = "",
 ) -> Response:
     session = await _session(db, request)
     if session is None:
         return _to_login(request)
     _check_csrf(session, csrf_token)
-    if action not in ("acknowledge", "resolve"):
+    if action not in ("acknowledge", "resolve", "snooze"):
         raise Problem(404, "no such action", kind="not-found")
     body = models.NoteIn(note=note.strip() or None)
     # The audit row names the alert acted on (the API's route writes it with the change); a
@@ -460,14 +470,20 @@ async def alert_action(
     try:
         if action == "acknowledge":
             await alert_routes.acknowledge(alert_id, session.principal, db, request, body)
-        else:
+        elif action == "resolve":
             await alert_routes.resolve(alert_id, session.principal, db, request, body)
+        else:
+            snooze = therapy_page.snooze_body(hours, note, datetime.now(UTC))
+            await alert_routes.snooze(alert_id, snooze, session.principal, db, request)
     except Problem as exc:
-        if exc.status != 409:
+        if exc.status not in (409, 422):
             raise
-        # Refused as things stand (the condition still holds, or it changed meanwhile): the
-        # page says why, beside the alert.
-        return await _patient(patient_id, session, db, refused={alert_id: exc.detail}, status=409)
+        # Refused as things stand (the condition still holds, or it changed meanwhile; a
+        # snooze beyond the contract's limits, or without a note): the page says why, beside
+        # the alert.
+        return await _patient(
+            patient_id, session, db, request, refused={alert_id: exc.detail}, status=exc.status
+        )
     return RedirectResponse(f"/patients/{patient_id}#alerts", status_code=303)
 
 

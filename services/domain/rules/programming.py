@@ -13,13 +13,14 @@ dose keeps rising.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
 from services.domain import therapy
-from services.domain.alerting import DoseChange, Finding, Priority, Rule
+from services.domain.alerting import DoseChange, Finding, Priority, Rule, RuleSettings
 from services.domain.contract import DOSE_TOLERANCE
 from services.domain.rules.common import EPS, Check, Resolve, View, finding, iso, rounded
 
@@ -130,6 +131,42 @@ def _programming_check(view: View) -> Finding | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Tolerance:
+    """What the dose-escalation rule sees in a dose history, flagged or not: the dose now, the
+    lowest in force within the window, the rise between them and the run of increases."""
+
+    current: DoseChange
+    lowest: DoseChange
+    rise: float
+    """current / lowest - 1 (0 when the lowest is 0)."""
+    increases_in_a_row: int
+    window_days: float
+    title: str | None
+    """The alert's title when the rule flags it (None: no escalation)."""
+
+
+def tolerance(
+    dose_changes: Sequence[DoseChange], now: datetime, settings: RuleSettings
+) -> Tolerance | None:
+    """The dose-escalation signal of a dose history as of ``now`` (None: fewer than two doses
+    in force within the window, nothing to compare)."""
+    changes = sorted(dose_changes, key=lambda c: c.at)
+    window_days = settings.dose_escalation_window_days
+    doses = _in_force(changes, now - timedelta(days=window_days), now)
+    if len(doses) < 2:
+        return None
+    current, lowest = doses[-1], min(doses, key=lambda c: c.daily_dose_mcg)
+    rise = current.daily_dose_mcg / lowest.daily_dose_mcg - 1 if lowest.daily_dose_mcg > 0 else 0
+    run = _increases_in_a_row(doses)
+    title = None
+    if rise >= settings.dose_escalation_fraction - EPS:
+        title = f"Dose up {rise:.0%} in {window_days:g} days"
+    elif run >= settings.dose_escalation_increases:
+        title = f"Dose raised {run} times in a row"
+    return Tolerance(current, lowest, rise, run, window_days, title)
+
+
+@dataclass(frozen=True, slots=True)
 class _Escalation:
     title: str
     current: DoseChange
@@ -138,28 +175,18 @@ class _Escalation:
 
 
 def _escalation(view: View) -> _Escalation | None:
-    settings = view.settings
-    changes = sorted(view.snapshot.dose_changes, key=lambda c: c.at)
-    window_days = settings.dose_escalation_window_days
-    doses = _in_force(changes, view.now - timedelta(days=window_days), view.now)
-    if len(doses) < 2:
+    found = tolerance(view.snapshot.dose_changes, view.now, view.settings)
+    if found is None or found.title is None:
         return None
-    current, lowest = doses[-1], min(doses, key=lambda c: c.daily_dose_mcg)
-    rise = current.daily_dose_mcg / lowest.daily_dose_mcg - 1 if lowest.daily_dose_mcg > 0 else 0
-    run = _increases_in_a_row(doses)
     facts: dict[str, Any] = {
-        "daily_dose_mcg": current.daily_dose_mcg,
-        "lowest_daily_dose_mcg": lowest.daily_dose_mcg,
-        "lowest_at": iso(lowest.at),
-        "rise": rounded(rise, 4),
-        "increases_in_a_row": run,
-        "window_days": window_days,
+        "daily_dose_mcg": found.current.daily_dose_mcg,
+        "lowest_daily_dose_mcg": found.lowest.daily_dose_mcg,
+        "lowest_at": iso(found.lowest.at),
+        "rise": rounded(found.rise, 4),
+        "increases_in_a_row": found.increases_in_a_row,
+        "window_days": found.window_days,
     }
-    if rise >= settings.dose_escalation_fraction - EPS:
-        return _Escalation(f"Dose up {rise:.0%} in {window_days:g} days", current, lowest, facts)
-    if run >= settings.dose_escalation_increases:
-        return _Escalation(f"Dose raised {run} times in a row", current, lowest, facts)
-    return None
+    return _Escalation(found.title, found.current, found.lowest, facts)
 
 
 def _increases_in_a_row(doses: list[DoseChange]) -> int:

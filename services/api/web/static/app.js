@@ -1,4 +1,11 @@
-// Refresh the worklist in place every 30 s (no full reload); nothing else needs script.
+// Print buttons (the patient report): the browser's print dialog, with the print stylesheet.
+(function () {
+  var buttons = document.querySelectorAll("[data-print]");
+  for (var i = 0; i < buttons.length; i++) {
+    buttons[i].addEventListener("click", function () { window.print(); });
+  }
+})();
+// Refresh the worklist in place every 30 s (no full reload).
 (function () {
   var box = document.getElementById("worklist");
   if (!box) return;
