@@ -317,6 +317,18 @@ def bench_api(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated fleet.")] = 7,
+    worklist_pumps: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Fleet of the worklist phases (a clinic's and the admin's); 0 skips them."
+        ),
+    ] = 10_000,
+    worklist_clinic_pumps: Annotated[
+        int, typer.Option(min=1, help="Pumps per clinic in the worklist phases.")
+    ] = 400,
+    worklist_only: Annotated[
+        bool, typer.Option(help="Only the worklist phases (not the history runs).")
+    ] = False,
 ) -> None:
     """Dashboard, worklist and telemetry latency (p50/p99) and requests/s under concurrent
     clients, on a fleet seeded with a year of readings (and with a month, for comparison).
@@ -343,6 +355,9 @@ def bench_api(
         warmup_seconds=warmup_seconds,
         admin_clients=admin_clients,
         seed=seed,
+        worklist_pumps=worklist_pumps,
+        worklist_clinic_pumps=worklist_clinic_pumps,
+        worklist_only=worklist_only,
     )
     if paced_rate:
         options = dataclasses.replace(options, paced_rates=tuple(paced_rate))

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,44 @@ async def test_two_alert_services_raise_each_alert_once(
     finally:
         first.stop_quietly()
         second.stop_quietly()
+
+
+async def test_the_service_keeps_the_read_model_as_ingest_stores_readings(
+    ingest: IngestProcess, database_url: str, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Issue 20: a pump ingest creates has a stale row at once (the worklist computes it); the
+    alert service, woken by ingest, writes it; a newer reading moves it."""
+    serial = "NGP300001A"
+
+    async def row() -> Any:
+        found = await fetch(
+            database_url,
+            "SELECT evaluated_version = version AS fresh, volume_ml, deadline_at "
+            "FROM pump_forecasts WHERE serial = $1",
+            serial,
+        )
+        return found[0] if found else None
+
+    async def until(check: Callable[[Any], bool], timeout_s: float = 30) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not check(found := await row()):
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.05)
+        return found
+
+    now = datetime.now(UTC)
+    publish(broker, [(f"pumps/{serial}/telemetry", encode(telemetry(
+        serial=serial, seq=1, volume_ml=20.0, recorded_at=now - timedelta(minutes=10)
+    )))])  # fmt: skip
+    assert not (await until(lambda r: r is not None))["fresh"]  # ingest made the pump
+    alerts = alerts_process(database_url, broker, tmp_path / "alerts.log")
+    try:
+        alerts.start()
+        first = await until(lambda r: r["fresh"] and r["volume_ml"] == 20.0)
+        publish(broker, [(f"pumps/{serial}/telemetry", encode(telemetry(
+            serial=serial, seq=2, volume_ml=10.0, recorded_at=now - timedelta(minutes=1)
+        )))])  # fmt: skip
+        second = await until(lambda r: r["fresh"] and r["volume_ml"] == 10.0)
+        assert second["deadline_at"] < first["deadline_at"] - timedelta(days=30)
+    finally:
+        alerts.stop_quietly()

@@ -107,6 +107,7 @@ def test_the_bench_drives_every_route_without_errors(pg_admin_url: str) -> None:
         warmup_seconds=0.2,
         admin_clients=1,
         paced_rates=(4.0,),
+        worklist_pumps=0,  # the next test's
     )
     out = io.StringIO()
     report = bench.run(options, Console(file=out, width=200), admin_url=pg_admin_url)
@@ -134,6 +135,38 @@ def test_the_bench_drives_every_route_without_errors(pg_admin_url: str) -> None:
     assert "2 concurrent clients offering 4 dashboards/s" in text
     assert "in a closed loop" in text
     assert "1 day vs 3 days" in text
+
+
+def test_the_worklist_phases_read_the_seeded_read_model_and_then_compute(
+    pg_admin_url: str,
+) -> None:
+    options = bench.ApiBenchOptions(
+        clients=2,
+        seconds=1,
+        warmup_seconds=0.2,
+        worklist_pumps=12,
+        worklist_clinic_pumps=4,
+        worklist_only=True,
+    )
+    out = io.StringIO()
+    report = bench.run(options, Console(file=out, width=200), admin_url=pg_admin_url)
+    text = out.getvalue()
+    assert report.errors == 0, text
+    assert report.phases == []
+    assert "read model: 12 rows written" in text
+    assert [(p.route, p.history, p.clients, p.offered_rate) for p in report.worklists] == [
+        ("patient", "-", 2, None),
+        ("worklist (clinic)", "read model", 2, None),
+        ("worklist (clinic)", "read model", 2, 100.0),
+        ("worklist (all, admin)", "read model", 2, None),
+        ("worklist (all, admin)", "read model", 2, 100.0),
+        ("worklist (clinic)", "computed per request", 5, None),
+        ("worklist (all, admin)", "computed per request", 1, None),
+    ]
+    for phase in report.worklists:
+        assert phase.requests > 0, phase.route
+        assert set(phase.statuses) == {200}, (phase.route, phase.error_sample)
+    assert "capacity" in text
 
 
 async def test_the_api_serves_more_concurrent_requests_than_its_pool_has_connections(

@@ -2,7 +2,8 @@
 
 Every change an evaluation makes (alert opened, reopened, escalated, eased, resolved) is written
 with its history row and an outbox row in the same transaction, so a notification can never
-announce what did not happen, nor miss what did.
+announce what did not happen, nor miss what did. The pump's forecast (the read model the
+worklist reads, services/storage/forecasts.py) is written in the same transaction, after them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from services.alerts.metrics import AlertsMetrics
 from services.domain import conditions, rules
 from services.domain.alerting import Priority, Rule, RuleSettings, Snapshot
 from services.logs import get
-from services.storage import outbox
+from services.storage import forecasts, outbox
 from services.storage.database import Connection
 from services.storage.snapshots import PumpContext, load
 
@@ -67,9 +68,11 @@ class Engine:
             await conn.execute(sql.LOCK_PUMPS, serials)
             wall_now = datetime.now(UTC)
             now = await self._now(conn, wall_now)
+            seen = await forecasts.versions(conn, serials)
             loaded = await load(conn, serials, now=now, wall_now=wall_now, settings=self.settings)
             stored = await self._stored(conn, serials)
             refreshes: list[tuple[Refresh, datetime]] = []
+            found: list[forecasts.Forecast] = []
             for serial, (snapshot, context) in sorted(loaded.items()):
                 try:
                     changes, refresh = self._judge(snapshot, stored.get(serial, []))
@@ -79,6 +82,11 @@ class Engine:
                     result.failed.append(serial)
                     continue
                 result.evaluated += 1
+                try:  # nor may the read model's keep its alerts from being recorded
+                    found.append(forecasts.of(snapshot))
+                except Exception:
+                    log.exception("forecast_failed", serial=serial)
+                    self.metrics.errors.inc()
                 refreshes.extend((r, now) for r in refresh)
                 for change in changes:
                     await self._apply(conn, change, context, now=now, wall_now=wall_now)
@@ -86,6 +94,8 @@ class Engine:
                     self._observe(change, context, wall_now)
             await self._refresh(conn, refreshes)
             await self._record_doses(conn, [c for _, c in loaded.values()])
+            # The read model, after the alert changes (its alert summary counts them).
+            await forecasts.write(conn, found, seen, wall_now=wall_now)
         self.metrics.evaluations.inc(result.evaluated)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return result

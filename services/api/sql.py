@@ -287,9 +287,6 @@ INSERT INTO claim_failures (serial, at, clinic_id, actor) VALUES ($1, $2, $3, $4
 """
 SET_APPOINTMENT = "UPDATE pumps SET refill_appointment_at = $2 WHERE serial = $1"
 # Pumps of a scope (NULL: every clinic's, assigned or not) for the worklist.
-SCOPE_PUMPS = """
-SELECT p.serial FROM pumps p WHERE ($1::uuid IS NULL OR p.clinic_id = $1) ORDER BY p.serial
-"""
 PUMPS_OF = """
 SELECT p.serial, coalesce(s.model, p.model) AS model, p.patient_id
 FROM pumps p LEFT JOIN pump_state s ON s.serial = p.serial WHERE p.serial = ANY($1::text[])
@@ -635,4 +632,58 @@ LEFT JOIN pump_state s ON s.serial = g.serial
 WHERE g.state = 'unrecoverable'
 GROUP BY g.serial, 2
 ORDER BY missing DESC, g.serial
+"""
+
+# --- the refill worklist, read from the engine's read model (pump_forecasts, migration 0015;
+# services/api/worklist.py) ------------------------------------------------------------------
+
+# Fresh rows only (a stale row's pump is computed by the API): by deadline, then serial, after
+# the cursor ($3, $4; '-infinity' and '' for the first page), up to $2 (the horizon); with the
+# patient, and on every row the serials of the scope's stale rows (one round trip; the STALE
+# statements alone when the page is empty).
+_WORKLIST_ROW = """
+x.stale, f.serial, f.deadline_at, f.deadline_reason, f.low_alarm_at, f.state_at, f.volume_ml,
+f.therapy, f.zone, f.drug_name, f.last_refill_at, p.refill_appointment_at, p.patient_id,
+coalesce(s.model, p.model) AS model, pt.clinic_id AS patient_clinic_id, pt.mrn,
+pt.display_name, pt.birth_date, pt.withdrawal_risk, pt.low_alarm_margin_ml,
+pt.created_at AS patient_created_at
+"""
+_WORKLIST_JOINS = """
+JOIN pumps p ON p.serial = f.serial
+LEFT JOIN pump_state s ON s.serial = f.serial
+LEFT JOIN patients pt ON pt.id = p.patient_id
+"""
+WORKLIST_STALE_CLINIC = """
+SELECT coalesce(array_agg(serial), '{}') FROM pump_forecasts WHERE clinic_id = $1 AND stale
+"""
+WORKLIST_STALE_ALL = "SELECT coalesce(array_agg(serial), '{}') FROM pump_forecasts WHERE stale"
+WORKLIST_CLINIC = f"""
+SELECT {_WORKLIST_ROW}
+FROM ({WORKLIST_STALE_CLINIC}) AS x(stale)
+CROSS JOIN pump_forecasts f {_WORKLIST_JOINS}
+WHERE f.clinic_id = $1 AND NOT f.stale
+  AND f.deadline_at <= $2 AND (f.deadline_at, f.serial) > ($3::timestamptz, $4::text)
+ORDER BY f.deadline_at, f.serial
+LIMIT $5
+"""
+WORKLIST_ALL = f"""
+SELECT {_WORKLIST_ROW}
+FROM ({WORKLIST_STALE_ALL}) AS x(stale)
+CROSS JOIN pump_forecasts f {_WORKLIST_JOINS}
+WHERE NOT f.stale
+  AND f.deadline_at <= $1 AND (f.deadline_at, f.serial) > ($2::timestamptz, $3::text)
+ORDER BY f.deadline_at, f.serial
+LIMIT $4
+"""
+# The page's unresolved alerts, as OPEN_ALERTS_OF answers them: an unresolved alert is its
+# pump's holder's now (alert_clinic and alert_patient at 'infinity'), which is the pump's row.
+WORKLIST_ALERTS = """
+SELECT a.id, a.serial, p.patient_id, p.clinic_id, a.rule, a.condition, a.priority, a.status,
+       a.title, a.detail, a.facts, a.opened_at, a.updated_at, a.acknowledged_at,
+       actor_json(a.acknowledged_by) AS acknowledged_by, a.resolved_at,
+       actor_json(a.resolved_by) AS resolved_by, a.resolution, a.snoozed_until,
+       actor_json(a.snoozed_by) AS snoozed_by, a.snooze_note
+FROM alerts a JOIN pumps p ON p.serial = a.serial
+WHERE a.serial = ANY($1::text[]) AND a.status <> 'resolved'
+ORDER BY a.serial, a.opened_at DESC
 """

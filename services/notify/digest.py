@@ -1,7 +1,9 @@
 """The daily digest: per clinic, one email a day at the clinic's local ``digest.hour`` to the
 digest recipients, listing the pumps whose reservoir reaches its low alarm within the horizon
-(the forecast the refill rules use, ``services.domain.rules.pump_forecast``) and the open
-low-priority alerts (whose emails the digest replaces when ``fold_low_priority``).
+(the forecast the refill rules use, ``services.domain.rules.pump_forecast``, as the alert engine
+keeps it in the read model ``pump_forecasts``; a pump it has not evaluated since it changed is
+forecast here from its snapshot) and the open low-priority alerts (whose emails the digest
+replaces when ``fold_low_priority``).
 
 Made at most once per clinic, local day and recipient: the deliveries' idempotency keys say so,
 whichever instance makes it and however often it looks. A digest due while the service was
@@ -16,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from services.domain import rules
+from services.domain import rules, therapy
 from services.domain.alerting import RuleSettings
 from services.domain.notifications import Digest, NotificationSettings
 from services.notify import sql
@@ -28,6 +30,7 @@ from services.notify.render import (
     digest_email,
 )
 from services.notify.routing import message_id
+from services.storage import forecasts
 from services.storage.database import Connection
 from services.storage.snapshots import load
 
@@ -66,8 +69,23 @@ async def compose(
     horizon = settings.digest.horizon_days
     until = now + timedelta(days=horizon)
     names = settings.email.patient_names
-    serials = [r["serial"] for r in await conn.fetch(sql.CLINIC_SERIALS, clinic_id)]
-    refills: list[DigestRefill] = []
+    refills = [
+        DigestRefill(
+            serial=r["serial"],
+            patient=PatientRef(r["display_name"], r["mrn"]) if names else None,
+            low_alarm_at=r["low_alarm_at"],
+            days_to_low_alarm=therapy.days_until(r["low_alarm_at"], now),
+            volume_ml=forecasts.volume_now_ml(
+                r["volume_ml"], r["state_at"], r["therapy"], r["zone"], now
+            )
+            or 0.0,
+            low_alarm_ml=r["low_alarm_ml"],
+            visit_at=r["refill_appointment_at"],
+        )
+        for r in await conn.fetch(sql.DIGEST_FORECASTS, clinic_id, until)
+    ]
+    # Pumps the engine has not evaluated since they changed: forecast here.
+    serials = [r["serial"] for r in await conn.fetch(sql.DIGEST_STALE, clinic_id)]
     for start in range(0, len(serials), _LOAD_BATCH):
         batch = serials[start : start + _LOAD_BATCH]
         patients = {r["serial"]: r for r in await conn.fetch(sql.PUMP_PATIENTS, batch)}

@@ -189,11 +189,6 @@ VALUES ($1, $2, 'pumpwatch-alerts', 'notification_escalated', 'open', 'open', 'h
 
 CLINICS = "SELECT id, name, timezone, notification_settings FROM clinics ORDER BY id"
 
-CLINIC_SERIALS = """
-SELECT p.serial FROM pumps p
-WHERE p.clinic_id = $1 AND p.patient_id IS NOT NULL ORDER BY p.serial
-"""
-
 PUMP_PATIENTS = """
 SELECT p.serial, p.refill_appointment_at, pt.display_name, pt.mrn
 FROM pumps p JOIN patients pt ON pt.id = p.patient_id
@@ -210,3 +205,21 @@ ORDER BY a.opened_at, a.id
 """
 
 DIGEST_DELIVERIES = "SELECT count(*) FROM deliveries WHERE idempotency_key = ANY($1::text[])"
+
+# -- digest from the engine's read model (pump_forecasts, migration 0015) ----------------------
+
+# The clinic's assigned pumps whose fresh row reaches the low alarm by $2; a stale row's pump
+# (not evaluated since it changed) is forecast from its snapshot instead (DIGEST_STALE).
+DIGEST_FORECASTS = """
+SELECT f.serial, f.low_alarm_at, f.low_alarm_ml, f.volume_ml, f.state_at, f.therapy, f.zone,
+       p.refill_appointment_at, pt.display_name, pt.mrn
+FROM pump_forecasts f
+JOIN pumps p ON p.serial = f.serial
+JOIN patients pt ON pt.id = p.patient_id
+WHERE f.clinic_id = $1 AND NOT f.stale AND f.low_alarm_at <= $2
+"""
+DIGEST_STALE = """
+SELECT f.serial FROM pump_forecasts f JOIN pumps p ON p.serial = f.serial
+WHERE f.clinic_id = $1 AND f.stale AND p.patient_id IS NOT NULL
+ORDER BY f.serial
+"""

@@ -99,3 +99,57 @@ GROUP BY serial
 
 # Per (pump, rule): the unresolved alert if there is one, else the last resolved.
 # condition_at is when it resolved on the engine's clock (the data's, in replays).
+
+# --- the pump forecast read model (services/storage/forecasts.py, migration 0015) ------------
+
+# Locked for the evaluation, in serial order, before its alerts: a custody change locks the row
+# (the trigger on pumps) before the pump's alerts, so both take them in one order (no deadlock),
+# and no change can slip between the version read and the row written.
+FORECAST_VERSIONS = """
+SELECT serial, version FROM pump_forecasts WHERE serial = ANY($1::text[])
+ORDER BY serial FOR UPDATE
+"""
+
+# The engine's rows, as of the versions it read before its snapshots ($2), with each pump's
+# unresolved alerts as its transaction sees them. The holder and the booked visit are the
+# pump's (kept by the trigger on pumps): an existing row's are never written here, so an
+# evaluation that loses a race with a custody change cannot give the pump back to its old
+# clinic.
+WRITE_FORECASTS = """
+INSERT INTO pump_forecasts AS f (
+    serial, clinic_id, patient_id, refill_appointment_at, version, evaluated_version,
+    evaluated_at, last_contact_at, state_at, volume_ml, low_alarm_ml, rate_ml_per_day, basis,
+    drug_name, therapy, zone, low_alarm_at, empty_at, worst_case_empty_at, deadline_at,
+    deadline_reason, last_refill_at, open_alerts, highest_priority)
+SELECT u.serial, p.clinic_id, p.patient_id, p.refill_appointment_at, u.version, u.version,
+       $1, u.last_contact_at, u.state_at, u.volume_ml, u.low_alarm_ml, u.rate_ml_per_day,
+       u.basis, u.drug_name, u.therapy, u.zone, u.low_alarm_at, u.empty_at,
+       u.worst_case_empty_at, u.deadline_at, u.deadline_reason, u.last_refill_at,
+       coalesce(a.n, 0), a.highest
+FROM unnest($2::text[], $3::bigint[], $4::timestamptz[], $5::timestamptz[], $6::float8[],
+            $7::float8[], $8::float8[], $9::text[], $10::text[], $11::jsonb[], $12::text[],
+            $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[],
+            $17::text[], $18::timestamptz[])
+     AS u(serial, version, last_contact_at, state_at, volume_ml, low_alarm_ml, rate_ml_per_day,
+          basis, drug_name, therapy, zone, low_alarm_at, empty_at, worst_case_empty_at,
+          deadline_at, deadline_reason, last_refill_at)
+JOIN pumps p ON p.serial = u.serial
+LEFT JOIN LATERAL (
+    SELECT count(*) AS n,
+           (array_agg(priority ORDER BY CASE priority WHEN 'high' THEN 0
+                                                       WHEN 'medium' THEN 1 ELSE 2 END))[1]
+               AS highest
+    FROM alerts WHERE serial = u.serial AND status <> 'resolved'
+) AS a ON true
+ORDER BY u.serial
+ON CONFLICT (serial) DO UPDATE SET
+    evaluated_version = EXCLUDED.evaluated_version, evaluated_at = EXCLUDED.evaluated_at,
+    last_contact_at = EXCLUDED.last_contact_at, state_at = EXCLUDED.state_at,
+    volume_ml = EXCLUDED.volume_ml, low_alarm_ml = EXCLUDED.low_alarm_ml,
+    rate_ml_per_day = EXCLUDED.rate_ml_per_day, basis = EXCLUDED.basis,
+    drug_name = EXCLUDED.drug_name, therapy = EXCLUDED.therapy, zone = EXCLUDED.zone,
+    low_alarm_at = EXCLUDED.low_alarm_at, empty_at = EXCLUDED.empty_at,
+    worst_case_empty_at = EXCLUDED.worst_case_empty_at, deadline_at = EXCLUDED.deadline_at,
+    deadline_reason = EXCLUDED.deadline_reason, last_refill_at = EXCLUDED.last_refill_at,
+    open_alerts = EXCLUDED.open_alerts, highest_priority = EXCLUDED.highest_priority
+"""

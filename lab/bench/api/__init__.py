@@ -53,6 +53,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from lab.bench.api import worklist
 from lab.bench.api.fleet import SeedSpec, World
 from lab.bench.api.load import (
     ADMIN_WORKLIST,
@@ -123,6 +124,11 @@ class ApiBenchOptions:
     """Dashboards/s offered in all by ``clients`` paced clients (each a Poisson stream of
     its share, latency counted from when each request was due), with the main history."""
     seed: int = 7
+    worklist_pumps: int = 10_000
+    """The worklist phases' fleet (lab/bench/api/worklist.py); 0 skips them."""
+    worklist_clinic_pumps: int = 400
+    worklist_only: bool = False
+    """Only the worklist phases (not the history runs)."""
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -135,7 +141,9 @@ def run(options: ApiBenchOptions, console: Console, admin_url: str | None = None
         f"machine: {psutil.cpu_count()} cores, load average {load_before:.2f} at start; the load "
         "generator (one process), the API (one uvicorn process) and PostgreSQL share them"
     )
-    histories = [d for d in (options.compare_days, options.days) if d > 0]
+    histories = (
+        [] if options.worklist_only else [d for d in (options.compare_days, options.days) if d > 0]
+    )
     with contextlib.ExitStack() as stack:
         scratch = Path(tempfile.mkdtemp(prefix="pumpwatch-bench-api-"))
         stack.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -168,8 +176,40 @@ def run(options: ApiBenchOptions, console: Console, admin_url: str | None = None
                     )  # fmt: skip
                     report.phases.append(phase)
                 api.stop()
-    _print_report(report, console)
+        if options.worklist_pumps > 0:
+            report.worklists = _worklists(options, admin, scratch, console)
+    if histories:
+        _print_report(report, console)
     return report
+
+
+def _worklists(
+    options: ApiBenchOptions, admin: str, scratch: Path, console: Console
+) -> list[PhaseResult]:
+    found = worklist.WorklistBenchOptions(
+        pumps=options.worklist_pumps,
+        clinic_pumps=options.worklist_clinic_pumps,
+        clients=options.clients,
+        seconds=options.seconds,
+        warmup_seconds=options.warmup_seconds,
+        seed=options.seed,
+    )
+    url = asyncio.run(_fresh_database(admin))
+    try:
+        spec = worklist.spec_for(found)
+        world, _ = _seed_with_progress(url, spec, console)
+        pumps, seconds = asyncio.run(worklist.seed_read_model(url))
+        console.print(
+            f"read model: {pumps:,} rows written as the engine writes them in {seconds:.0f} s"
+        )
+        keys_found = asyncio.run(_keys(url, world))
+        phases = worklist.run(
+            found, url=url, scratch=scratch, keys=keys_found, world=world, console=console
+        )
+        worklist.print_report(found, phases, console)
+    finally:
+        _drop(admin, url)
+    return phases
 
 
 def _drop(admin_url: str, url: str) -> None:

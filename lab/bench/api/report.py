@@ -62,10 +62,12 @@ class BenchReport:
     options: ApiBenchOptions
     seeded: list[Seeded] = field(default_factory=list)
     phases: list[PhaseResult] = field(default_factory=list)
+    worklists: list[PhaseResult] = field(default_factory=list)
+    """The worklist phases (lab/bench/api/worklist.py), on a fleet of their own."""
 
     @property
     def errors(self) -> int:
-        return sum(p.errors for p in self.phases)
+        return sum(p.errors for p in (*self.phases, *self.worklists))
 
     def phase(
         self, route: str, history_days: float, clients: int, offered: float | None = None

@@ -10,7 +10,7 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from services.api import audit, custody, models, sql, views
+from services.api import audit, custody, models, sql, views, worklist
 from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
@@ -25,7 +25,6 @@ from services.api.common import (
 )
 from services.api.problems import FieldError, Problem, not_found
 from services.api.settings import ApiSettings
-from services.domain import rules
 from services.storage import channels
 from services.storage.database import Connection
 
@@ -366,10 +365,6 @@ async def telemetry(
     return Response(page.model_dump_json(), media_type="application/json")
 
 
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
 def _utc(value: datetime, field: str) -> datetime:
     if value.tzinfo is None:
         raise Problem(
@@ -426,68 +421,28 @@ def _body_utc(value: datetime) -> datetime:
     tags=["worklist"],
     summary="The refill worklist: pumps by their effective refill deadline (low alarm, drug "
     "age or battery, the earliest)",
+    response_model=models.Page[models.WorklistItem],
 )
-async def refills_due(
+async def refills_due_route(
     principal: Auth,
     db: Db,
     within_days: Annotated[float, Query(gt=0, le=3650, description="Horizon in days")] = 30,
     limit: Limit = 50,
     cursor: Cursor = None,
+) -> Response:
+    found = await refills_due(principal, db, within_days=within_days, limit=limit, cursor=cursor)
+    # Serialised here: the page is built from validated models already.
+    return Response(found.model_dump_json(), media_type="application/json")
+
+
+async def refills_due(
+    principal: Principal,
+    db: Connection,
+    within_days: float = 30,
+    limit: int = 50,
+    cursor: str | None = None,
 ) -> models.Page[models.WorklistItem]:
-    now = datetime.now(UTC)
-    serials = [r["serial"] for r in await db.fetch(sql.SCOPE_PUMPS, scope_of(principal))]
-    found = await views.snapshots(db, serials, now=now)
-    horizon = now + timedelta(days=within_days)
-    due = []
-    for serial, snapshot in found.items():
-        forecast = views.forecast(snapshot)
-        if forecast is None or forecast.refill_deadline_at is None:
-            continue
-        if forecast.refill_deadline_at > horizon:
-            continue
-        due.append((forecast.refill_deadline_at, serial, snapshot, forecast))
-    due.sort(key=lambda d: (d[0], d[1]))
-    after = decode_cursor(cursor, 2)
-    if after is not None:
-        mark = (_cursor_time(after[0]), after[1] or "")
-        due = [d for d in due if (d[0], d[1]) > mark]
-    page = due[:limit]
-    pumps = {r["serial"]: r for r in await db.fetch(sql.PUMPS_OF, [d[1] for d in page])}
-    patient_ids = [p["patient_id"] for p in pumps.values() if p["patient_id"] is not None]
-    patients = {r["id"]: r for r in await db.fetch(sql.PATIENTS_BY_ID, patient_ids)}
-    alerts: dict[str, list[models.AlertOut]] = {}
-    for a in await db.fetch(sql.OPEN_ALERTS_OF, [d[1] for d in page]):
-        alerts.setdefault(a["serial"], []).append(views.alert_out(a, principal))
-    items = []
-    for deadline_at, serial, snapshot, forecast in page:
-        pump = pumps[serial]
-        patient = patients.get(pump["patient_id"])
-        latest = snapshot.latest
-        items.append(
-            models.WorklistItem(
-                serial=serial,
-                patient=views.patient_out(patient)
-                if patient is not None and principal.identified
-                else None,
-                model=pump["model"],
-                volume_now_ml=_rounded(rules.volume_now_ml(snapshot)),
-                low_alarm_at=forecast.low_alarm_at,
-                days_left=forecast.days_to_low_alarm,
-                refill_deadline_at=deadline_at,
-                refill_deadline_reason=forecast.refill_deadline_reason,
-                days_to_refill_deadline=forecast.days_to_refill_deadline,
-                drug_name=None if latest is None else latest.drug_name,
-                concentration_mcg_per_ml=None
-                if latest is None
-                else latest.therapy.concentration_mcg_per_ml,
-                rate_ml_per_day=None if latest is None else latest.therapy.rate_ml_per_day,
-                last_refill_at=snapshot.refills[-1].recorded_at if snapshot.refills else None,
-                refill_appointment_at=snapshot.refill_appointment_at,
-                open_alerts=alerts.get(serial, []),
-            )
-        )
-    more = len(due) > limit
-    return models.Page(
-        items=items,
-        next_cursor=encode_cursor(page[-1][0], page[-1][1]) if more else None,
-    )
+    """Pumps by their effective refill deadline, from the alert engine's read model (pumps
+    it has not evaluated since they changed are computed here): services/api/worklist.py. The
+    dashboard's worklist calls this too."""
+    return await worklist.page(db, principal, within_days=within_days, limit=limit, cursor=cursor)
