@@ -157,6 +157,10 @@ def demo(
         port,
         reset=reset,
     )
+    # The demo's own lines (status, claim codes, gap filled) are the output: the services' info
+    # logs would bury them, so only warnings and errors unless a level was asked for.
+    if settings.log_level == "info":
+        settings = settings.model_copy(update={"log_level": "warning"})
     _run(run_demo(options, Console()), settings)
 
 
