@@ -55,9 +55,26 @@ def forecast(snapshot: Snapshot) -> models.Forecast | None:
 
 
 def pump_state(
-    row: asyncpg.Record, snapshot: Snapshot | None, principal: Principal
+    row: asyncpg.Record,
+    snapshot: Snapshot | None,
+    principal: Principal,
+    *,
+    found: tuple[models.Forecast | None, models.UnrecoveredGaps | None] | None = None,
 ) -> models.PumpState:
+    """``found``: the forecast and the unrecovered gaps when known (the read model's), else
+    computed from ``snapshot``."""
     has_state = row["recorded_at"] is not None
+    if found is None:
+        found = (
+            None if snapshot is None else forecast(snapshot),
+            None
+            if snapshot is None or not snapshot.missing_messages
+            else models.UnrecoveredGaps(
+                missing_messages=snapshot.missing_messages,
+                missing_from=snapshot.missing_from,
+                missing_until=snapshot.missing_until,
+            ),
+        )
     volume_now = None if snapshot is None else rules.volume_now_ml(snapshot)
     return models.PumpState(
         serial=row["serial"],
@@ -86,14 +103,8 @@ def pump_state(
         battery_pct=row["battery_pct"],
         battery_status=row["battery_status"],
         alarms=list(row["alarms"] or ()),
-        forecast=None if snapshot is None else forecast(snapshot),
-        unrecovered_gaps=None
-        if snapshot is None or not snapshot.missing_messages
-        else models.UnrecoveredGaps(
-            missing_messages=snapshot.missing_messages,
-            missing_from=snapshot.missing_from,
-            missing_until=snapshot.missing_until,
-        ),
+        forecast=found[0],
+        unrecovered_gaps=found[1],
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
@@ -169,7 +170,7 @@ def _at_eri(readings: dict[datetime, Reading]) -> bool:
     return latest.battery_status == "eri" or "eri" in latest.alarms
 
 
-def _reading(row: asyncpg.Record) -> Reading:
+def _reading(row: asyncpg.Record | Mapping[str, Any]) -> Reading:
     schedule = tuple(
         Step(int(step["start"][:2]) * 60 + int(step["start"][3:5]), float(step["rate_ml_per_day"]))
         for step in (row["schedule"] or ())
@@ -247,3 +248,12 @@ def _clinic_settings(
     except ValueError as exc:  # a bad override must not silence the rules: use the defaults
         log.error("clinic_settings_invalid", clinic_id=str(clinic_id), error=str(exc))
         return defaults
+
+
+# What readers building a partial snapshot of one pump (the API's dashboard) need, the loader's
+# own conversions.
+reading_of = _reading
+refill_of = _refill
+zone_of = _zone
+clinic_settings = _clinic_settings
+NO_REFILL_LOOKBACK = _NO_REFILL_LOOKBACK

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import TypeAdapter
 
 from services.api import audit, models, sql, views
+from services.api import dashboard as fast
 from services.api.auth import Principal, require
 from services.api.common import (
     Auth,
@@ -137,7 +138,9 @@ class LoadedDashboard:
     actual: bytes
     """The actual series as the JSON array PostgreSQL built."""
     snapshot: Snapshot | None
-    """The pump's snapshot the forecasts came from (None without a pump or readings)."""
+    """The pump's snapshot the projection came from (None without a pump or readings): from
+    a fresh read-model row, a partial one (the newest reading, the last refills and what their
+    reconciliation reads), else the whole one."""
 
     def actual_points(self) -> list[models.SeriesPoint]:
         return _POINTS.validate_json(self.actual)
@@ -159,7 +162,7 @@ async def load_dashboard(
     """The dashboard, its actual series over the last ``series_days`` as JSON apart."""
     patient = await _patient(db, principal, patient_id)
     now = datetime.now(UTC)
-    row = await db.fetchrow(sql.DASHBOARD_PUMP, patient_id, now - timedelta(days=series_days), now)
+    row = await fast.load(db, patient_id, now - timedelta(days=series_days), now)
     if row is None:
         found = models.Dashboard(
             patient=patient,
@@ -171,7 +174,14 @@ async def load_dashboard(
         )
         return LoadedDashboard(found, b"[]", None)
     serial = row["serial"]
-    snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)
+    snapshot = fast.partial_snapshot(row, now)
+    if snapshot is not None:  # the read model's forecast, fresh
+        pump = views.pump_state(
+            row, snapshot, principal, found=(fast.forecast(row, now), fast.gaps(row))
+        )
+    else:  # stale or missing: the whole snapshot, as the engine builds it
+        snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)
+        pump = views.pump_state(row, snapshot, principal)
     alerts = await db.fetch(sql.OPEN_ALERTS_OF, [serial])
     last_refill = None
     if snapshot is not None and snapshot.refills:
@@ -179,7 +189,7 @@ async def load_dashboard(
         last_refill = views.refill_out(serial, rules.reconciliations(snapshot)[-1], settings)
     found = models.Dashboard(
         patient=patient,
-        pump=views.pump_state(row, snapshot, principal),
+        pump=pump,
         latest_reading=reading_out(row) if row["recorded_at"] is not None else None,
         open_alerts=[views.alert_out(a, principal) for a in alerts],
         last_refill=last_refill,

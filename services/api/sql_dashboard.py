@@ -1,0 +1,69 @@
+"""The patient dashboard's SQL (services/api/dashboard.py): the pump, its series, its row of the
+forecast read model (``pump_forecasts``, migration 0015), its unrecoverable gaps, its clinic's
+settings and zone, and what the last refill's reconciliation and the projection look at, in one
+round trip."""
+
+from __future__ import annotations
+
+from services.api.sql import _PUMP, _PUMP_JOINS, _SERIES_JSON
+
+_READING = """
+recorded_at, utc_offset_minutes, volume_ml, capacity_ml, low_alarm_ml, basis, drug_name,
+concentration_mcg_per_ml, infusion_mode, rate_ml_per_day, daily_dose_mcg, schedule,
+measured_flow_ml_per_day, battery_pct, battery_status, alarms
+"""
+"""A reading as the snapshot loader reads it (services/storage/sql.py)."""
+
+_REFILLS = """
+SELECT recorded_at, body FROM events
+WHERE serial = p.serial AND type = 'refill' AND recorded_at <= $3
+ORDER BY recorded_at DESC LIMIT $4
+"""
+"""The last $4 refills up to $3, as the loader's LAST_REFILLS."""
+
+# $1 patient, $2/$3 the series' window (and $3 now), $4 refills kept; the boluses after the
+# oldest of them (else of the last 200 days) or after $5, whichever is earlier (``bolus_floor``;
+# the caller keeps those the loader would). The forecast row is fresh when the engine wrote it
+# as of the pump's current version and from its newest reading (a reading it has not evaluated
+# yet leaves it behind).
+DASHBOARD = f"""
+{_PUMP}, ({_SERIES_JSON}) AS series_json,
+       c.timezone AS clinic_timezone, c.alert_settings,
+       (f.evaluated_version = f.version AND f.last_contact_at IS NOT DISTINCT FROM s.recorded_at
+        AND s.recorded_at IS NOT NULL) AS forecast_fresh,
+       f.volume_ml AS f_volume_ml, f.low_alarm_ml AS f_low_alarm_ml,
+       f.rate_ml_per_day AS f_rate_ml_per_day, f.basis AS f_basis, f.low_alarm_at AS f_low_alarm_at,
+       f.empty_at AS f_empty_at, f.worst_case_empty_at AS f_worst_case_empty_at,
+       f.deadline_at AS f_deadline_at, f.deadline_reason AS f_deadline_reason,
+       g.missing, g.missing_from, g.missing_until,
+       (SELECT to_jsonb(r) FROM (
+            SELECT {_READING} FROM readings WHERE serial = p.serial AND recorded_at <= $3
+            ORDER BY recorded_at DESC LIMIT 1) r) AS latest_json,
+       (SELECT jsonb_agg(jsonb_build_object('recorded_at', e.recorded_at, 'body', e.body))
+        FROM ({_REFILLS}) e) AS refills_json,
+       (SELECT jsonb_agg(to_jsonb(r)) FROM ({_REFILLS}) e
+        CROSS JOIN LATERAL (
+            SELECT {_READING} FROM readings WHERE serial = p.serial AND recorded_at < e.recorded_at
+            ORDER BY recorded_at DESC LIMIT 1) r) AS before_json,
+       (SELECT jsonb_agg(jsonb_build_object('recorded_at', b.recorded_at,
+                                            'dose_mcg', b.body -> 'dose_mcg'))
+        FROM events b WHERE b.serial = p.serial AND b.type = 'bolus'
+          AND b.recorded_at > bf.floor AND b.recorded_at <= $3) AS boluses_json,
+       bf.floor AS bolus_floor
+{_PUMP_JOINS}
+LEFT JOIN clinics c ON c.id = p.clinic_id
+LEFT JOIN pump_forecasts f ON f.serial = p.serial
+LEFT JOIN LATERAL (
+    SELECT sum(last_missing - first_missing + 1) AS missing,
+           min(before_at) AS missing_from, max(after_at) AS missing_until
+    FROM sequence_gaps WHERE serial = p.serial AND state = 'unrecoverable'
+) g ON true
+CROSS JOIN LATERAL (
+    SELECT least(coalesce((SELECT min(e.recorded_at) FROM ({_REFILLS}) e),
+                          $3 - interval '200 days'), $5) AS floor
+) bf
+WHERE p.serial = (
+    SELECT p2.serial FROM pumps p2 LEFT JOIN pump_state s2 ON s2.serial = p2.serial
+    WHERE p2.patient_id = $1 ORDER BY s2.recorded_at DESC NULLS LAST, p2.serial LIMIT 1
+)
+"""
