@@ -91,9 +91,7 @@ async def varied(pool: asyncpg.Pool, clinic_a: str) -> dict[str, str]:
         p = await fx.patient(conn, clinic_a, withdrawal_risk="high", low_alarm_margin_ml=4.0)
         await fx.pump(conn, "NGPDASH01", patient_id=p)
         for days, expected in ((70, None), (40, None), (12, 14.5)):
-            await fx.reading(
-                conn, "NGPDASH01", now - timedelta(days=days, hours=3), volume_ml=11.0
-            )
+            await fx.reading(conn, "NGPDASH01", now - timedelta(days=days, hours=3), volume_ml=11.0)
             await fx.refill_event(
                 conn,
                 "NGPDASH01",
@@ -136,8 +134,7 @@ async def varied(pool: asyncpg.Pool, clinic_a: str) -> dict[str, str]:
         ]
         for table in ("readings", "pump_state"):
             await conn.execute(
-                f"UPDATE {table} SET infusion_mode = 'flex', schedule = $2 "  # noqa: S608
-                "WHERE serial = $1",
+                f"UPDATE {table} SET infusion_mode = 'flex', schedule = $2 WHERE serial = $1",
                 "NGPDASH03",
                 schedule,
             )
