@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from services.storage.database import Connection
 from tests import alert_fixtures as fx
 from tests.api_support import Api, World, running_api, world
 from tests.test_readmodel import engine, row, sweep
@@ -68,7 +69,7 @@ def alike(left: Any, right: Any, path: str = "") -> None:
         assert left == right, path
 
 
-async def _bolus(conn: asyncpg.Connection, serial: str, at: datetime, dose_mcg: float) -> None:
+async def _bolus(conn: Connection, serial: str, at: datetime, dose_mcg: float) -> None:
     await conn.execute(
         "INSERT INTO events (msg_id, serial, type, recorded_at, received_at, body, payload) "
         "VALUES (gen_random_uuid(), $1, 'bolus', $2, now(), $3, '{}')",
