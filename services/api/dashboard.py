@@ -32,21 +32,22 @@ _BOLUS_FLOOR = timedelta(days=30)
 would need older ones: the whole snapshot is then built instead."""
 
 
-async def load(
-    db: Connection, patient_id: Any, since: datetime, now: datetime
-) -> asyncpg.Record | None:
-    """The patient's pump's row of the dashboard query (None: the patient has no pump)."""
-    return await db.fetchrow(
+async def load(db: Connection, patient_id: Any, since: datetime, now: datetime) -> asyncpg.Record:
+    """The dashboard query's row: the patient (``patient_json``, None: no such patient), the
+    unresolved alerts (``alerts_json``) and the patient's pump (``serial`` None: none)."""
+    found = await db.fetchrow(
         sql_dashboard.DASHBOARD, patient_id, since, now, REFILLS_KEPT, now - _BOLUS_FLOOR
     )
+    assert found is not None  # one row, whatever the patient
+    return found
 
 
 def partial_snapshot(row: asyncpg.Record, now: datetime) -> Snapshot | None:
     """What the dashboard computes at the request's time looks at, as the loader would read it;
     None unless the forecast row is fresh."""
-    if not row["forecast_fresh"] or row["latest_json"] is None:
+    if not row["forecast_fresh"]:
         return None
-    latest = snapshots.reading_of(_timed(row["latest_json"]))
+    latest = snapshots.reading_of(row)  # the pump's state: its newest reading (the query's note)
     refills = sorted(
         (
             snapshots.refill_of(datetime.fromisoformat(r["recorded_at"]), r["body"])

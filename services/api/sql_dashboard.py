@@ -5,7 +5,7 @@ round trip."""
 
 from __future__ import annotations
 
-from services.api.sql import _PUMP, _PUMP_JOINS, _SERIES_JSON
+from services.api.sql import _ALERT, _PATIENT, _PUMP, _PUMP_JOINS, _SERIES_JSON
 
 _READING = """
 recorded_at, utc_offset_minutes, volume_ml, capacity_ml, low_alarm_ml, basis, drug_name,
@@ -25,20 +25,18 @@ ORDER BY recorded_at DESC LIMIT $4
 # oldest of them (else of the last 200 days) or after $5, whichever is earlier (``bolus_floor``;
 # the caller keeps those the loader would). The forecast row is fresh when the engine wrote it
 # as of the pump's current version and from its newest reading (a reading it has not evaluated
-# yet leaves it behind).
-DASHBOARD = f"""
+# yet leaves it behind); the pump's state is then the newest reading up to $3 (the snapshot's
+# latest: state moves only forward).
+_PUMP_ROW = f"""
 {_PUMP}, ({_SERIES_JSON}) AS series_json,
        c.timezone AS clinic_timezone, c.alert_settings,
        (f.evaluated_version = f.version AND f.last_contact_at IS NOT DISTINCT FROM s.recorded_at
-        AND s.recorded_at IS NOT NULL) AS forecast_fresh,
+        AND s.recorded_at <= $3) AS forecast_fresh,
        f.volume_ml AS f_volume_ml, f.low_alarm_ml AS f_low_alarm_ml,
        f.rate_ml_per_day AS f_rate_ml_per_day, f.basis AS f_basis, f.low_alarm_at AS f_low_alarm_at,
        f.empty_at AS f_empty_at, f.worst_case_empty_at AS f_worst_case_empty_at,
        f.deadline_at AS f_deadline_at, f.deadline_reason AS f_deadline_reason,
        g.missing, g.missing_from, g.missing_until,
-       (SELECT to_jsonb(r) FROM (
-            SELECT {_READING} FROM readings WHERE serial = p.serial AND recorded_at <= $3
-            ORDER BY recorded_at DESC LIMIT 1) r) AS latest_json,
        (SELECT jsonb_agg(jsonb_build_object('recorded_at', e.recorded_at, 'body', e.body))
         FROM ({_REFILLS}) e) AS refills_json,
        (SELECT jsonb_agg(to_jsonb(r)) FROM ({_REFILLS}) e
@@ -66,4 +64,16 @@ WHERE p.serial = (
     SELECT p2.serial FROM pumps p2 LEFT JOIN pump_state s2 ON s2.serial = p2.serial
     WHERE p2.patient_id = $1 ORDER BY s2.recorded_at DESC NULLS LAST, p2.serial LIMIT 1
 )
+"""
+
+# The patient ($1) with the pump's row and its unresolved alerts, in one round trip: the
+# patient and the alerts as JSON (a patient without a pump: the pump's columns NULL).
+DASHBOARD = f"""
+SELECT (SELECT to_jsonb(x) FROM (SELECT {_PATIENT} FROM patients WHERE id = $1) x) AS patient_json,
+       (SELECT jsonb_agg(to_jsonb(a) ORDER BY a.opened_at DESC) FROM (
+            SELECT {_ALERT} FROM alerts WHERE serial = d.serial AND status <> 'resolved') a
+       ) AS alerts_json,
+       d.*
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL ({_PUMP_ROW}) AS d ON true
 """

@@ -3,6 +3,7 @@ snapshot loader and the same therapy and rule functions (one implementation)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -151,7 +152,7 @@ def refill_out(
     )
 
 
-def alert_out(row: asyncpg.Record, principal: Principal) -> models.AlertOut:
+def alert_out(row: asyncpg.Record | Mapping[str, Any], principal: Principal) -> models.AlertOut:
     """The alert object; for the fleet role without people or their free text (who
     acknowledged, resolved or snoozed it, and their notes: they may name a patient)."""
     people = principal.identified

@@ -160,10 +160,14 @@ async def load_dashboard(
     patient_id: UUID, principal: Principal, db: Connection, *, series_days: int = SERIES_DAYS
 ) -> LoadedDashboard:
     """The dashboard, its actual series over the last ``series_days`` as JSON apart."""
-    patient = await _patient(db, principal, patient_id)
+    _no_fleet(principal.role)
     now = datetime.now(UTC)
     row = await fast.load(db, patient_id, now - timedelta(days=series_days), now)
-    if row is None:
+    if row["patient_json"] is None:
+        raise not_found("patient")
+    patient = models.Patient.model_validate(row["patient_json"])
+    visible(principal, patient.clinic_id, "patient")
+    if row["serial"] is None:
         found = models.Dashboard(
             patient=patient,
             pump=None,
@@ -182,7 +186,7 @@ async def load_dashboard(
     else:  # stale or missing: the whole snapshot, as the engine builds it
         snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)
         pump = views.pump_state(row, snapshot, principal)
-    alerts = await db.fetch(sql.OPEN_ALERTS_OF, [serial])
+    alerts = row["alerts_json"] or []
     last_refill = None
     if snapshot is not None and snapshot.refills:
         settings = snapshot.settings or RuleSettings()
