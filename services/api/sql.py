@@ -353,16 +353,7 @@ FROM readings_hourly h WHERE h.serial = p.serial AND h.hour >= $2 AND h.hour <= 
     + _WHOLE_HOUR_HELD.format(hour="h.hour", serial="p.serial", clinic="p.clinic_id", patient="$1")
     + ")\n"
 )
-# The dashboard's pump: the patient's ($1) most recently reporting one, with its series from
-# $2 to $3. One round trip.
-DASHBOARD_PUMP = f"""
-{_PUMP}, ({_SERIES_JSON}) AS series_json
-{_PUMP_JOINS}
-WHERE p.serial = (
-    SELECT p2.serial FROM pumps p2 LEFT JOIN pump_state s2 ON s2.serial = p2.serial
-    WHERE p2.patient_id = $1 ORDER BY s2.recorded_at DESC NULLS LAST, p2.serial LIMIT 1
-)
-"""
+# The dashboard's query (its pump, series, read-model row): services/api/sql_dashboard.py.
 
 # --- events (refills over HTTP take ingest's path: the ledger, events, NOTIFY) -------------------
 
