@@ -61,8 +61,11 @@ _ALERT_RECORD = """
 SELECT array_agg(ROW(
     a.id, a.serial, p.patient_id, p.clinic_id, a.rule, a.condition, a.priority, a.status,
     a.title, a.detail, a.facts::json, a.opened_at, a.updated_at, a.acknowledged_at,
-    actor_json(a.acknowledged_by)::json, a.resolved_at, actor_json(a.resolved_by)::json,
-    a.resolution, a.snoozed_until, actor_json(a.snoozed_by)::json, a.snooze_note
+    CASE WHEN a.acknowledged_by IS NOT NULL THEN actor_json(a.acknowledged_by)::json END,
+    a.resolved_at,
+    CASE WHEN a.resolved_by IS NOT NULL THEN actor_json(a.resolved_by)::json END,
+    a.resolution, a.snoozed_until,
+    CASE WHEN a.snoozed_by IS NOT NULL THEN actor_json(a.snoozed_by)::json END, a.snooze_note
 ) ORDER BY a.opened_at DESC)
 FROM alerts a WHERE a.serial = f.serial AND a.status <> 'resolved'
 """
@@ -78,12 +81,20 @@ CROSS JOIN (
 ) f {joins}
 ORDER BY f.deadline_at, f.serial
 """
+# The pump by its key for each of the page's rows (OFFSET 0 keeps the planner from turning it
+# into a hash join over every pump), and actor_json only where there is an actor (most alerts
+# have none: a call each costs more than the rest of the record).
+_WORKLIST_PAGE_JOINS = """
+CROSS JOIN LATERAL (SELECT * FROM pumps WHERE serial = f.serial OFFSET 0) p
+LEFT JOIN pump_state s ON s.serial = f.serial
+LEFT JOIN patients pt ON pt.id = p.patient_id
+"""
 WORKLIST_PAGE_CLINIC = _WORKLIST_PAGE.format(
     row=_WORKLIST_ROW,
     alerts=_ALERT_RECORD,
     stale=WORKLIST_STALE_CLINIC,
     scope="clinic_id = $1 AND",
-    joins=_WORKLIST_JOINS,
+    joins=_WORKLIST_PAGE_JOINS,
     h=2,
     h1=3,
     h2=4,
@@ -94,7 +105,7 @@ WORKLIST_PAGE_ALL = _WORKLIST_PAGE.format(
     alerts=_ALERT_RECORD,
     stale=WORKLIST_STALE_ALL,
     scope="",
-    joins=_WORKLIST_JOINS,
+    joins=_WORKLIST_PAGE_JOINS,
     h=1,
     h1=2,
     h2=3,
