@@ -13,7 +13,7 @@ import asyncpg
 
 from lab.bench.api import worklist as bench
 from lab.bench.api.seed import seed
-from services.api import worklist
+from services.api import worklist, worklist_json
 from services.api.auth import Principal
 from services.storage.database import prepare_connection
 
@@ -110,3 +110,8 @@ async def test_the_json_answer_is_the_models_answer_byte_for_byte(database_url: 
     assert alerts > 50
     assert people > 10
     assert stale > 20
+
+
+def test_the_typed_dicts_mirror_the_models_field_for_field() -> None:
+    for typed, model in worklist_json.MIRRORS:
+        assert tuple(typed.__annotations__) == tuple(model.model_fields), typed.__name__

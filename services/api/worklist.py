@@ -18,9 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pydantic_core
-
-from services.api import models, sql, sql_worklist, views
+from services.api import models, sql, sql_worklist, views, worklist_json
 from services.api.auth import Principal
 from services.api.common import decode_cursor, encode_cursor, scope_of
 from services.api.problems import Problem
@@ -83,7 +81,8 @@ async def page_json(
     """The page as the API's JSON, byte for byte what :func:`page`'s ``model_dump_json`` gives
     (tests/test_worklist_json.py compares them), for less: one round trip with the alerts in
     it, and the answer serialised from plain values already of the models' types rather than
-    validated into models first (``pydantic_core.to_json`` writes them as the models do)."""
+    validated into models first (services/api/worklist_json.py: typed dicts of the models'
+    shape, which pydantic serialises as it does the models)."""
     now = now or datetime.now(UTC)
     due, more = await _due(
         db, principal, within_days=within_days, limit=limit, cursor=cursor, now=now, joined=True
@@ -100,28 +99,28 @@ async def page_json(
         program = d.program
         rows = fetched.get(d.serial, ()) if d.alerts is None else d.alerts
         items.append(
-            {
-                "serial": d.serial,
-                "patient": _patient_json(d.patient_row) if people else None,
-                "model": d.model,
-                "volume_now_ml": None if volume is None else round(volume, 3),
-                "low_alarm_at": d.low_alarm_at,
-                "days_left": _days(d.low_alarm_at, now),
-                "refill_deadline_at": d.deadline_at,
-                "refill_deadline_reason": d.reason,
-                "days_to_refill_deadline": _days(d.deadline_at, now),
-                "drug_name": d.drug_name,
-                "concentration_mcg_per_ml": None
+            worklist_json.Item(
+                serial=d.serial,
+                patient=worklist_json.patient(d.patient_row) if people else None,
+                model=d.model,
+                volume_now_ml=None if volume is None else round(volume, 3),
+                low_alarm_at=d.low_alarm_at,
+                days_left=_days(d.low_alarm_at, now),
+                refill_deadline_at=d.deadline_at,
+                refill_deadline_reason=d.reason,
+                days_to_refill_deadline=_days(d.deadline_at, now),
+                drug_name=d.drug_name,
+                concentration_mcg_per_ml=None
                 if program is None
                 else float(program["concentration_mcg_per_ml"]),
-                "rate_ml_per_day": None if program is None else float(program["rate_ml_per_day"]),
-                "last_refill_at": d.last_refill_at,
-                "refill_appointment_at": d.refill_appointment_at,
-                "open_alerts": [_alert_json(a, people) for a in rows],
-            }
+                rate_ml_per_day=None if program is None else float(program["rate_ml_per_day"]),
+                last_refill_at=d.last_refill_at,
+                refill_appointment_at=d.refill_appointment_at,
+                open_alerts=[worklist_json.alert(a, people) for a in rows],
+            )
         )
-    found = {"items": items, "next_cursor": _next(due) if more else None}
-    return pydantic_core.to_json(found)
+    found = worklist_json.Page(items=items, next_cursor=_next(due) if more else None)
+    return worklist_json.PAGE.dump_json(found)
 
 
 def _next(due: list[_Due]) -> str:
@@ -238,7 +237,9 @@ async def _computed(
             patient_id=pumps[d.serial]["patient_id"],
             patient_row=None
             if pumps[d.serial]["patient_id"] not in patients
-            else tuple(patients[pumps[d.serial]["patient_id"]][k] for k in _PATIENT_FIELDS),
+            else tuple(
+                patients[pumps[d.serial]["patient_id"]][k] for k in worklist_json.PATIENT_FIELDS
+            ),
             model=pumps[d.serial]["model"],
         )
         for d in due
@@ -262,7 +263,9 @@ async def _items(
                 serial=d.serial,
                 patient=None
                 if d.patient_row is None or not principal.identified
-                else models.Patient(**dict(zip(_PATIENT_FIELDS, d.patient_row, strict=True))),
+                else models.Patient(
+                    **dict(zip(worklist_json.PATIENT_FIELDS, d.patient_row, strict=True))
+                ),
                 model=d.model,
                 volume_now_ml=None if volume is None else round(volume, 3),
                 low_alarm_at=d.low_alarm_at,
@@ -281,42 +284,6 @@ async def _items(
             )
         )
     return items
-
-
-_PATIENT_FIELDS = tuple(models.Patient.model_fields)
-"""id, clinic_id, mrn, display_name, birth_date, withdrawal_risk, low_alarm_margin_ml,
-created_at: the order of ``_Due.patient_row``."""
-_ALERT_FIELDS = tuple(models.AlertOut.model_fields)
-"""The order of WORKLIST_ALERTS's columns and of the joined records."""
-_ACTOR_FIELDS = tuple(models.Actor.model_fields)
-
-
-def _patient_json(row: Any) -> dict[str, Any] | None:
-    return None if row is None else dict(zip(_PATIENT_FIELDS, row, strict=True))
-
-
-def _actor_json(found: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if found is None else {k: found.get(k) for k in _ACTOR_FIELDS}
-
-
-def _alert_json(row: Any, people: bool) -> dict[str, Any]:
-    """views.alert_out's object as plain values (``row``: WORKLIST_ALERTS's columns, by
-    position)."""
-    found = dict(zip(_ALERT_FIELDS, row, strict=True))
-    resolver = found["resolved_by"]
-    by_engine = resolver is None or resolver.get("type") == "service"
-    found["facts"] = found["facts"] or {}
-    found["acknowledged_by"] = _actor_json(found["acknowledged_by"]) if people else None
-    found["resolved_by"] = _actor_json(resolver) if people or by_engine else None
-    if not (people or by_engine):
-        found["resolution"] = None
-    if not people:
-        found["patient_id"] = None
-        found["snoozed_by"] = None
-        found["snooze_note"] = None
-    else:
-        found["snoozed_by"] = _actor_json(found["snoozed_by"])
-    return found
 
 
 def _days(at: datetime | None, now: datetime) -> float | None:
