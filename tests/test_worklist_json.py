@@ -48,6 +48,17 @@ async def _vary(conn: asyncpg.Connection) -> None:
         serials[5:6],
         f"user:{user}",
     )
+    # Rows without a program, with numbers written as integers.
+    await conn.execute(
+        "UPDATE pump_forecasts SET therapy = NULL WHERE serial IN (SELECT serial FROM"
+        " pump_forecasts WHERE therapy IS NOT NULL ORDER BY deadline_at LIMIT 3 OFFSET 60)"
+    )
+    await conn.execute(
+        "UPDATE pump_forecasts SET therapy = jsonb_set(jsonb_set(therapy,"
+        " '{concentration_mcg_per_ml}', '500'), '{rate_ml_per_day}', '1')"
+        " WHERE serial IN (SELECT serial FROM pump_forecasts WHERE therapy IS NOT NULL"
+        " ORDER BY deadline_at LIMIT 3 OFFSET 70)"
+    )
     # Stale rows (the API computes these pumps), one pump without its patient.
     await conn.execute(
         "UPDATE pump_forecasts SET version = version + 1"
@@ -103,6 +114,10 @@ async def test_the_json_answer_is_the_models_answer_byte_for_byte(database_url: 
                     if cursor is None:
                         break
         stale = await conn.fetchval("SELECT count(*) FROM pump_forecasts WHERE stale")
+        stepped = await conn.fetchval(
+            "SELECT count(*) FROM pump_forecasts WHERE NOT stale"
+            " AND jsonb_array_length(therapy -> 'schedule') > 0"
+        )
     finally:
         await conn.close()
     # The comparison covered what it is meant to.
@@ -110,6 +125,7 @@ async def test_the_json_answer_is_the_models_answer_byte_for_byte(database_url: 
     assert alerts > 50
     assert people > 10
     assert stale > 20
+    assert stepped > 10
 
 
 def test_the_typed_dicts_mirror_the_models_field_for_field() -> None:

@@ -69,6 +69,16 @@ SELECT array_agg(ROW(
 ) ORDER BY a.opened_at DESC)
 FROM alerts a WHERE a.serial = f.serial AND a.status <> 'resolved'
 """
+# The program as its two numbers, and whole (as JSON) only for a program with steps (the
+# projection needs them; the rest of the page needs no JSON decoded).
+_WORKLIST_PAGE_ROW = _WORKLIST_ROW.replace(
+    "f.therapy,",
+    """f.therapy IS NOT NULL AS programmed,
+(f.therapy ->> 'rate_ml_per_day')::float8 AS rate_ml_per_day,
+(f.therapy ->> 'concentration_mcg_per_ml')::float8 AS concentration_mcg_per_ml,
+CASE WHEN jsonb_typeof(f.therapy -> 'schedule') = 'array'
+      AND jsonb_array_length(f.therapy -> 'schedule') > 0 THEN f.therapy END AS stepped,""",
+)
 _WORKLIST_PAGE = """
 SELECT {row}, ({alerts}) AS alerts
 FROM ({stale}) AS x(stale)
@@ -90,7 +100,7 @@ LEFT JOIN pump_state s ON s.serial = f.serial
 LEFT JOIN patients pt ON pt.id = p.patient_id
 """
 WORKLIST_PAGE_CLINIC = _WORKLIST_PAGE.format(
-    row=_WORKLIST_ROW,
+    row=_WORKLIST_PAGE_ROW,
     alerts=_ALERT_RECORD,
     stale=WORKLIST_STALE_CLINIC,
     scope="clinic_id = $1 AND",
@@ -101,7 +111,7 @@ WORKLIST_PAGE_CLINIC = _WORKLIST_PAGE.format(
     n=5,
 )
 WORKLIST_PAGE_ALL = _WORKLIST_PAGE.format(
-    row=_WORKLIST_ROW,
+    row=_WORKLIST_PAGE_ROW,
     alerts=_ALERT_RECORD,
     stale=WORKLIST_STALE_ALL,
     scope="",

@@ -162,6 +162,21 @@ async def _due(
     return due[:limit], len(due) > limit
 
 
+def _program(row: Any) -> dict[str, Any] | None:
+    """The program of a row of the joined query: whole when it has steps, else its numbers
+    (what the worklist reads of it; volume_now_ml's constant rate)."""
+    if row["stepped"] is not None:
+        found: dict[str, Any] = row["stepped"]
+        return found
+    if not row["programmed"]:
+        return None
+    return {
+        "rate_ml_per_day": row["rate_ml_per_day"],
+        "concentration_mcg_per_ml": row["concentration_mcg_per_ml"],
+        "schedule": [],
+    }
+
+
 def _from_row(row: Any, joined: bool) -> _Due:
     return _Due(
         deadline_at=row["deadline_at"],
@@ -172,7 +187,7 @@ def _from_row(row: Any, joined: bool) -> _Due:
         state_at=row["state_at"],
         zone=row["zone"],
         drug_name=row["drug_name"],
-        program=row["therapy"],
+        program=_program(row) if joined else row["therapy"],
         last_refill_at=row["last_refill_at"],
         refill_appointment_at=row["refill_appointment_at"],
         patient_id=row["patient_id"],
