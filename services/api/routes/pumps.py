@@ -430,9 +430,11 @@ async def refills_due_route(
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> Response:
-    found = await refills_due(principal, db, within_days=within_days, limit=limit, cursor=cursor)
-    # Serialised here: the page is built from validated models already.
-    return Response(found.model_dump_json(), media_type="application/json")
+    # The JSON as worklist.page's models would write it, without building them.
+    found = await worklist.page_json(
+        db, principal, within_days=within_days, limit=limit, cursor=cursor
+    )
+    return Response(found, media_type="application/json")
 
 
 async def refills_due(
