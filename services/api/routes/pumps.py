@@ -423,7 +423,7 @@ def _body_utc(value: datetime) -> datetime:
     "age or battery, the earliest)",
     response_model=models.Page[models.WorklistItem],
 )
-async def refills_due_route(
+async def refills_due(
     principal: Auth,
     db: Db,
     within_days: Annotated[float, Query(gt=0, le=3650, description="Horizon in days")] = 30,
@@ -435,16 +435,3 @@ async def refills_due_route(
         db, principal, within_days=within_days, limit=limit, cursor=cursor
     )
     return Response(found, media_type="application/json")
-
-
-async def refills_due(
-    principal: Principal,
-    db: Connection,
-    within_days: float = 30,
-    limit: int = 50,
-    cursor: str | None = None,
-) -> models.Page[models.WorklistItem]:
-    """Pumps by their effective refill deadline, from the alert engine's read model (pumps
-    it has not evaluated since they changed are computed here): services/api/worklist.py. The
-    dashboard's worklist calls this too."""
-    return await worklist.page(db, principal, within_days=within_days, limit=limit, cursor=cursor)

@@ -17,13 +17,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from services.api import audit, keys, models, people, signin, sql
+from services.api import worklist as worklist_model
 from services.api.auth import Principal, key_row
 from services.api.common import Db
 from services.api.problems import Problem
 from services.api.routes import alerts as alert_routes
 from services.api.routes import auth as auth_routes
 from services.api.routes import patients as patient_routes
-from services.api.routes import pumps as pump_routes
 from services.api.routes import refills as refill_routes
 from services.api.web import sessions
 from services.api.web import therapy as therapy_page
@@ -273,9 +273,7 @@ async def _worklist(
         open_alerts = [a for a in open_alerts if a.priority == priority]
     open_alerts.sort(key=lambda a: (PRIORITY_ORDER[a.priority], -a.opened_at.timestamp()))
     tz = await _zone(db, principal.clinic_id)
-    due = await pump_routes.refills_due(
-        principal, db, within_days=within_days, limit=500, cursor=None
-    )
+    due = await worklist_model.page(db, principal, within_days=within_days, limit=500, cursor=None)
     return {
         "alerts": open_alerts,
         "due": due.items,
