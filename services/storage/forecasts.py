@@ -45,19 +45,12 @@ class Forecast:
     deadline_reason: str | None
     last_refill_at: datetime | None
 
-    def volume_now_ml(self, now: datetime) -> float | None:
-        """The reservoir projected to ``now`` at the programmed rate (as
-        :func:`rules.volume_now_ml` projects the snapshot's state)."""
-        return volume_now_ml(self.volume_ml, self.state_at, self.therapy, self.zone, now)
-
 
 def of(snapshot: Snapshot) -> Forecast:
     """The read model's row of a pump's snapshot."""
     latest = snapshot.latest
-    state = rules.projection_state(snapshot)
-    found = rules.pump_forecast(snapshot)
-    deadline = rules.pump_deadline(snapshot)
-    worst = rules.worst_case(snapshot)
+    seen = rules.outlook(snapshot)
+    state, found, deadline, worst = seen.state, seen.forecast, seen.deadline, seen.worst_case
     return Forecast(
         serial=snapshot.serial,
         last_contact_at=None if latest is None else latest.recorded_at.astimezone(UTC),

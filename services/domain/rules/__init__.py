@@ -27,6 +27,8 @@ short and name no one (a snapshot holds no patient identity).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from services.domain import therapy
 from services.domain.alerting import (
     Finding,
@@ -58,9 +60,11 @@ __all__ = [
     "DOSE_STEP_WINDOW",
     "STANDARD_CONCENTRATIONS_MCG_PER_ML",
     "STOPPING_ALARMS",
+    "Outlook",
     "Reconciliation",
     "effective_low_alarm_ml",
     "evaluate",
+    "outlook",
     "projection_state",
     "pump_deadline",
     "pump_forecast",
@@ -77,6 +81,26 @@ def evaluate(snapshot: Snapshot) -> list[Finding]:
     findings = [found for check in _CHECKS.values() if (found := check(view)) is not None]
     kept = [f for f in findings if _kept(f, snapshot.settings)]
     return sorted(kept, key=lambda f: f.rule.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """What the read model keeps of a pump, computed from one view of its snapshot."""
+
+    state: Reading | None
+    forecast: therapy.Forecast | None
+    deadline: deadlines.Deadline | None
+    worst_case: therapy.Forecast | None
+
+
+def outlook(snapshot: Snapshot) -> Outlook:
+    """The projection state, the forecast, the effective deadline and the worst case at once
+    (each of :func:`projection_state`, :func:`pump_forecast`, :func:`pump_deadline` and
+    :func:`worst_case` builds its own view)."""
+    view = View(snapshot)
+    return Outlook(
+        view.state, view.nominal, deadlines.effective_deadline(view), deadlines.worst_case(view)
+    )
 
 
 def pump_forecast(snapshot: Snapshot) -> therapy.Forecast | None:
