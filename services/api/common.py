@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -36,6 +37,17 @@ Cursor = Annotated[
 def encode_cursor(*values: Any) -> str:
     raw = json.dumps([str(v) if v is not None else None for v in values]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def cursor_time(value: str | None) -> datetime:
+    """A time this API wrote into a cursor (with its offset); 400 for anything else."""
+    try:
+        found = datetime.fromisoformat(value or "")
+    except ValueError as exc:
+        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor") from exc
+    if found.tzinfo is None:
+        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor")
+    return found
 
 
 def decode_cursor(cursor: str | None, size: int) -> list[str | None] | None:

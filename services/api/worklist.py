@@ -20,8 +20,7 @@ from typing import Any
 
 from services.api import models, sql, sql_worklist, views, worklist_json
 from services.api.auth import Principal
-from services.api.common import decode_cursor, encode_cursor, scope_of
-from services.api.problems import Problem
+from services.api.common import cursor_time, decode_cursor, encode_cursor, scope_of
 from services.storage import forecasts
 from services.storage.database import Connection
 
@@ -141,7 +140,7 @@ async def _due(
     the read-model query (the stale pumps computed here have ``alerts`` None)."""
     horizon = now + timedelta(days=within_days)
     after = decode_cursor(cursor, 2)
-    mark = _FIRST if after is None else (_cursor_time(after[0]), after[1] or "")
+    mark = _FIRST if after is None else (cursor_time(after[0]), after[1] or "")
     scope = scope_of(principal)
     if scope is None:
         query = sql_worklist.WORKLIST_PAGE_ALL if joined else sql_worklist.WORKLIST_ALL
@@ -304,13 +303,3 @@ async def _items(
 def _days(at: datetime | None, now: datetime) -> float | None:
     """therapy.days_until, for the times of the database and the request (UTC already)."""
     return None if at is None else round((at - now) / _DAY, 2)
-
-
-def _cursor_time(value: str | None) -> datetime:
-    try:
-        found = datetime.fromisoformat(value or "")
-    except ValueError as exc:
-        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor") from exc
-    if found.tzinfo is None:
-        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor")
-    return found

@@ -26,6 +26,7 @@ from services.api.auth import Principal
 from services.api.common import (
     Auth,
     Db,
+    cursor_time,
     cursor_uuid,
     decode_cursor,
     encode_cursor,
@@ -84,7 +85,7 @@ from services.api.fhir.search import (
     wanted_observations,
 )
 from services.api.problems import Problem, not_found, validation_problem
-from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
+from services.api.routes.pumps import Serial, pump_clinic
 
 
 class FhirRoute(APIRoute):
@@ -234,7 +235,7 @@ async def search_observations(
     low, high = date_bounds(date_param or ())
     wanted, panels = wanted_observations(code_param or ())
     after = decode_cursor(cursor, 3)
-    at = None if after is None else _cursor_time(after[0])
+    at = None if after is None else cursor_time(after[0])
     msg_id = None if after is None else cursor_uuid(after[1])
     start_slot = PANEL_SLOT if after is None else cursor_slot(after[2])
     if not (wanted or panels) or low >= high:
@@ -482,7 +483,7 @@ async def search_flags(
         scope_of(principal),
         serial,
         patient_id,
-        None if after is None else _cursor_time(after[0]),
+        None if after is None else cursor_time(after[0]),
         None if after is None else cursor_uuid(after[1]),
         count + 1,
     )

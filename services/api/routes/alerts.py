@@ -16,6 +16,7 @@ from services.api.common import (
     Cursor,
     Db,
     Limit,
+    cursor_time,
     cursor_uuid,
     decode_cursor,
     encode_cursor,
@@ -23,7 +24,6 @@ from services.api.common import (
     visible,
 )
 from services.api.problems import FieldError, Problem, not_found
-from services.api.routes.pumps import _cursor_time
 from services.api.settings import ApiSettings
 from services.domain import conditions, rules
 from services.domain.alerting import Finding
@@ -54,7 +54,7 @@ async def list_alerts(
         priority,
         serial,
         patient_id,
-        None if after is None else _cursor_time(after[0]),
+        None if after is None else cursor_time(after[0]),
         None if after is None else cursor_uuid(after[1]),
         limit + 1,
     )

@@ -17,6 +17,7 @@ from services.api.common import (
     Cursor,
     Db,
     Limit,
+    cursor_time,
     cursor_uuid,
     decode_cursor,
     encode_cursor,
@@ -337,7 +338,7 @@ async def telemetry(
         )
     if bucket == "1h":
         after = decode_cursor(cursor, 1)
-        before = None if after is None else _cursor_time(after[0])
+        before = None if after is None else cursor_time(after[0])
         rows = await db.fetch(sql.HOURLY, serial, low, high, before, limit + 1, scope_of(principal))
         buckets = [models.Bucket(**dict(r)) for r in rows[:limit]]
         more = len(rows) > limit
@@ -351,7 +352,7 @@ async def telemetry(
         serial,
         low,
         high,
-        None if after is None else _cursor_time(after[0]),
+        None if after is None else cursor_time(after[0]),
         None if after is None else cursor_uuid(after[1]),
         limit + 1,
         scope_of(principal),
@@ -374,16 +375,6 @@ def _utc(value: datetime, field: str) -> datetime:
             errors=[FieldError(field=f"query.{field}", message="RFC 3339 with an offset")],
         )
     return value.astimezone(UTC)
-
-
-def _cursor_time(value: str | None) -> datetime:
-    try:
-        found = datetime.fromisoformat(value or "")
-    except ValueError as exc:
-        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor") from exc
-    if found.tzinfo is None:
-        raise Problem(400, "cursor is not one this API gave out", kind="bad-cursor")
-    return found
 
 
 @router.put(

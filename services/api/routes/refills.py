@@ -18,12 +18,13 @@ from services.api.common import (
     Cursor,
     Db,
     Limit,
+    cursor_time,
     decode_cursor,
     encode_cursor,
     scope_of,
 )
 from services.api.problems import FieldError, Problem, not_found
-from services.api.routes.pumps import Serial, _cursor_time, pump_clinic
+from services.api.routes.pumps import Serial, pump_clinic
 from services.domain import contract, rules
 from services.domain.alerting import RuleSettings
 from services.storage import channels, outbox
@@ -167,7 +168,7 @@ async def list_refills(
 ) -> models.Page[models.RefillOut]:
     await pump_clinic(db, principal, serial, history=True)
     after = decode_cursor(cursor, 1)
-    before = None if after is None else _cursor_time(after[0])
+    before = None if after is None else cursor_time(after[0])
     items, following = await refill_page(db, principal, serial, before, limit)
     return models.Page(
         items=items, next_cursor=None if following is None else encode_cursor(following)
