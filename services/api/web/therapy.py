@@ -30,6 +30,10 @@ SNOOZE_HOURS = (1, 2, 4, 8, 12, 24)
 """What the page offers (the API's limits cut it: 24 h, 4 h for a high priority alert)."""
 
 
+MAX_SNOOZE_FORM_HOURS = 10_000
+"""Beyond this a posted duration is no time at all (the API's limit, 24 h, says the rest)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PatientExtras:
     report: reports.Report
@@ -65,7 +69,7 @@ def snooze_body(hours: str, note: str, now: datetime) -> models.SnoozeIn:
         chosen = float(hours)
     except ValueError:
         raise Problem(422, "choose how long to snooze the reminders", kind="validation") from None
-    if chosen <= 0:
+    if not 0 < chosen <= MAX_SNOOZE_FORM_HOURS:  # also NaN; the API's own limit comes after
         raise Problem(422, "choose how long to snooze the reminders", kind="validation")
     return models.SnoozeIn(until=now + timedelta(hours=chosen), note=note.strip())
 
