@@ -432,12 +432,12 @@ def test_a_clinician_snoozes_an_alert_within_the_contracts_limits(
     assert nothing.status == 422
     assert "write a note" in nothing.text()
     # Durations no clock can add (they were a 500): refused in words like any other.
-    for hours in ("nan", "inf", "1e9"):
+    for given in ("nan", "inf", "1e9"):
         absurd = page.request.post(
             f"{server.base}/patients/{server.later}/alerts/{alert_id}/snooze",
-            form={"csrf_token": token or "", "hours": hours, "note": "why"},
+            form={"csrf_token": token or "", "hours": given, "note": "why"},
         )
-        assert absurd.status == 422, (hours, absurd.status)
+        assert absurd.status == 422, (given, absurd.status)
         assert "choose how long to snooze the reminders" in absurd.text()
 
 
