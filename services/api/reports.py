@@ -255,9 +255,11 @@ async def load(
     until: str | None = None,
     *,
     history: bool = True,
+    therapy_only: bool = False,
 ) -> Report:
     """The patient's report over the period (403 for the fleet role, 404 for another
-    clinic's patient, 422 for a period that is not one)."""
+    clinic's patient, 422 for a period that is not one); ``therapy_only``: without its refills
+    and alerts (the patient page shows its own)."""
     patient = await patient_routes.get_patient(patient_id, principal, db)
     name, tz, settings = await clinic_zone(db, patient.clinic_id)
     now = datetime.now(UTC)
@@ -275,6 +277,8 @@ async def load(
     report.tolerance = tolerance(doses, min(end, now), settings) if doses else None
     # The program in force when the period began, then each change within it.
     report.therapy = [c for c in every if c.at <= start][-1:] + [c for c in every if c.at > start]
+    if therapy_only:
+        return report
     for serial in serials:
         report.refills += await _refills(db, patient, serial, start, end)
     report.refills.sort(key=lambda r: r.recorded_at, reverse=True)

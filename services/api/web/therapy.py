@@ -45,12 +45,8 @@ class PatientExtras:
 async def extras(
     db: Connection, principal: Principal, patient_id: UUID, alerts: list[models.AlertOut]
 ) -> PatientExtras:
-    report = await reports.load(db, principal, patient_id, history=True)
-    histories = {e.alert.id: e.history for e in report.alerts}
-    missing = [a.id for a in alerts if a.id not in histories]
-    if missing:
-        histories |= await reports.histories(db, missing)
-    return PatientExtras(report, histories)
+    report = await reports.load(db, principal, patient_id, therapy_only=True)
+    return PatientExtras(report, await reports.histories(db, [a.id for a in alerts]))
 
 
 def snooze_choices(settings: ApiSettings, priority: str) -> list[int]:
