@@ -16,7 +16,7 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from services.api import audit, keys, models, people, signin, sql
+from services.api import audit, keys, models, people, reports, signin, sql
 from services.api import worklist as worklist_model
 from services.api.auth import Principal, key_row
 from services.api.common import Db
@@ -40,22 +40,9 @@ templates = Environment(
 )
 
 
-def _local(at: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M %Z") -> str:
-    """A time as people at the clinic read it, with the zone named (``CET``, ``CEST``)."""
-    return "—" if at is None else at.astimezone(tz).strftime(fmt)
-
-
-templates.filters["local"] = _local
-
-
-def _who(actor: models.Actor | None) -> str:
-    """A person's name, a key's label (or what there is of them)."""
-    if actor is None:
-        return "—"
-    return actor.display_name or actor.label or f"{actor.type} {actor.id}"
-
-
-templates.filters["who"] = _who
+# Times and people as the report writes them (one wording for both).
+templates.filters["local"] = reports.local
+templates.filters["who"] = reports.who
 templates.globals["deadline_words"] = rules.deadlines.REASON_WORDS
 STATIC_DIR = resources.files("services.api.web").joinpath("static")
 CHART_DAYS = 90
