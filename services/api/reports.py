@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from uuid import UUID
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -23,6 +22,7 @@ from services.api.web import dose_chart
 from services.domain import rules
 from services.domain.alerting import DoseChange, RuleSettings
 from services.domain.rules.programming import Tolerance, tolerance
+from services.storage import snapshots
 from services.storage.database import Connection
 
 DEFAULT_DAYS = 365
@@ -233,14 +233,8 @@ async def clinic_zone(db: Connection, clinic_id: UUID) -> tuple[str, tzinfo, Rul
     row = await db.fetchrow(sql_reports.CLINIC, clinic_id)
     if row is None:
         return "", UTC, RuleSettings()
-    try:
-        tz: tzinfo = ZoneInfo(row["timezone"]) if row["timezone"] else UTC
-    except (ZoneInfoNotFoundError, ValueError):
-        tz = UTC
-    try:
-        settings = RuleSettings().for_clinic(row["alert_settings"])
-    except ValueError:
-        settings = RuleSettings()
+    tz = snapshots.zone_of(row["timezone"], None)
+    settings = snapshots.clinic_settings(RuleSettings(), row["alert_settings"], clinic_id)
     return row["name"], tz, settings
 
 
