@@ -241,31 +241,18 @@ async def search_observations(
     if not (wanted or panels) or low >= high:
         return FhirResponse(searchset(request, [], None, total=0))
     codes = {m.code for m in wanted}
-    total = 0
-    if wanted:
-        total += await db.fetchval(
-            sql.FHIR_OBSERVATIONS_TOTAL,
-            serial,
-            low,
-            high,
-            "reservoir-volume" in codes,
-            "programmed-rate" in codes,
-            "programmed-dose" in codes,
-            "battery-remaining" in codes,
-            scope_of(principal),
-        )
-    if panels:  # one per reading: counted as the volume is (every reading has one)
-        total += await db.fetchval(
-            sql.FHIR_OBSERVATIONS_TOTAL,
-            serial,
-            low,
-            high,
-            True,
-            False,
-            False,
-            False,
-            scope_of(principal),
-        )
+    # A panel is one per reading, so it counts as the volume does ($4 counts each reading 0-2 x).
+    total = await db.fetchval(
+        sql.FHIR_OBSERVATIONS_TOTAL,
+        serial,
+        low,
+        high,
+        int("reservoir-volume" in codes) + int(panels),
+        "programmed-rate" in codes,
+        "programmed-dose" in codes,
+        "battery-remaining" in codes,
+        scope_of(principal),
+    )
     patient_at = await patients_at(db, principal, serial)
     base = base_url(request)
     rows = await db.fetch(
