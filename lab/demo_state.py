@@ -74,9 +74,7 @@ def load(data_dir: Path) -> DemoState | None:
     path = data_dir / STATE_FILE
     try:
         raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # none there, or not ours to read
         return None
     if not isinstance(raw, dict) or raw.get("version") != _VERSION:
         return None

@@ -90,7 +90,6 @@ def simulate(
     titrating: Sequence[str] = (),
     first_refill: Mapping[str, timedelta] | None = None,
     claimable: Sequence[str] = (),
-    claims_from: datetime | None = None,
     resume_from: datetime | None = None,
 ) -> PublishReport:
     """Simulate a fleet of pumps and publish its messages to the broker at ``target``.
@@ -131,9 +130,8 @@ def simulate(
       held by its hub (live runs with ``resend``): a gap backfill fills (the demo's).
     - ``start``: when the fleet starts (live runs), instead of ``backfill_days`` before now: the
       same seed and start replay the same history (the demo resuming its fleet).
-    - ``titrating``, ``first_refill``, ``claimable``, ``claims_from``: the demo clinic's pumps
-      (:class:`lab.sim.fleet.Fleet`); claim codes from ``claims_from`` (default: 30 minutes
-      before now) on.
+    - ``titrating``, ``first_refill``, ``claimable``: the demo clinic's pumps
+      (:class:`lab.sim.fleet.Fleet`); claim codes from 30 minutes before now on.
     - ``resume_from`` (live runs, with ``start``): the devices sent everything before this in
       an earlier run; the fleet runs up to it without publishing, then goes on as usual.
 
@@ -169,7 +167,7 @@ def simulate(
                 titrating=titrating,
                 first_refill=first_refill,
                 claimable=claimable,
-                claims_from=claims_from or max(start, wall_now - _CLAIMS_BEFORE),
+                claims_from=max(start, wall_now - _CLAIMS_BEFORE),
             )
         except ValueError as exc:
             raise OptionError(str(exc)) from None

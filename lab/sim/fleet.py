@@ -47,7 +47,7 @@ class Fleet:
     The demo's clinic (``lab.demo``): ``titrating`` pumps have their dose raised every few
     weeks (a patient growing tolerant); ``first_refill`` brings a pump's first refill visit this
     long after the start (its reservoir at the start is set to fit); the programmers of
-    ``claimable`` pumps publish a ``claim`` event with a new code every ``claim_every`` from
+    ``claimable`` pumps publish a ``claim`` event with a new code every ``CLAIM_EVERY`` from
     ``claims_from`` (default: the start) on (:mod:`lab.sim.claims`). None of these changes
     another message of the fleet.
     """
@@ -66,7 +66,6 @@ class Fleet:
         first_refill: Mapping[str, timedelta] | None = None,
         claimable: Iterable[str] = (),
         claims_from: datetime | None = None,
-        claim_every: timedelta = CLAIM_EVERY,
     ) -> None:
         if pumps < 1:
             raise ValueError("a fleet needs at least one pump")
@@ -116,7 +115,7 @@ class Fleet:
                 serial,
                 seed=seed,
                 from_t=claims_t,
-                every_s=round(claim_every.total_seconds()),
+                every_s=round(CLAIM_EVERY.total_seconds()),
                 topic_prefix=self.topic_prefix,
             )
             for serial in claiming
