@@ -15,7 +15,7 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,6 +31,7 @@ from lab.embedded import (
     start_postgres,
 )
 from services.storage import migrate
+from tests.api_support import Api, World, running_api, world
 
 # Browser assertions wait for their condition; on a busy 2-core CI machine a page as big as ReDoc's
 # can take longer than Playwright's 5 s default to render, so every expect() waits up to 60 s.
@@ -140,3 +141,16 @@ def mqtt5_broker(broker: EmbeddedBroker) -> EmbeddedBroker:
     if not broker.supports_mqtt5:
         pytest.skip("needs an MQTT 5 broker: install mosquitto (apt install mosquitto)")
     return broker
+
+
+@pytest.fixture
+async def api(database_url: str) -> AsyncIterator[Api]:
+    """The API app on this test's database (in-process), with its admin key."""
+    async with running_api(database_url) as found:
+        yield found
+
+
+@pytest.fixture
+async def w(api: Api) -> World:
+    """Two clinics with their keys, people and patients (a module may define its own ``w``)."""
+    return await world(api)

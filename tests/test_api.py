@@ -14,17 +14,6 @@ from services.api import keys
 from tests.api_support import ADMIN_TOKEN, Api, World, running_api, world
 
 
-@pytest.fixture
-async def api(database_url: str) -> AsyncIterator[Api]:
-    async with running_api(database_url) as found:
-        yield found
-
-
-@pytest.fixture
-async def w(api: Api) -> World:
-    return await world(api)
-
-
 def problem(response: object) -> dict[str, object]:
     import httpx
 

@@ -10,7 +10,7 @@ import io
 import re
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import MutableMapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,18 +21,7 @@ from services.api import problems
 from services.api.app import create_app
 from services.api.settings import ApiSettings
 from tests import alert_fixtures as fx
-from tests.api_support import Api, World, running_api, world
-
-
-@pytest.fixture
-async def api(database_url: str) -> AsyncIterator[Api]:
-    async with running_api(database_url) as found:
-        yield found
-
-
-@pytest.fixture
-async def w(api: Api) -> World:
-    return await world(api)
+from tests.api_support import Api, World
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -13,22 +13,11 @@ import pytest
 
 from services.storage.database import Connection
 from tests import alert_fixtures as fx
-from tests.api_support import Api, World, running_api, world
+from tests.api_support import Api, World
 from tests.test_readmodel import engine, row, sweep
 
 MOVING = {"days_to_low_alarm", "days_to_refill_deadline", "volume_now_ml"}
 """What the clock moves between two answers."""
-
-
-@pytest.fixture
-async def api(database_url: str) -> AsyncIterator[Api]:
-    async with running_api(database_url) as found:
-        yield found
-
-
-@pytest.fixture
-async def w(api: Api) -> World:
-    return await world(api)
 
 
 @pytest.fixture

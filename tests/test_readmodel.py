@@ -22,20 +22,9 @@ from services.storage import forecasts
 from services.storage.database import prepare_connection
 from services.storage.snapshots import load
 from tests import alert_fixtures as fx
-from tests.api_support import ADMIN_TOKEN, Api, World, running_api, world
+from tests.api_support import ADMIN_TOKEN, Api, World
 
 DUE = "/v1/refills/due"
-
-
-@pytest.fixture
-async def api(database_url: str) -> AsyncIterator[Api]:
-    async with running_api(database_url) as found:
-        yield found
-
-
-@pytest.fixture
-async def w(api: Api) -> World:
-    return await world(api)
 
 
 @pytest.fixture
