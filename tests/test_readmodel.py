@@ -6,23 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from lab.embedded import EmbeddedBroker
 from services.alerts.engine import Engine
 from services.alerts.metrics import AlertsMetrics
 from services.domain.alerting import RuleSettings
 from services.domain.notifications import NotificationSettings
 from services.notify import digest
-from services.storage import forecasts
+from services.storage import channels, forecasts
 from services.storage.database import prepare_connection
 from services.storage.snapshots import load
 from tests import alert_fixtures as fx
 from tests.api_support import ADMIN_TOKEN, Api, World
+from tests.support import alerts_process
 
 DUE = "/v1/refills/due"
 
@@ -353,3 +357,140 @@ async def test_the_digest_reads_the_rows_and_forecasts_the_stale_ones(
     listed = [r["serial"] for r in found.data["refills"]]
     assert listed == ["NGPRM0008", "NGPRM0010"]
     assert found.data["refills"][0]["days_to_low_alarm"] == pytest.approx(3.0, abs=0.01)
+
+
+async def listened(pool: asyncpg.Pool, statement: str, *args: Any) -> list[str]:
+    """The payloads on the alert service's channel that ``statement``'s commit sends."""
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    async with pool.acquire() as listener:
+
+        def note(conn: Any, pid: int, channel: str, payload: object) -> None:
+            heard.put_nowait(str(payload))
+
+        await listener.add_listener(channels.INGEST, note)
+        try:
+            await pool.execute(statement, *args)
+            # A marker sent after the statement's commit: what came before it is everything.
+            await pool.execute("SELECT pg_notify($1, 'marker')", channels.INGEST)
+            found = []
+            while (payload := await asyncio.wait_for(heard.get(), 30)) != "marker":
+                found.append(payload)
+        finally:
+            await listener.remove_listener(channels.INGEST, note)
+    return found
+
+
+async def test_a_settings_change_notifies_the_alert_service_of_the_pumps_it_made_stale(
+    w: World, pool: asyncpg.Pool
+) -> None:
+    """Issue 20, migration 0016: the triggers that mark forecasts stale also wake the engine
+    for those pumps, in channels.pumps_changed's payload; a big clinic's list is too long to
+    send, so it says "re-read them all"; nothing relevant changed, nothing is sent."""
+    patient_id = await pump_due_in(pool, w.a.id, "NGPRM0301", 5)
+    async with pool.acquire() as conn:
+        await fx.pump(conn, "NGPRM0302", patient_id=patient_id)  # a second pump in her
+    margin = "UPDATE patients SET low_alarm_margin_ml = $2 WHERE id = $1"
+    heard = await listened(pool, margin, uuid.UUID(patient_id), 3.0)
+    assert heard == [channels.pumps_changed_payload(["NGPRM0301", "NGPRM0302"])]
+    assert await listened(pool, margin, uuid.UUID(patient_id), 3.0) == []  # the same margin
+    risk = "UPDATE patients SET withdrawal_risk = 'high' WHERE id = $1"
+    assert await listened(pool, risk, uuid.UUID(patient_id)) == [
+        channels.pumps_changed_payload(["NGPRM0301", "NGPRM0302"])
+    ]
+    held = await pool.fetch(
+        "SELECT serial FROM pumps WHERE clinic_id = $1 ORDER BY serial", uuid.UUID(w.a.id)
+    )
+    zone = "UPDATE clinics SET timezone = 'Asia/Tokyo' WHERE id = $1"
+    assert await listened(pool, zone, uuid.UUID(w.a.id)) == [
+        channels.pumps_changed_payload([r["serial"] for r in held])
+    ]
+    named = "UPDATE clinics SET name = 'Renamed' WHERE id = $1"
+    assert await listened(pool, named, uuid.UUID(w.a.id)) == []
+    nobody = await pool.fetchval(
+        "INSERT INTO patients (clinic_id, mrn, display_name) VALUES ($1, 'MRN-NONE', 'N') "
+        "RETURNING id",
+        uuid.UUID(w.a.id),
+    )
+    assert await listened(pool, margin, nobody, 4.0) == []  # no pump: no one to wake
+    # 600 pumps in clinic B: their list is past the payload limit.
+    await pool.execute(
+        "INSERT INTO pumps (serial, clinic_id) "
+        "SELECT 'NGPBIG' || lpad(n::text, 5, '0'), $1 FROM generate_series(1, 600) n",
+        uuid.UUID(w.b.id),
+    )
+    many = await pool.fetch(
+        "SELECT serial FROM pumps WHERE clinic_id = $1 ORDER BY serial", uuid.UUID(w.b.id)
+    )
+    assert channels.pumps_changed_payload([r["serial"] for r in many]) == '{"serials": null}'
+    settings = "UPDATE clinics SET alert_settings = '{\"refill_due_low_days\": 3}' WHERE id = $1"
+    assert await listened(pool, settings, uuid.UUID(w.b.id)) == ['{"serials": null}']
+    stale = await pool.fetchval(
+        "SELECT count(*) FROM pump_forecasts WHERE clinic_id = $1 AND stale", uuid.UUID(w.b.id)
+    )
+    assert stale == len(many)
+
+
+async def test_a_clinics_new_lead_time_reaches_its_alerts_without_a_sweep(
+    api: Api, w: World, pool: asyncpg.Pool, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Issue 20: the alert service as a process, its sweep a day apart (it sweeps at start
+    only), so that only the wake can explain what follows. A clinic raises its refill lead time
+    over the API: the refill alert opens and the row is fresh again; it lowers it: the alert
+    resolves; a patient's margin is raised (no route sets it: an operator's SQL, the same
+    trigger): the forecast's deadline moves."""
+    serial = "NGPRM0401"
+    patient_id = await pump_due_in(pool, w.a.id, serial, 20)  # beyond the 14-day lead time
+
+    async def state() -> tuple[asyncpg.Record, str | None]:
+        found = await row(pool, serial)
+        status = await pool.fetchval(
+            "SELECT priority FROM alerts WHERE serial = $1 AND rule = 'refill_due' "
+            "AND status <> 'resolved'",
+            serial,
+        )
+        return found, status
+
+    async def until(what: str, check: Callable[[asyncpg.Record, str | None], bool]) -> Any:
+        deadline = time.monotonic() + 60
+        while not check(*(found := await state())):
+            assert time.monotonic() < deadline, f"{what}: {dict(found[0])}, alert {found[1]}"
+            await asyncio.sleep(0.05)
+        return found[0]
+
+    async def lead_time(days: float) -> None:
+        changed = await api.call(
+            "PUT",
+            f"/v1/clinics/{w.a.id}/alert-settings",
+            w.a.clinician,
+            json={"refill_due_low_days": days},
+        )
+        assert changed.status_code == 200, changed.text
+
+    alerts = alerts_process(
+        api.database_url,
+        broker,
+        tmp_path / "alerts.log",
+        PUMPWATCH_ALERTS_SWEEP_INTERVAL_S="86400",
+        PUMPWATCH_NOTIFY_ENABLED="false",
+    )
+    try:
+        alerts.start()
+        first = await until("evaluated at start", lambda r, a: r["fresh"] and a is None)
+        await lead_time(30)
+        await until("raised: the alert opens", lambda r, a: r["fresh"] and a == "low")
+        await lead_time(10)
+        await until("lowered: it resolves", lambda r, a: r["fresh"] and a is None)
+        await pool.execute(
+            "UPDATE patients SET low_alarm_margin_ml = 3.0 WHERE id = $1", uuid.UUID(patient_id)
+        )
+        moved = await until(
+            "the margin moves the deadline",
+            lambda r, a: r["fresh"] and r["deadline_at"] != first["deadline_at"],
+        )
+        earlier = first["deadline_at"] - moved["deadline_at"]
+        assert abs(earlier - timedelta(days=5)) < timedelta(minutes=1)  # 1 mL at 0.2 mL/day
+        # At start and when it began listening (anything missed meanwhile), never since.
+        assert alerts.metric("pumpwatch_alerts_sweeps_total") <= 2
+        assert alerts.metric("pumpwatch_alerts_notifications_total") >= 3
+    finally:
+        alerts.stop_quietly()

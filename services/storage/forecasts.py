@@ -5,7 +5,9 @@ alert changes (:func:`versions` before it loads the snapshots, :func:`write` aft
 what it found). Readers (the API's worklist, the daily digest) read the table; a row whose
 ``version`` moved since the engine wrote it (a refill, a custody change, a patient's margin,
 the clinic's settings: the migration's triggers) is stale, and they compute that pump's
-forecast themselves from a snapshot (:func:`of` is the one computation both use).
+forecast themselves from a snapshot (:func:`of` is the one computation both use). The patient's
+and the clinic's triggers also wake the engine for the pumps they made stale (migration 0016);
+the API and ingest wake it after refills, bookings, moves and new data.
 """
 
 from __future__ import annotations
