@@ -19,9 +19,15 @@ import asyncpg
 import httpx
 import pytest
 
+from services.alerts.engine import Engine
+from services.alerts.metrics import AlertsMetrics
 from services.api import passwords
+from services.api.auth import Principal
+from services.api.web.patients import pumps_by_patient
+from services.domain.alerting import RuleSettings
+from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
-from tests.api_support import Api, running_api
+from tests.api_support import ADMIN_TOKEN, Api, running_api
 
 PASSWORD = "walnut harbour lantern 31"
 NURSE_A, NURSE_B = "nora@north.example", "sam@south.example"
@@ -497,3 +503,79 @@ async def test_another_clinic_sees_and_changes_none_of_it(day: Day) -> None:
     assert not await day.sql(
         "SELECT 1 FROM events WHERE type = 'refill' AND source_kind = 'http_api'"
     )
+
+
+def _patient_row(html: str, name: str) -> str:
+    """The patient list's row of the patient named ``name``."""
+    [found] = [r for r in html.split('<tr class="patient-row">')[1:] if f">{name}</a>" in r]
+    return found.split("</tr>")[0]
+
+
+async def test_the_patient_list_reads_the_read_model_and_only_the_clinics_pumps(
+    day: Day,
+) -> None:
+    """Issue 20: each patient's pump, refill deadline and booked visit come from the forecast
+    read model (a row moved by hand moves the page); a stale row's pump is forecast from its
+    snapshot (the page agrees with the API's pump then); a pump another clinic holds never
+    shows, even for its patient's id."""
+    pool = await asyncpg.create_pool(
+        day.api.database_url, min_size=1, max_size=2, init=prepare_connection
+    )
+    assert pool is not None
+    try:
+        engine = Engine(
+            pool,
+            settings=RuleSettings(),
+            flap_window=timedelta(hours=6),
+            data_clock=False,
+            metrics=AlertsMetrics(),
+        )
+        serials = [r["serial"] for r in await pool.fetch("SELECT serial FROM pumps")]
+        assert (await engine.evaluate(serials)).failed == []
+        await pool.execute(
+            "UPDATE pump_forecasts SET deadline_at = '2031-05-06 12:00Z', "
+            "deadline_reason = 'drug_age' WHERE serial = $1",
+            SERIAL_A,
+        )
+        fresh = "SELECT evaluated_version = version FROM pump_forecasts WHERE serial = $1"
+        assert await pool.fetchval(fresh, SERIAL_A)
+        soon = (datetime.now(BERLIN) + timedelta(days=3)).replace(
+            hour=9, minute=30, second=0, microsecond=0
+        )
+        async with day.signed_in(NURSE_A) as nora:
+            booked = await nora.post(f"/pumps/{SERIAL_A}/visit", when=f"{soon:%Y-%m-%dT%H:%M}")
+            assert booked.status_code == 303, booked.text
+            listed = await nora.get("/patients")
+            ada = _patient_row(listed.text, "Ada Soon")
+            assert SERIAL_A in ada
+            assert '2031-05-06 <span class="muted">drug age</span>' in ada  # the row's
+            assert f"{soon:%Y-%m-%d} 09:30 CE" in ada  # the booked visit, in the clinic's zone
+            assert "assign a pump" in _patient_row(listed.text, "Ben Later")
+            assert SERIAL_B not in listed.text
+            # The patient's margin makes the row stale: the page forecasts it as the API does.
+            await pool.execute(
+                "UPDATE patients SET low_alarm_margin_ml = 4.0 WHERE id = $1", uuid.UUID(day.ada)
+            )
+            assert not await pool.fetchval(fresh, SERIAL_A)
+            state = await day.api.call("GET", f"/v1/pumps/{SERIAL_A}", ADMIN_TOKEN)
+            deadline = datetime.fromisoformat(state.json()["forecast"]["refill_deadline_at"])
+            ada = _patient_row((await nora.get("/patients")).text, "Ada Soon")
+            assert "2031-05-06" not in ada
+            assert f"{deadline.astimezone(BERLIN):%Y-%m-%d} <span" in ada
+            assert f"{soon:%Y-%m-%d} 09:30 CE" in ada
+        async with day.signed_in(NURSE_B) as sam:
+            cy = _patient_row((await sam.get("/patients")).text, "Cy Other")
+            assert SERIAL_B in cy
+            assert SERIAL_A not in (await sam.get("/patients")).text
+        # Clinic A's principal, asking for clinic B's patient: nothing (the clinic's filter).
+        conn = await day.api.conn()
+        try:
+            a = Principal(key_id=None, role="clinician", clinic_id=uuid.UUID(day.a))
+            assert await pumps_by_patient(conn, a, [uuid.UUID(day.cy)]) == {}
+            admin = Principal(key_id=None, role="admin", clinic_id=None)
+            found = await pumps_by_patient(conn, admin, [uuid.UUID(day.cy), uuid.UUID(day.ada)])
+            assert {p.serial for p in found.values()} == {SERIAL_A, SERIAL_B}
+        finally:
+            await conn.close()
+    finally:
+        await pool.close()

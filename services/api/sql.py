@@ -200,6 +200,18 @@ WHERE ($1::uuid IS NULL OR clinic_id = $1)
 ORDER BY display_name, id
 LIMIT $5
 """
+# The web patient list: each listed patient's ($1) pump from the forecast read model
+# (pump_forecasts, migration 0015, by its patient index), held by the scope's clinic ($2; NULL:
+# every clinic), the greatest serial where a patient has several (the pump list's last). The
+# holder, patient and booked visit are the pump's own, copied in the transaction that changes
+# them; the deadline is the engine's, for a row that is not stale.
+PATIENT_PUMPS = """
+SELECT DISTINCT ON (patient_id) patient_id, serial, stale, refill_appointment_at,
+       last_contact_at, deadline_at, deadline_reason
+FROM pump_forecasts
+WHERE patient_id = ANY($1::uuid[]) AND ($2::uuid IS NULL OR clinic_id = $2)
+ORDER BY patient_id, serial DESC
+"""
 
 # --- pumps ---------------------------------------------------------------------------------------
 

@@ -1,24 +1,28 @@
 """The dashboard's patient list: search by name or MRN, and register a new patient.
 
 Both call the JSON API's own route functions with the session's principal (the same checks,
-transaction and audit row); a refused form comes back with what is wrong in words."""
+transaction and audit row); a refused form comes back with what is wrong in words. The listed
+patients' pumps, refill deadlines and booked visits come from the forecast read model."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
 
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
-from services.api import models
+from services.api import models, sql, views
 from services.api.auth import Principal
-from services.api.common import Db
+from services.api.common import Db, scope_of
 from services.api.problems import Problem
 from services.api.routes import patients as patient_routes
-from services.api.routes import pumps as pump_routes
 from services.api.web import sessions
 from services.api.web.routes import _check_csrf, _page, _session, _to_login, _zone
+from services.storage import forecasts
 
 router = APIRouter(include_in_schema=False)
 
@@ -43,20 +47,50 @@ def field_errors(exc: ValidationError, words: dict[str, str]) -> list[str]:
     return found
 
 
-async def pumps_by_patient(db: Db, principal: Principal) -> dict[Any, models.PumpState]:
-    """The clinic's pumps, by the patient each is implanted in (the API's pump list)."""
-    found: dict[Any, models.PumpState] = {}
-    cursor = None
-    while True:
-        page = await pump_routes.list_pumps(
-            principal, db, patient_id=None, limit=500, cursor=cursor
+@dataclass(frozen=True, slots=True)
+class PatientPump:
+    """What the patient list shows of a patient's pump."""
+
+    serial: str
+    refill_deadline_at: datetime | None
+    refill_deadline_reason: str | None
+    refill_appointment_at: datetime | None
+
+
+async def pumps_by_patient(
+    db: Db, principal: Principal, patient_ids: list[UUID]
+) -> dict[UUID, PatientPump]:
+    """These patients' pumps that the principal's clinic holds, by patient, from the forecast
+    read model in one query. A stale row's pump (the engine has not evaluated it since a refill,
+    a move or a change of settings, or at all) is forecast from its snapshot here, as the
+    worklist does. The deadline is shown once the pump has sent a reading, as in the API's
+    forecast object."""
+    if not patient_ids:
+        return {}
+    rows = await db.fetch(sql.PATIENT_PUMPS, patient_ids, scope_of(principal))
+    stale = [r["serial"] for r in rows if r["stale"]]
+    computed = {}
+    if stale:
+        found = await views.snapshots(db, stale)
+        computed = {serial: forecasts.of(snapshot) for serial, snapshot in found.items()}
+    pumps = {}
+    for row in rows:
+        forecast = computed.get(row["serial"])
+        if forecast is None:  # the engine's
+            contact, at, reason = row["last_contact_at"], row["deadline_at"], row["deadline_reason"]
+        else:
+            contact, at, reason = (
+                forecast.last_contact_at,
+                forecast.deadline_at,
+                forecast.deadline_reason,
+            )
+        pumps[row["patient_id"]] = PatientPump(
+            serial=row["serial"],
+            refill_deadline_at=None if contact is None else at,
+            refill_deadline_reason=None if contact is None else reason,
+            refill_appointment_at=row["refill_appointment_at"],
         )
-        for pump in page.items:
-            if pump.patient_id is not None:
-                found[pump.patient_id] = pump
-        cursor = page.next_cursor
-        if cursor is None:
-            return found
+    return pumps
 
 
 async def _list_page(
@@ -80,7 +114,7 @@ async def _list_page(
         session=session,
         patients=found.items,
         more=found.next_cursor is not None,
-        pumps=await pumps_by_patient(db, principal),
+        pumps=await pumps_by_patient(db, principal, [p.id for p in found.items]),
         q=q,
         errors=errors or [],
         form=form or {},
