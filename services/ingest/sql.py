@@ -91,7 +91,9 @@ _STATE_UPDATES = ", ".join(f"{c} = EXCLUDED.{c}" for c in STATE_COLUMNS if c != 
 # (ON CONFLICT (msg_id) DO NOTHING), only those become readings, and the newest of them per pump
 # moves pump_state forward — never back: an older reading does not replace newer state. Rows are
 # taken in key order so that concurrent writers lock them in the same order. Each new reading is
-# added to its hour's rollup (readings_hourly) in the same statement. Returns the new ids.
+# added to its hour's rollup (readings_hourly) in the same statement; the hour's last volume is
+# that of the greatest (recorded_at as epoch seconds, volume) pair, which needs no sort per hour
+# as an ordered array_agg did. Returns the new ids.
 STORE_READINGS = f"""
 WITH new AS (
     INSERT INTO ingested_messages (msg_id)
@@ -112,7 +114,7 @@ WITH new AS (
     INSERT INTO readings_hourly AS h
     SELECT serial, date_trunc('hour', recorded_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
            count(*), sum(volume_ml), min(volume_ml), max(volume_ml), max(recorded_at),
-           (array_agg(volume_ml ORDER BY recorded_at DESC))[1],
+           (max(ARRAY[date_part('epoch', recorded_at), volume_ml]))[2],
            count(measured_flow_ml_per_day), coalesce(sum(measured_flow_ml_per_day), 0),
            sum(rate_ml_per_day)
     FROM stage_readings JOIN new USING (msg_id)
