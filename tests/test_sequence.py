@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.domain.sequence import advance, fill, missing_count
+from services.domain.sequence import advance, continues, fill, missing_count
 
 
 def test_first_numbers_of_a_stream_open_no_gap_before_them() -> None:
@@ -75,3 +75,25 @@ def test_gaps_plus_arrivals_cover_the_whole_range_whatever_the_order(
     # Numbers below the first batch's minimum were never expected (the stream's start is unknown).
     assert got_missing == expected_missing
     assert missing_count(gaps) == len(got_missing)
+
+
+def test_continues_only_for_the_next_numbers_without_a_hole() -> None:
+    assert continues(9, {10, 11, 12})
+    assert continues(None, {7, 8, 9})
+    assert not continues(9, {11, 12})  # 10 is missing
+    assert not continues(9, {10, 12})  # 11 is missing
+    assert not continues(9, {9, 10})  # 9 is late
+    assert not continues(None, {7, 9})
+    assert not continues(9, set())
+
+
+@given(
+    st.one_of(st.none(), st.integers(0, 40)),
+    st.sets(st.integers(0, 60), min_size=1, max_size=12),
+)
+@settings(max_examples=500)
+def test_continues_exactly_when_advance_finds_nothing(previous: int | None, seqs: set[int]) -> None:
+    """The writer skips advance() when continues() holds: it must be the case where advance()
+    would have found no gap and nothing late (and the other way round)."""
+    step = advance(previous, seqs)
+    assert continues(previous, seqs) == (not step.new_gaps and not step.late)

@@ -8,7 +8,7 @@ its count) and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 Range = tuple[int, int]
@@ -42,6 +42,18 @@ def advance(previous_max: int | None, seqs: Iterable[int]) -> Advance:
     top = fresh[-1] if fresh else previous_max
     assert top is not None
     return Advance(max_seq=top, new_gaps=gaps, late=late)
+
+
+def continues(previous_max: int | None, seqs: Collection[int]) -> bool:
+    """Whether distinct numbers just continue the stream: the next ones after the previous
+    maximum (any run of consecutive numbers for a new stream), so :func:`advance` would find no
+    gap and nothing late."""
+    if not seqs:
+        return False
+    low, high = min(seqs), max(seqs)
+    if high - low + 1 != len(seqs):
+        return False
+    return previous_max is None or low == previous_max + 1
 
 
 def fill(gap: Range, arrived: Iterable[int]) -> list[Range]:

@@ -321,11 +321,14 @@ class BatchWriter:
         for row in rows:
             key = (row["serial"], row["source_id"])
             arrived = streams[key]
-            step = sequence.advance(row["previous_max"], arrived)
+            previous_max = row["previous_max"]
+            if sequence.continues(previous_max, arrived):
+                continue  # the usual batch: the next numbers, none missing, none late
+            step = sequence.advance(previous_max, arrived)
             # When the messages around each new gap were recorded: its missing period.
             seen = dict(arrived)
-            if row["previous_max"] is not None and row["previous_max_at"] is not None:
-                seen.setdefault(row["previous_max"], row["previous_max_at"])
+            if previous_max is not None and row["previous_max_at"] is not None:
+                seen.setdefault(previous_max, row["previous_max_at"])
             new_gaps.extend(
                 (key[0], key[1], first, last, seen.get(first - 1), seen.get(last + 1))
                 for first, last in step.new_gaps
