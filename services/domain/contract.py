@@ -11,6 +11,7 @@ Pure code: no I/O, the clock is passed in.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -329,8 +330,12 @@ def _check_dose(infusion: Infusion, concentration: float) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_topic(topic: str, prefix: str = "") -> tuple[str, Kind]:
-    """``[prefix/]pumps/{serial}/telemetry|events`` → (serial, kind), or raise ``bad_topic``."""
+    """``[prefix/]pumps/{serial}/telemetry|events`` → (serial, kind), or raise ``bad_topic``.
+
+    Pure, and every pump publishes on the same two topics: remembered for the last 65,536
+    topics (a refused topic is not remembered; its exception is raised each time)."""
     rest = topic
     if prefix:
         if not topic.startswith(prefix + "/"):
