@@ -69,19 +69,13 @@ CREATE TEMP TABLE IF NOT EXISTS stage_events
     (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 """
 
-# The set of serials and (pump, source) streams only grows; ingest remembers which exist and
-# runs these only for ones it has not seen.
+# The set of serials only grows; ingest remembers which exist and runs this only for ones it has
+# not seen.
 INSERT_PUMPS = """
 INSERT INTO pumps (serial, model)
 SELECT * FROM unnest($1::text[], $2::text[]) AS p(serial, model)
 ORDER BY serial
 ON CONFLICT (serial) DO NOTHING
-"""
-ENSURE_SEQUENCE_STREAMS = """
-INSERT INTO sequence_state (serial, source_id)
-SELECT * FROM unnest($1::text[], $2::text[]) AS s(serial, source_id)
-ORDER BY serial, source_id
-ON CONFLICT DO NOTHING
 """
 
 _READING_LIST = ", ".join(READING_COLUMNS)
@@ -150,29 +144,27 @@ WITH new AS (
 SELECT msg_id FROM new
 """
 
-# Lock the batch's streams in key order, read each one's maximum so far (and when the message
-# holding it was recorded), move it forward; the caller works out the gaps from the previous
-# maximum returned. The lock also serialises gap filling per stream: a batch that fills part of a
-# gap waits here until a concurrent batch that split the same gap has committed its pieces.
+# Each stream of the batch moves forward in one upsert, rows in key order so that concurrent
+# writers lock them in the same order (a new stream is inserted: no maximum before it). The row
+# keeps the maximum it had before (and when the message holding it was recorded), which the
+# statement returns; the caller works out the gaps from it. The row lock also serialises gap
+# filling per stream: a batch that fills part of a gap waits here until a concurrent batch that
+# split the same gap has committed its pieces.
 ADVANCE_SEQUENCE_STREAMS = """
-WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[])
-        AS b(serial, source_id, top, top_at)
-), locked AS (
-    SELECT st.serial, st.source_id, st.max_seq, st.max_recorded_at
-    FROM sequence_state st JOIN batch b USING (serial, source_id)
-    ORDER BY st.serial, st.source_id
-    FOR UPDATE OF st
-)
-UPDATE sequence_state st
-SET max_seq = GREATEST(l.max_seq, b.top),
-    max_recorded_at = CASE WHEN l.max_seq IS NULL OR b.top > l.max_seq
-                           THEN b.top_at ELSE l.max_recorded_at END,
+INSERT INTO sequence_state AS st (serial, source_id, max_seq, max_recorded_at)
+SELECT b.serial, b.source_id, b.top, b.top_at
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[])
+    AS b(serial, source_id, top, top_at)
+ORDER BY b.serial, b.source_id
+ON CONFLICT (serial, source_id) DO UPDATE SET
+    previous_max_seq = st.max_seq,
+    previous_max_recorded_at = st.max_recorded_at,
+    max_seq = GREATEST(st.max_seq, EXCLUDED.max_seq),
+    max_recorded_at = CASE WHEN st.max_seq IS NULL OR EXCLUDED.max_seq > st.max_seq
+                           THEN EXCLUDED.max_recorded_at ELSE st.max_recorded_at END,
     updated_at = now()
-FROM locked l JOIN batch b USING (serial, source_id)
-WHERE st.serial = l.serial AND st.source_id = l.source_id
-RETURNING st.serial, st.source_id, l.max_seq AS previous_max,
-          l.max_recorded_at AS previous_max_at
+RETURNING st.serial, st.source_id, st.previous_max_seq AS previous_max,
+          st.previous_max_recorded_at AS previous_max_at
 """
 LOCK_GAPS_HIT = """
 SELECT g.id, coalesce(g.root_id, g.id) AS root, g.serial, g.source_id, g.first_missing,

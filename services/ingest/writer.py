@@ -87,11 +87,10 @@ class BatchWriter:
         self.pool = pool
         self.config = config
         self.metrics = metrics
-        # Pumps, (pump, source) streams and partitions are never deleted while ingest runs
-        # (retention clears the partition cache), so what is known to exist stays so.
+        # Pumps and partitions are never deleted while ingest runs (retention clears the
+        # partition cache), so what is known to exist stays so.
         self._months: set[tuple[int, int]] = set()
         self._pumps: set[str] = set()
-        self._streams: set[tuple[str, str]] = set()
         self.on_gaps_opened: Callable[[], None] | None = None
         """Called after a commit that opened gaps (wakes the backfill worker)."""
 
@@ -222,7 +221,6 @@ class BatchWriter:
         for a in judged.accepted:
             if a.message.serial not in self._pumps and new_pumps.get(a.message.serial) is None:
                 new_pumps[a.message.serial] = a.model
-        new_streams: set[tuple[str, str]] = set()
         async with self.pool.acquire() as conn, conn.transaction():
             if new_pumps:
                 await conn.execute(sql.INSERT_PUMPS, list(new_pumps), list(new_pumps.values()))
@@ -242,7 +240,7 @@ class BatchWriter:
                 for a in fresh:
                     part.stored["telemetry" if a.is_telemetry else "events"] += 1
                 part.duplicates = len(judged.accepted) - len(fresh)
-                new_streams = await self._sequences(conn, fresh, part)
+                await self._sequences(conn, fresh, part)
             if judged.quarantined:
                 rows = quarantine_rows(judged.quarantined)
                 await conn.execute(sql.UPSERT_QUARANTINE, *_columns(rows))
@@ -250,7 +248,6 @@ class BatchWriter:
             if fresh:
                 await channels.pumps_changed(conn, {a.message.serial for a in fresh})
         self._pumps.update(new_pumps)
-        self._streams.update(new_streams)
         self._observe(judged, part, time.perf_counter() - started, fresh)
         outcome.stored.update(part.stored)
         outcome.duplicates += part.duplicates
@@ -292,8 +289,8 @@ class BatchWriter:
 
     async def _sequences(
         self, conn: Connection, fresh: list[Accepted], part: Outcome
-    ) -> set[tuple[str, str]]:
-        """Advance each (pump, source) stream; returns the streams this batch created."""
+    ) -> None:
+        """Advance each (pump, source) stream; open the gaps it shows, fill those late ones hit."""
         streams: dict[tuple[str, str], dict[int, datetime]] = defaultdict(dict)
         for a in fresh:
             seq = a.message.sequence
@@ -301,13 +298,8 @@ class BatchWriter:
                 key = (a.message.serial, a.message.source_id or "")
                 streams[key][seq] = a.message.recorded_at
         if not streams:
-            return set()
+            return
         keys = sorted(streams)
-        unknown = [k for k in keys if k not in self._streams]
-        if unknown:
-            await conn.execute(
-                sql.ENSURE_SEQUENCE_STREAMS, [k[0] for k in unknown], [k[1] for k in unknown]
-            )
         tops = [max(streams[k]) for k in keys]
         rows = await conn.fetch(
             sql.ADVANCE_SEQUENCE_STREAMS,
@@ -341,7 +333,6 @@ class BatchWriter:
             await conn.execute(sql.INSERT_GAPS, *_columns(new_gaps), self.config.gap_settle_s)
         part.gaps_opened += len(new_gaps)
         part.missing += sequence.missing_count((g[2], g[3]) for g in new_gaps)
-        return set(unknown)
 
     async def _fill_gaps(
         self, conn: Connection, late: dict[tuple[str, str], list[int]], part: Outcome
