@@ -57,3 +57,23 @@ def test_a_reused_object_forgets_the_previous_packets_properties() -> None:
     assert props.ContentType == "application/json"
     props.unpack(_Properties(PacketTypes.PUBLISH).pack())
     assert props.json() == {}
+
+
+def test_messages_built_without_info_until_it_is_read() -> None:
+    """A received message never builds its MQTTMessageInfo; a published one builds it when paho
+    reads it, and keeps it (the same object that publish() returns and waits on)."""
+    message = paho_speedup.LazyInfoMessage(7, b"pumps/NGP000123H/telemetry")
+    assert (message.mid, message.topic, message.payload, message.qos) == (
+        7,
+        "pumps/NGP000123H/telemetry",
+        b"",
+        0,
+    )
+    assert message.properties is None and message.dup is False and message.retain is False
+    info = message.info
+    assert info.mid == 7
+    assert message.info is info
+    other = paho_speedup.LazyInfoMessage(8)
+    replacement = other.info.__class__(9)
+    other.info = replacement
+    assert other.info is replacement
