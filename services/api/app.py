@@ -51,7 +51,7 @@ from services.api.web import settings_webhooks as web_settings_webhooks
 from services.api.web import therapy as web_therapy
 from services.api.web import visits as web_visits
 from services.logs import get
-from services.storage.database import create_pool, prepare_connection
+from services.storage.database import create_pool, keep_session, prepare_connection
 
 log = get(__name__)
 
@@ -106,13 +106,6 @@ class Metrics:
         self.audit_rows = Counter(
             "pumpwatch_api_audit_rows", "Audit log rows written", registry=self.registry
         )
-
-
-async def keep_session(_: asyncpg.Connection) -> None:
-    """The pool's reset on release: nothing beyond asyncpg's own rollback of an open
-    transaction. The API sets no session state (no SET, LISTEN, advisory lock or cursor outside
-    a transaction), so the default reset query (``RESET ALL``, ``UNLISTEN *``, …) would be a
-    round trip per request that changes nothing."""
 
 
 def create_app(settings: ApiSettings) -> FastAPI:

@@ -37,6 +37,7 @@ from services.storage import migrate
 from services.storage.database import (
     DATABASE_ERRORS,
     DatabaseRejected,
+    keep_session,
     open_pool,
 )
 
@@ -162,6 +163,7 @@ class IngestService:
                 min_size=1,
                 max_size=self.settings.ingest_commits_in_flight + 1,
                 init=prepare_connection,
+                reset=keep_session,  # the staging tables are all the session holds
             )
         except DatabaseRejected as exc:
             raise FatalError(f"the database refused the connection: {exc}") from exc

@@ -287,9 +287,7 @@ class BatchWriter:
                 if 0 <= lag <= window:
                     m.lag_seconds.observe(lag)
 
-    async def _sequences(
-        self, conn: Connection, fresh: list[Accepted], part: Outcome
-    ) -> None:
+    async def _sequences(self, conn: Connection, fresh: list[Accepted], part: Outcome) -> None:
         """Advance each (pump, source) stream; open the gaps it shows, fill those late ones hit."""
         streams: dict[tuple[str, str], dict[int, datetime]] = defaultdict(dict)
         for a in fresh:

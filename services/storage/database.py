@@ -86,6 +86,13 @@ async def create_pool(
     return pool
 
 
+async def keep_session(_: asyncpg.Connection) -> None:
+    """A pool's reset on release for services that set no session state (no SET, LISTEN,
+    advisory lock or cursor outside a transaction): nothing beyond asyncpg's own rollback of an
+    open transaction. The default reset query (``RESET ALL``, ``UNLISTEN *``, …) would be a round
+    trip per use that changes nothing: per request in the API, per batch in ingest."""
+
+
 async def connect(url: str, *, application_name: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(
@@ -124,6 +131,7 @@ async def open_pool(
     min_size: int = 1,
     max_size: int = 4,
     init: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = prepare_connection,
+    reset: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = None,
     retry_rejected: bool = False,
     first_delay_s: float = 0.2,
     max_delay_s: float = 10.0,
@@ -140,6 +148,7 @@ async def open_pool(
                 min_size=min_size,
                 max_size=max_size,
                 init=init,
+                reset=reset,
             )
         except DatabaseRejected as exc:
             if not retry_rejected:
