@@ -69,7 +69,9 @@ def test_messages_built_without_info_until_it_is_read() -> None:
         b"",
         0,
     )
-    assert message.properties is None and message.dup is False and message.retain is False
+    assert message.properties is None
+    assert message.dup is False
+    assert message.retain is False
     info = message.info
     assert info.mid == 7
     assert message.info is info
