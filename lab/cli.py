@@ -343,6 +343,12 @@ def bench_api(
     sweep_days: Annotated[
         float, typer.Option(min=0.1, help="Days of history seeded for the fleet-size sweep.")
     ] = 3.0,
+    sweep_alert_days: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Days of resolved alerts the sweep adds before its history (0: none)."
+        ),
+    ] = 365.0,
 ) -> None:
     """Dashboard, worklist and telemetry latency (p50/p99) and requests/s under concurrent
     clients, on a fleet seeded with a year of readings (and with a month, for comparison).
@@ -374,6 +380,7 @@ def bench_api(
         worklist_only=worklist_only,
         fleet_sizes=_sizes(fleet_sizes),
         sweep_days=sweep_days,
+        sweep_alert_days=sweep_alert_days,
     )
     if paced_rate:
         options = dataclasses.replace(options, paced_rates=tuple(paced_rate))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import re
 from datetime import UTC, datetime
 
 import asyncpg
@@ -185,6 +186,10 @@ def test_the_fleet_size_sweep_measures_every_route_on_every_fleet(pg_admin_url: 
     assert report.errors == 0, text
     assert report.phases == []  # only the sweep runs
     assert report.worklists == []
+    # A year of resolved alerts before the short history, at both sizes (20 pumps: 40 or more).
+    added = [int(n.replace(",", "")) for n in re.findall(r"alert history: ([\d,]+) resolved", text)]
+    assert len(added) == 2, text
+    assert all(n >= 2 * 20 for n in added), added
     routes = [r.name for r in sweep.SWEEP_ROUTES]
     assert {"patient", "dashboard", "worklist (clinic)", "alerts (clinic)"} <= set(routes)
     assert [(p.route, p.fleet_pumps) for p in report.sweep] == [

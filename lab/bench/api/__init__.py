@@ -139,6 +139,8 @@ class ApiBenchOptions:
     when given, only the sweep runs. Empty: no sweep."""
     sweep_days: float = 3.0
     """History seeded for the sweep, at ``interval_minutes``."""
+    sweep_alert_days: float = 365.0
+    """The sweep's resolved alerts of this many days before its history (0: none)."""
 
 
 # -- the run --------------------------------------------------------------------------------------

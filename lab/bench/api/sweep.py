@@ -9,6 +9,12 @@ read a pump's recent past, not the fleet's), the read model as the engine writes
 ``worklist_clinic_pumps`` pumps, the same pumps at every size (the first of the fleet: the seed
 draws them first, so they are generated alike); the other pumps fill clinics of at most that
 size. The admin worklist reads the whole fleet's first page.
+
+The short history has almost no resolved alerts (one per refill in it), where a fleet that has
+run a year has one per refill of that year in its alert table, which the alert list reads: so
+before the history the sweep adds ``sweep_alert_days`` of them (``_ALERT_HISTORY``), a resolved
+refill-due alert 14 days before each refill, a refill each time the reservoir would have emptied
+to its low alarm at the pump's rate (at the drug's age limit, 150 days, at the latest).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -37,6 +44,37 @@ from lab.processes import ServiceProcess, api_service
 
 if TYPE_CHECKING:
     from lab.bench.api import ApiBenchOptions
+
+# $1: the seeded history's start; $2: days of alerts before it. Each pump's refills from its
+# seeded rate and reservoir, a phase of its own from its serial; the engine's two history rows.
+_ALERT_HISTORY = """
+WITH made AS (
+    INSERT INTO alerts (id, serial, rule, priority, status, title, detail, opened_at, updated_at,
+                        resolved_at, resolved_by, resolution, condition_at)
+    SELECT gen_random_uuid(), s.serial, 'refill_due', 'low', 'resolved', 'Refill due in 14 days',
+           'The reservoir reaches its low alarm soon and no visit is booked before it.',
+           r.at - interval '14 days', r.at, r.at, 'pumpwatch-alerts', 'the pump was refilled',
+           r.at - interval '14 days'
+    FROM pump_state s
+    CROSS JOIN LATERAL (
+        SELECT least(150, (s.capacity_ml - s.low_alarm_ml) / s.rate_ml_per_day)
+               * interval '1 day' AS every
+    ) c
+    CROSS JOIN LATERAL generate_series(
+        $1::timestamptz - c.every * (abs(hashtext(s.serial)) % 1000 / 1000.0),
+        $1::timestamptz - $2::float8 * interval '1 day',
+        -c.every
+    ) AS r(at)
+    RETURNING id, opened_at, resolved_at
+)
+INSERT INTO alert_history (alert_id, at, actor, action, from_status, to_status, from_priority,
+                           to_priority, reason)
+SELECT id, opened_at, 'pumpwatch-alerts', 'opened', NULL, 'open', NULL, 'low', '' FROM made
+UNION ALL
+SELECT id, resolved_at, 'pumpwatch-alerts', 'resolved', 'open', 'resolved', 'low', 'low',
+       'the pump was refilled'
+FROM made
+"""
 
 FLAT_WITHIN = 1.25
 """A route is flat when its CPU per request on the largest fleet is within this of the
@@ -104,6 +142,13 @@ def _one_fleet(
         stack.callback(lambda: asyncio.run(_drop_database(admin, url)))
         spec = spec_for(options, size)
         world, _ = seed_with_progress(url, spec, console)
+        if options.sweep_alert_days > 0:
+            with console.status(f"adding {options.sweep_alert_days:g} days of resolved alerts"):
+                added, took = asyncio.run(_alert_history(url, spec, options.sweep_alert_days))
+            console.print(
+                f"alert history: {added:,} resolved alerts of the {options.sweep_alert_days:g} "
+                f"days before the readings in {took:.0f} s"
+            )
         with console.status(f"writing the read model of {size:,} pumps as the engine does"):
             pumps, took = asyncio.run(seed_read_model(url))
         console.print(f"read model: {pumps:,} rows written as the engine does in {took:.0f} s")
@@ -119,6 +164,20 @@ def _one_fleet(
             key = admin_key if route.admin else clinician_keys[0]
             found.append(_phase(api, url, route, key, world, size, options, console))
         return found
+
+
+async def _alert_history(url: str, spec: SeedSpec, days: float) -> tuple[int, float]:
+    """Resolved refill-due alerts of ``days`` before the seeded history; (alerts, seconds)."""
+    started = time.perf_counter()
+    conn = await asyncpg.connect(url)
+    try:
+        before = int(await conn.fetchval("SELECT count(*) FROM alerts"))
+        await conn.execute(_ALERT_HISTORY, spec.start, days)
+        added = int(await conn.fetchval("SELECT count(*) FROM alerts")) - before
+        await conn.execute("VACUUM (ANALYZE) alerts, alert_history")
+    finally:
+        await conn.close()
+    return added, time.perf_counter() - started
 
 
 def _phase(  # noqa: PLR0917 - one module's helper
@@ -192,6 +251,7 @@ def print_report(options: ApiBenchOptions, phases: list[PhaseResult], console: C
         f"{options.clients} clients in a closed loop, {options.seconds:g} s per route after "
         f"{options.warmup_seconds:g} s of warm-up; clinic routes: a clinic of {clinic:,} pumps; "
         f"{history_label(options.sweep_days)} of readings every {options.interval_minutes:g} min"
+        f" and {options.sweep_alert_days:g} days of resolved alerts before them"
     )
     table = Table(title=f"fleet-size sweep — {header}")
     for name in ("route", "fleet", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors"):
