@@ -27,7 +27,8 @@ Every non-2xx answer and every failed request is an error, counted and shown.
 
 Here: the options and the run. The fleet and its generated history are in
 ``fleet``, the COPY seeding in ``seed``, the routes and the load process in ``load``, the
-figures, tables and verdict lines in ``report``.
+figures, tables and verdict lines in ``report``; the worklist phases (on a fleet of their own)
+in ``worklist``, the fleet-size sweep (``fleet_sizes``: only the sweep runs) in ``sweep``.
 """
 
 from __future__ import annotations
