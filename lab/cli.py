@@ -333,6 +333,22 @@ def bench_api(
     worklist_only: Annotated[
         bool, typer.Option(help="Only the worklist phases (not the history runs).")
     ] = False,
+    fleet_sizes: Annotated[
+        str,
+        typer.Option(
+            help="Fleet-size sweep, e.g. 1000,10000: the read routes on a fresh fleet of each "
+            "size (the clinic routes on a clinic of --worklist-clinic-pumps); only the sweep runs.",
+        ),
+    ] = "",
+    sweep_days: Annotated[
+        float, typer.Option(min=0.1, help="Days of history seeded for the fleet-size sweep.")
+    ] = 3.0,
+    sweep_alert_days: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Days of resolved alerts the sweep adds before its history (0: none)."
+        ),
+    ] = 365.0,
 ) -> None:
     """Dashboard, worklist and telemetry latency (p50/p99) and requests/s under concurrent
     clients, on a fleet seeded with a year of readings (and with a month, for comparison).
@@ -362,12 +378,26 @@ def bench_api(
         worklist_pumps=worklist_pumps,
         worklist_clinic_pumps=worklist_clinic_pumps,
         worklist_only=worklist_only,
+        fleet_sizes=_sizes(fleet_sizes),
+        sweep_days=sweep_days,
+        sweep_alert_days=sweep_alert_days,
     )
     if paced_rate:
         options = dataclasses.replace(options, paced_rates=tuple(paced_rate))
     report = run_bench(options, Console())
     if report.errors:
         raise typer.Exit(1)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``1000,10000`` → (1000, 10000), ascending; empty → ()."""
+    try:
+        found = sorted({int(part) for part in text.replace(" ", "").split(",") if part})
+    except ValueError:
+        raise typer.BadParameter("comma-separated pump counts, e.g. 1000,10000") from None
+    if any(n < 1 for n in found):
+        raise typer.BadParameter("fleet sizes are at least 1 pump")
+    return tuple(found)
 
 
 @bench.command("faults")

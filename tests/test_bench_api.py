@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import re
 from datetime import UTC, datetime
 
 import asyncpg
 from rich.console import Console
 
 from lab.bench import api as bench
+from lab.bench.api import sweep
 from tests.api_support import running_api, world
 
 # The rollup exactly as ingest's STORE_READINGS (and migration 0004) computes it.
@@ -167,6 +169,63 @@ def test_the_worklist_phases_read_the_seeded_read_model_and_then_compute(
         assert phase.requests > 0, phase.route
         assert set(phase.statuses) == {200}, (phase.route, phase.error_sample)
     assert "capacity" in text
+
+
+def test_the_fleet_size_sweep_measures_every_route_on_every_fleet(pg_admin_url: str) -> None:
+    options = bench.ApiBenchOptions(
+        clients=2,
+        seconds=1,
+        warmup_seconds=0.2,
+        fleet_sizes=(20, 40),
+        sweep_days=1,
+        worklist_clinic_pumps=8,
+    )
+    out = io.StringIO()
+    report = bench.run(options, Console(file=out, width=250), admin_url=pg_admin_url)
+    text = out.getvalue()
+    assert report.errors == 0, text
+    assert report.phases == []  # only the sweep runs
+    assert report.worklists == []
+    # A year of resolved alerts before the short history, at both sizes (20 pumps: 40 or more).
+    added = [int(n.replace(",", "")) for n in re.findall(r"alert history: ([\d,]+) resolved", text)]
+    assert len(added) == 2, text
+    assert all(n >= 2 * 20 for n in added), added
+    routes = [r.name for r in sweep.SWEEP_ROUTES]
+    assert {"patient", "dashboard", "worklist (clinic)", "alerts (clinic)"} <= set(routes)
+    assert [(p.route, p.fleet_pumps) for p in report.sweep] == [
+        (route, size) for size in (20, 40) for route in routes
+    ]
+    for phase in report.sweep:
+        assert set(phase.statuses) == {200}, (phase.route, phase.error_sample)
+        assert phase.requests > 0
+        assert phase.rate > 0
+        assert 0 < phase.percentile(50) <= phase.percentile(99)
+        assert phase.cpu_s["api"] > 0, phase.route
+        assert phase.cpu_s["postgres"] > 0, phase.route
+    # The final table: a row per route, each with both sizes' figures and their ratio.
+    table = text[text.index("route by fleet size") :]
+    for route in routes:
+        row = next(line for line in table.splitlines() if line.startswith(f"│ {route} "))
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert cells[0] == route
+        figures = [float(c.replace(",", "")) for c in (cells[1], cells[4], cells[-4], cells[-2])]
+        assert all(f > 0 for f in figures), row  # req/s at both sizes, the ratios
+        assert cells[-1] in {"flat"} or cells[-1].startswith("grows"), row
+
+
+def test_the_sweep_s_clinic_is_the_same_pumps_at_every_fleet_size() -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    options = bench.ApiBenchOptions(sweep_days=1, worklist_clinic_pumps=400)
+    for size, clinics in ((1000, 3), (10_000, 25), (400, 1), (100, 1)):
+        spec = sweep.spec_for(options, size)
+        assert spec.clinics == clinics
+        held = [spec.clinic_of(i) for i in range(size)]
+        assert held.count(0) == min(400, size)
+        assert held[: min(400, size)] == [0] * min(400, size)
+        assert all(held.count(c) <= 400 for c in range(spec.clinics))
+    # The default: every clinic in turn, as before.
+    plain = bench.SeedSpec(10, 3, 1, 60, 7, now)
+    assert [plain.clinic_of(i) for i in range(6)] == [0, 1, 2, 0, 1, 2]
 
 
 async def test_the_api_serves_more_concurrent_requests_than_its_pool_has_connections(

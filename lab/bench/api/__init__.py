@@ -27,7 +27,8 @@ Every non-2xx answer and every failed request is an error, counted and shown.
 
 Here: the options and the run. The fleet and its generated history are in
 ``fleet``, the COPY seeding in ``seed``, the routes and the load process in ``load``, the
-figures, tables and verdict lines in ``report``.
+figures, tables and verdict lines in ``report``; the worklist phases (on a fleet of their own)
+in ``worklist``, the fleet-size sweep (``fleet_sizes``: only the sweep runs) in ``sweep``.
 """
 
 from __future__ import annotations
@@ -42,18 +43,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import psutil
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
 )
 
-from lab.bench.api import worklist
+from lab.bench.api import sweep, worklist
 from lab.bench.api.fleet import SeedSpec, World
 from lab.bench.api.load import (
     ADMIN_WORKLIST,
@@ -72,11 +71,18 @@ from lab.bench.api.report import (
     PhaseResult,
     _print_report,
     percentile,
+    phase_result,
 )
-from lab.bench.api.seed import HOURLY_COLUMNS, Seeded, history_label, seed
+from lab.bench.api.seed import (
+    HOURLY_COLUMNS,
+    Seeded,
+    api_keys,
+    history_label,
+    seed,
+    seed_with_progress,
+)
 from lab.bench.ingest import _drop_database, _fresh_database, _postgres
 from lab.processes import ServiceProcess, api_service
-from services.api import keys
 
 __all__ = [
     "ADMIN_WORKLIST",
@@ -129,6 +135,13 @@ class ApiBenchOptions:
     worklist_clinic_pumps: int = 400
     worklist_only: bool = False
     """Only the worklist phases (not the history runs)."""
+    fleet_sizes: tuple[int, ...] = ()
+    """The fleet-size sweep (lab/bench/api/sweep.py): the read routes on a fleet of each size;
+    when given, only the sweep runs. Empty: no sweep."""
+    sweep_days: float = 3.0
+    """History seeded for the sweep, at ``interval_minutes``."""
+    sweep_alert_days: float = 365.0
+    """The sweep's resolved alerts of this many days before its history (0: none)."""
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -148,6 +161,9 @@ def run(options: ApiBenchOptions, console: Console, admin_url: str | None = None
         scratch = Path(tempfile.mkdtemp(prefix="pumpwatch-bench-api-"))
         stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         admin = admin_url or _postgres(scratch, stack)
+        if options.fleet_sizes:
+            report.sweep = sweep.run(options, admin, scratch, console)
+            return report
         for days in histories:
             with contextlib.ExitStack() as per_history:
                 url = asyncio.run(_fresh_database(admin))
@@ -160,14 +176,14 @@ def run(options: ApiBenchOptions, console: Console, admin_url: str | None = None
                     options.seed,
                     datetime.now(UTC).replace(microsecond=0),
                 )
-                world, seeded = _seed_with_progress(url, spec, console)
+                world, seeded = seed_with_progress(url, spec, console)
                 report.seeded.append(seeded)
                 # The read model as the engine keeps it (the dashboard reads its fresh rows).
                 pumps, took = asyncio.run(worklist.seed_read_model(url))
                 console.print(
                     f"read model: {pumps:,} rows written as the engine does in {took:.0f} s"
                 )
-                clinician_keys, admin_key = asyncio.run(_keys(url, world))
+                clinician_keys, admin_key = asyncio.run(api_keys(url, world))
                 api = api_service(
                     {"PUMPWATCH_DATABASE_URL": url, "PUMPWATCH_LOG_LEVEL": "warning"},
                     scratch / f"api-{days:g}.log",
@@ -202,12 +218,12 @@ def _worklists(
     url = asyncio.run(_fresh_database(admin))
     try:
         spec = worklist.spec_for(found)
-        world, _ = _seed_with_progress(url, spec, console)
+        world, _ = seed_with_progress(url, spec, console)
         pumps, seconds = asyncio.run(worklist.seed_read_model(url))
         console.print(
             f"read model: {pumps:,} rows written as the engine writes them in {seconds:.0f} s"
         )
-        keys_found = asyncio.run(_keys(url, world))
+        keys_found = asyncio.run(api_keys(url, world))
         phases = worklist.run(
             found, url=url, scratch=scratch, keys=keys_found, world=world, console=console
         )
@@ -233,61 +249,6 @@ def _plan(options: ApiBenchOptions, *, main: bool) -> list[tuple[Route, int, flo
     if options.admin_clients > 0:
         plan.append((ADMIN_WORKLIST, options.admin_clients, None))
     return plan
-
-
-def _seed_with_progress(url: str, spec: SeedSpec, console: Console) -> tuple[World, Seeded]:
-    label = history_label(spec.days)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        total = spec.expected_readings
-        tasks = {
-            "readings": progress.add_task(f"seeding {label}: readings", total=total, rate=""),
-            "hourly": progress.add_task(f"seeding {label}: hourly rollups", total=total, rate=""),
-        }
-        started = time.perf_counter()
-
-        def advance(name: str, done: int, _total: int) -> None:
-            if name == "vacuum":
-                progress.add_task("VACUUM (ANALYZE)", total=None, rate="")
-                return
-            elapsed = time.perf_counter() - started
-            rate = f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
-            progress.update(tasks[name], completed=done, rate=rate)
-
-        world, seeded = asyncio.run(seed(url, spec, advance))
-    rows = seeded.readings + seeded.hourly
-    console.print(
-        f"seeded {label}: {spec.pumps:,} pumps in {spec.clinics} clinics, "
-        f"{seeded.readings:,} readings + {seeded.hourly:,} hourly rollups "
-        f"({rows / seeded.seconds:,.0f} rows/s), {seeded.events:,} refills, "
-        f"{seeded.alerts_open:,} open + {seeded.alerts_resolved:,} resolved alerts in "
-        f"{seeded.seconds:.0f} s; VACUUM (ANALYZE) {seeded.vacuum_seconds:.0f} s; "
-        f"database {seeded.size_bytes / 2**30:.2f} GiB"
-    )
-    return world, seeded
-
-
-async def _keys(url: str, world: World) -> tuple[list[str], str]:
-    conn = await asyncpg.connect(url)
-    try:
-        clinician = []
-        for clinic_id in world.clinic_ids:
-            _, key = await keys.create(
-                conn, role="clinician", clinic_id=clinic_id, label="bench", created_by="bench"
-            )
-            clinician.append(key)
-        _, admin_key = await keys.create(
-            conn, role="admin", clinic_id=None, label="bench", created_by="bench"
-        )
-    finally:
-        await conn.close()
-    return clinician, admin_key
 
 
 _TEMPLATES = {
@@ -341,22 +302,13 @@ def _phase(  # noqa: PLR0917 - one call site
         )
     if not api.alive:
         raise RuntimeError(f"the API exited during {description}: {api.log()}")
-    phase = PhaseResult(
+    phase = phase_result(
+        found,
         route=route.name,
         history=seeded.history,
         history_days=seeded.days,
         clients=clients,
-        requests=len(found.latencies_ms),
-        elapsed_s=found.elapsed_s,
-        latencies_ms=found.latencies_ms,
-        statuses=found.statuses,
-        failures=found.failures,
-        error_sample=found.error_sample,
-        server_mean_ms=1000 * found.server_sum_s / found.server_count
-        if found.server_count
-        else None,
-        cpu_s=found.cpu_s,
-        offered_rate=offered,
+        offered=offered,
     )
     errors = f"[bold red]{phase.errors:,} ERRORS[/]" if phase.errors else "0 errors"
     console.print(

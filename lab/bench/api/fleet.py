@@ -49,6 +49,18 @@ class SeedSpec:
     interval_minutes: float
     seed: int
     now: datetime
+    first_clinic_pumps: int = 0
+    """When > 0: the first clinic holds exactly the first this many pumps, the others are spread
+    over the other clinics (the fleet-size sweep's measured clinic, the same pumps at every fleet
+    size). 0: every clinic in turn."""
+
+    def clinic_of(self, index: int) -> int:
+        first = self.first_clinic_pumps
+        if first <= 0:
+            return index % self.clinics
+        if index < first or self.clinics == 1:
+            return 0
+        return 1 + (index - first) % (self.clinics - 1)
 
     @property
     def interval_s(self) -> int:
@@ -423,7 +435,7 @@ def _fleet(spec: SeedSpec, rng: random.Random) -> tuple[World, list[_Pump]]:
         patients=[[] for _ in range(spec.clinics)],
         serials=[[] for _ in range(spec.clinics)],
     )
-    pumps = [_Pump(i, i % spec.clinics, rng, spec.start_epoch) for i in range(spec.pumps)]
+    pumps = [_Pump(i, spec.clinic_of(i), rng, spec.start_epoch) for i in range(spec.pumps)]
     for pump in pumps:
         pump.offset_s = rng.randrange(spec.interval_s)
         pump.patient_id = uuid.UUID(int=rng.getrandbits(128), version=4)

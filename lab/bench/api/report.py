@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from lab.bench.api.load import ADMIN_WORKLIST, DASHBOARD, ROUTES
+from lab.bench.api.load import ADMIN_WORKLIST, DASHBOARD, ROUTES, LoadResult
 from lab.bench.api.seed import Seeded, history_label
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ class PhaseResult:
     (everything else on the machine), and ``machine`` (all cores x the phase)."""
     offered_rate: float | None = None
     """Paced clients: the requests/s they offered in all. None: closed loop (no think time)."""
+    fleet_pumps: int | None = None
+    """The fleet-size sweep's phases: the fleet's size."""
 
     @property
     def load(self) -> str:
@@ -57,6 +59,37 @@ class PhaseResult:
         return percentile(self.latencies_ms, p)
 
 
+def phase_result(
+    found: LoadResult,
+    *,
+    route: str,
+    history: str,
+    history_days: float,
+    clients: int,
+    offered: float | None,
+    fleet_pumps: int | None = None,
+) -> PhaseResult:
+    """The figures of one phase from what the load process found."""
+    return PhaseResult(
+        route=route,
+        history=history,
+        history_days=history_days,
+        clients=clients,
+        requests=len(found.latencies_ms),
+        elapsed_s=found.elapsed_s,
+        latencies_ms=found.latencies_ms,
+        statuses=found.statuses,
+        failures=found.failures,
+        error_sample=found.error_sample,
+        server_mean_ms=1000 * found.server_sum_s / found.server_count
+        if found.server_count
+        else None,
+        cpu_s=found.cpu_s,
+        offered_rate=offered,
+        fleet_pumps=fleet_pumps,
+    )
+
+
 @dataclass
 class BenchReport:
     options: ApiBenchOptions
@@ -64,10 +97,12 @@ class BenchReport:
     phases: list[PhaseResult] = field(default_factory=list)
     worklists: list[PhaseResult] = field(default_factory=list)
     """The worklist phases (lab/bench/api/worklist.py), on a fleet of their own."""
+    sweep: list[PhaseResult] = field(default_factory=list)
+    """The fleet-size sweep's phases (lab/bench/api/sweep.py), on fleets of their own."""
 
     @property
     def errors(self) -> int:
-        return sum(p.errors for p in (*self.phases, *self.worklists))
+        return sum(p.errors for p in (*self.phases, *self.worklists, *self.sweep))
 
     def phase(
         self, route: str, history_days: float, clients: int, offered: float | None = None

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from lab.bench.api.fleet import (
     _ZONES,
@@ -25,6 +33,7 @@ from lab.bench.api.fleet import (
     _Generator,
     _Pump,
 )
+from services.api import keys
 from services.ingest.sql import READING_COLUMNS, STATE_COLUMNS
 
 _ENGINE = "pumpwatch-alerts"
@@ -384,3 +393,60 @@ def _bookings(pumps: list[_Pump], spec: SeedSpec, rng: random.Random) -> list[tu
         if 0 < days <= 30 and rng.random() < 0.5:
             booked.append((pump.serial, spec.now + timedelta(days=days * rng.uniform(0.5, 0.9))))
     return booked
+
+
+def seed_with_progress(url: str, spec: SeedSpec, console: Console) -> tuple[World, Seeded]:
+    """:func:`seed` with a progress bar per COPY stream, and a line of what was seeded."""
+    label = history_label(spec.days)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        total = spec.expected_readings
+        tasks = {
+            "readings": progress.add_task(f"seeding {label}: readings", total=total, rate=""),
+            "hourly": progress.add_task(f"seeding {label}: hourly rollups", total=total, rate=""),
+        }
+        started = time.perf_counter()
+
+        def advance(name: str, done: int, _total: int) -> None:
+            if name == "vacuum":
+                progress.add_task("VACUUM (ANALYZE)", total=None, rate="")
+                return
+            elapsed = time.perf_counter() - started
+            rate = f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
+            progress.update(tasks[name], completed=done, rate=rate)
+
+        world, seeded = asyncio.run(seed(url, spec, advance))
+    rows = seeded.readings + seeded.hourly
+    console.print(
+        f"seeded {label}: {spec.pumps:,} pumps in {spec.clinics} clinics, "
+        f"{seeded.readings:,} readings + {seeded.hourly:,} hourly rollups "
+        f"({rows / seeded.seconds:,.0f} rows/s), {seeded.events:,} refills, "
+        f"{seeded.alerts_open:,} open + {seeded.alerts_resolved:,} resolved alerts in "
+        f"{seeded.seconds:.0f} s; VACUUM (ANALYZE) {seeded.vacuum_seconds:.0f} s; "
+        f"database {seeded.size_bytes / 2**30:.2f} GiB"
+    )
+    return world, seeded
+
+
+async def api_keys(url: str, world: World) -> tuple[list[str], str]:
+    """A clinician key per clinic (in the world's order) and an admin key."""
+    conn = await asyncpg.connect(url)
+    try:
+        clinician = []
+        for clinic_id in world.clinic_ids:
+            _, key = await keys.create(
+                conn, role="clinician", clinic_id=clinic_id, label="bench", created_by="bench"
+            )
+            clinician.append(key)
+        _, admin_key = await keys.create(
+            conn, role="admin", clinic_id=None, label="bench", created_by="bench"
+        )
+    finally:
+        await conn.close()
+    return clinician, admin_key

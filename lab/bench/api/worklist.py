@@ -25,7 +25,7 @@ from rich.table import Table
 
 from lab.bench.api.fleet import SeedSpec, World
 from lab.bench.api.load import LoadSpec, _run_load
-from lab.bench.api.report import GOAL_P99_MS, PhaseResult
+from lab.bench.api.report import GOAL_P99_MS, PhaseResult, phase_result
 from lab.bench.api.seed import seed
 from lab.processes import ServiceProcess, api_service
 from services.domain.alerting import RuleSettings
@@ -172,22 +172,13 @@ def _phase(  # noqa: PLR0917 - one module's helper
         interval_s=0.0 if offered is None else len(clients) / offered,
     )
     found = _run_load(spec, lambda: None)
-    phase = PhaseResult(
+    phase = phase_result(
+        found,
         route=target.name,
         history=how,
         history_days=options.days,
         clients=len(clients),
-        requests=len(found.latencies_ms),
-        elapsed_s=found.elapsed_s,
-        latencies_ms=found.latencies_ms,
-        statuses=found.statuses,
-        failures=found.failures,
-        error_sample=found.error_sample,
-        server_mean_ms=1000 * found.server_sum_s / found.server_count
-        if found.server_count
-        else None,
-        cpu_s=found.cpu_s,
-        offered_rate=offered,
+        offered=offered,
     )
     console.print(
         f"{target.name} · {how} · {len(clients)} clients · {phase.load}: "
