@@ -47,9 +47,10 @@ async def list_alerts(
     if principal.role == "fleet" and patient_id is not None:
         raise Problem(403, "the fleet role cannot filter by patient", kind="forbidden")
     after = decode_cursor(cursor, 2)
+    scope = scope_of(principal)
     rows = await db.fetch(
-        sql.LIST_ALERTS,
-        scope_of(principal),
+        sql.LIST_ALERTS if scope is None else sql.LIST_CLINIC_ALERTS,
+        scope,
         status,
         priority,
         serial,
