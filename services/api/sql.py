@@ -424,12 +424,13 @@ LIMIT $8
 # Every clinic's alerts ($1 NULL: unassigned pumps' included), filters $2..$5, cursor $6/$7,
 # $8 limit.
 LIST_ALERTS = f"SELECT {_ALERT} FROM alerts WHERE {_CLINIC_ALERTS} {_ALERT_FILTERS}"
-# One clinic's ($1): found through the pumps it held, by the alerts' serial index, so the list
-# reads that clinic's history and nobody else's however large the fleet grows (a statement of
-# its own: with "$1 IS NULL OR" a generic plan scans every alert).
+# One clinic's ($1): the pumps it held, as an array computed once, then their alerts by the
+# (serial, opened_at) index (migration 0019), so the list reads that clinic's history and nobody
+# else's however large the fleet grows (a statement of its own: with "$1 IS NULL OR" a generic
+# plan scans every alert; with "serial IN (…)" it ran the holder's subquery on every alert).
 LIST_CLINIC_ALERTS = f"""
 SELECT {_ALERT} FROM alerts
-WHERE serial IN (SELECT serial FROM pump_assignments WHERE clinic_id = $1)
+WHERE serial = ANY (ARRAY(SELECT DISTINCT serial FROM pump_assignments WHERE clinic_id = $1))
   AND {_ALERT_CLINIC} = $1
 {_ALERT_FILTERS}"""
 OPEN_ALERTS_OF = f"""
