@@ -38,19 +38,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from lab.bench.api import sweep, worklist
 from lab.bench.api.fleet import SeedSpec, World
@@ -61,9 +54,9 @@ from lab.bench.api.load import (
     LoadResult,
     LoadSpec,
     Route,
-    _run_load,
     drive,
     load_main,
+    run_load_with_progress,
 )
 from lab.bench.api.report import (
     GOAL_P99_MS,
@@ -292,14 +285,7 @@ def _phase(  # noqa: PLR0917 - one call site
     total = options.warmup_seconds + seconds
     load = "closed loop" if offered is None else f"paced {offered:g}/s"
     description = f"{route.name} · {seeded.history} · {clients} clients · {load}"
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        started = time.perf_counter()
-        found = _run_load(
-            spec,
-            lambda: progress.update(task, completed=min(total, time.perf_counter() - started)),
-        )
+    found = run_load_with_progress(spec, description, total, console)
     if not api.alive:
         raise RuntimeError(f"the API exited during {description}: {api.log()}")
     phase = phase_result(

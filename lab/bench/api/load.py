@@ -19,6 +19,8 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import psutil
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lab.bench.api.fleet import World
 from lab.bench.ingest import _backend_cpu
@@ -102,6 +104,20 @@ def load_main() -> None:
     raw["clients"] = tuple((key, tuple(paths)) for key, paths in raw["clients"])
     found = drive(LoadSpec(**raw))
     json.dump(dataclasses.asdict(found), sys.stdout)
+
+
+def run_load_with_progress(
+    spec: LoadSpec, description: str, total_s: float, console: Console
+) -> LoadResult:
+    """:func:`_run_load` with a (transient) progress bar of its ``total_s`` seconds."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total_s)
+        started = time.perf_counter()
+        return _run_load(
+            spec,
+            lambda: progress.update(task, completed=min(total_s, time.perf_counter() - started)),
+        )
 
 
 def _run_load(spec: LoadSpec, tick: Callable[[], None]) -> LoadResult:

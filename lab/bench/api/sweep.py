@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lab.bench.api.fleet import SeedSpec, World
-from lab.bench.api.load import LoadSpec, _run_load
+from lab.bench.api.load import LoadSpec, run_load_with_progress
 from lab.bench.api.report import PhaseResult, phase_result
 from lab.bench.api.seed import api_keys, history_label, seed_with_progress
 from lab.bench.api.worklist import seed_read_model
@@ -203,14 +202,7 @@ def _phase(  # noqa: PLR0917 - one module's helper
     )
     total = options.warmup_seconds + options.seconds
     description = f"{route.name} · {size:,} pumps · {options.clients} clients · closed loop"
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        started = time.perf_counter()
-        found = _run_load(
-            spec,
-            lambda: progress.update(task, completed=min(total, time.perf_counter() - started)),
-        )
+    found = run_load_with_progress(spec, description, total, console)
     if not api.alive:
         raise RuntimeError(f"the API exited during {description}: {api.log()}")
     phase = phase_result(
