@@ -84,13 +84,18 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
     thresholds = [round(share * (i + rng.uniform(0.2, 0.9))) for i in range(spec.kills)]
 
     ingest.start()  # ready: subscribed, the session exists before the first message
-    publisher = PacedPublisher(broker.url, stream, rate=spec.rate).start()
+    publisher = PacedPublisher(broker.url, stream, rate=spec.rate)
+    # Each life's traffic is held half a share past its kill's threshold until the kill: the
+    # kills stay mid-stream and each restart has traffic to commit, however slow the machine.
+    publisher.hold(thresholds[0] + round(share / 2))
+    publisher.start()
     recoveries: list[float] = []
     kills: list[Kill] = []
     redelivered = 0.0
     try:
         for life, threshold in enumerate(thresholds):
             if life:
+                publisher.hold(threshold + round(share / 2))
                 ingest.start(wait_ready=False)
                 recoveries.append(_first_commit(ingest))
             wait_until(
@@ -108,6 +113,7 @@ def run(lab: Lab, size: Size, seed: int) -> Outcome:  # noqa: PLR0915 - one time
             outcome.check(ingest.alive, f"ingest died by itself in life {life}")
             ingest.kill()
             kills.append(Kill(life, acked, stored))
+        publisher.hold(None)
         ingest.start(wait_ready=False)
         recoveries.append(_first_commit(ingest))
         publisher.join(900)
