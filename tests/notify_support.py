@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
 from lab.embedded import free_port
-from services.alerts.engine import Engine
+from services.alerts.engine import BatchResult, Engine
 from services.alerts.metrics import AlertsMetrics
 from services.domain.alerting import RuleSettings
 from services.notify.metrics import NotifyMetrics
@@ -342,7 +342,8 @@ async def days_left(pool: asyncpg.Pool, serial: str, days: float) -> None:
         )
 
 
-async def evaluate(pool: asyncpg.Pool, *serials: str) -> None:
+async def evaluate(pool: asyncpg.Pool, *serials: str) -> BatchResult:
+    """One pass of the alert engine over these pumps, with the default rules."""
     engine = Engine(
         pool,
         settings=RuleSettings(),
@@ -350,7 +351,7 @@ async def evaluate(pool: asyncpg.Pool, *serials: str) -> None:
         data_clock=False,
         metrics=AlertsMetrics(),
     )
-    await engine.evaluate(list(serials))
+    return await engine.evaluate(list(serials))
 
 
 async def add_webhook(

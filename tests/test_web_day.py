@@ -19,15 +19,13 @@ import asyncpg
 import httpx
 import pytest
 
-from services.alerts.engine import Engine
-from services.alerts.metrics import AlertsMetrics
 from services.api import passwords
 from services.api.auth import Principal
 from services.api.web.patients import pumps_by_patient
-from services.domain.alerting import RuleSettings
 from services.storage.database import prepare_connection
 from tests import alert_fixtures as fx
 from tests.api_support import ADMIN_TOKEN, Api, running_api
+from tests.notify_support import evaluate
 
 PASSWORD = "walnut harbour lantern 31"
 NURSE_A, NURSE_B = "nora@north.example", "sam@south.example"
@@ -523,15 +521,8 @@ async def test_the_patient_list_reads_the_read_model_and_only_the_clinics_pumps(
     )
     assert pool is not None
     try:
-        engine = Engine(
-            pool,
-            settings=RuleSettings(),
-            flap_window=timedelta(hours=6),
-            data_clock=False,
-            metrics=AlertsMetrics(),
-        )
         serials = [r["serial"] for r in await pool.fetch("SELECT serial FROM pumps")]
-        assert (await engine.evaluate(serials)).failed == []
+        assert (await evaluate(pool, *serials)).failed == []
         await pool.execute(
             "UPDATE pump_forecasts SET deadline_at = '2031-05-06 12:00Z', "
             "deadline_reason = 'drug_age' WHERE serial = $1",

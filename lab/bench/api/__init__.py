@@ -285,9 +285,7 @@ def _phase(  # noqa: PLR0917 - one call site
     total = options.warmup_seconds + seconds
     load = "closed loop" if offered is None else f"paced {offered:g}/s"
     description = f"{route.name} · {seeded.history} · {clients} clients · {load}"
-    found = run_load_with_progress(spec, description, total, console)
-    if not api.alive:
-        raise RuntimeError(f"the API exited during {description}: {api.log()}")
+    found = run_load_with_progress(spec, description, total, console, api)
     phase = phase_result(
         found,
         route=route.name,

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lab.bench.api.fleet import World
 from lab.bench.ingest import _backend_cpu
+from lab.processes import ServiceProcess
 
 
 @dataclass(frozen=True)
@@ -107,17 +108,21 @@ def load_main() -> None:
 
 
 def run_load_with_progress(
-    spec: LoadSpec, description: str, total_s: float, console: Console
+    spec: LoadSpec, description: str, total_s: float, console: Console, api: ServiceProcess
 ) -> LoadResult:
-    """:func:`_run_load` with a (transient) progress bar of its ``total_s`` seconds."""
+    """:func:`_run_load` with a (transient) progress bar of its ``total_s`` seconds; raises if
+    the API it loaded exited meanwhile."""
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total_s)
         started = time.perf_counter()
-        return _run_load(
+        found = _run_load(
             spec,
             lambda: progress.update(task, completed=min(total_s, time.perf_counter() - started)),
         )
+    if not api.alive:
+        raise RuntimeError(f"the API exited during {description}: {api.log()}")
+    return found
 
 
 def _run_load(spec: LoadSpec, tick: Callable[[], None]) -> LoadResult:

@@ -202,9 +202,7 @@ def _phase(  # noqa: PLR0917 - one module's helper
     )
     total = options.warmup_seconds + options.seconds
     description = f"{route.name} · {size:,} pumps · {options.clients} clients · closed loop"
-    found = run_load_with_progress(spec, description, total, console)
-    if not api.alive:
-        raise RuntimeError(f"the API exited during {description}: {api.log()}")
+    found = run_load_with_progress(spec, description, total, console, api)
     phase = phase_result(
         found,
         route=route.name,
