@@ -1,0 +1,207 @@
+"""Receiving: the bridge's own PUBLISH decoding (QoS 1 without properties) hands on exactly what
+paho's does, and everything else still goes through paho."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from lab.embedded import EmbeddedBroker
+from services.ingest import paho_speedup
+from services.ingest.backlog import Backlog, Incoming
+from services.ingest.mqtt import MqttBridge, _BufferedClient
+from services.settings import parse_mqtt_url
+
+TOPIC = b"pumps/NGP000123H/telemetry"
+PAYLOAD = b'{"v": 1, "note": "\xc3\xa9t\xc3\xa9"}'
+
+
+def _properties(**values: Any) -> bytes:
+    props: Any = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for name, value in values.items():
+        setattr(props, name, value)
+    packed: bytes = props.pack()
+    return packed
+
+
+def _packet(topic: bytes, *, mid: int | None, properties: bytes | None) -> bytes:
+    head = struct.pack("!H", len(topic)) + topic
+    if mid is not None:
+        head += struct.pack("!H", mid)
+    return head + (properties or b"") + PAYLOAD
+
+
+# (fixed header byte, protocol, packet): QoS 1 is 0x32, QoS 0 0x30, QoS 1 with DUP 0x3A.
+PACKETS = {
+    "v5 qos1 no properties": (0x32, paho.MQTTv5, _packet(TOPIC, mid=17, properties=b"\x00")),
+    "v5 qos1 dup": (0x3A, paho.MQTTv5, _packet(TOPIC, mid=65535, properties=b"\x00")),
+    "v5 qos1 properties": (
+        0x32,
+        paho.MQTTv5,
+        _packet(TOPIC, mid=18, properties=_properties(UserProperty=[("hub", "HUB-1")])),
+    ),
+    "v5 qos0": (0x30, paho.MQTTv5, _packet(TOPIC, mid=None, properties=b"\x00")),
+    "v5 topic not utf-8": (0x32, paho.MQTTv5, _packet(b"pumps/\xff/x", mid=3, properties=b"\x00")),
+    "v5 empty payload": (0x32, paho.MQTTv5, _packet(TOPIC, mid=4, properties=b"\x00")[:-20]),
+    "v3.1.1 qos1": (0x32, paho.MQTTv311, _packet(TOPIC, mid=19, properties=None)),
+}
+
+
+def _deliveries(command: int, protocol: int, packet: bytes, *, plain: bool) -> list[Incoming]:
+    """What a bridge-like receiver gets from paho's path, or from the plain path when it is
+    set (the bridge sets both)."""
+    paho_speedup.install()
+    client = _BufferedClient(
+        CallbackAPIVersion.VERSION2, client_id="t", protocol=protocol, manual_ack=True
+    )
+    got: list[Incoming] = []
+
+    def on_message(_client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = "<topic is not UTF-8>"
+        got.append(Incoming(message.mid, message.qos, topic, bytes(message.payload), 0.0, 0))
+
+    def on_plain(mid: int, topic: bytes, payload: bytes) -> None:
+        text = topic.decode("utf-8", errors="strict") if _utf8(topic) else "<topic is not UTF-8>"
+        assert type(topic) is bytes
+        assert type(payload) is bytes
+        got.append(Incoming(mid, 1, text, payload, 0.0, 0))
+
+    client.on_message = on_message
+    if plain:
+        client.on_plain_publish = on_plain
+    # As paho's reader leaves it for the handler (the packet as a bytearray, as paho reads it).
+    client._in_packet = {
+        "command": command,
+        "have_remaining": 1,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(packet),
+        "packet": bytearray(packet),
+        "to_process": 0,
+        "pos": 0,
+    }
+    client._handle_publish()
+    return got
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(PACKETS))
+def test_the_plain_path_hands_on_what_pahos_path_does(name: str) -> None:
+    command, protocol, packet = PACKETS[name]
+    assert _deliveries(command, protocol, packet, plain=True) == _deliveries(
+        command, protocol, packet, plain=False
+    )
+
+
+class _Counted:
+    def __init__(self, bridge: MqttBridge) -> None:
+        self.plain = 0
+        self.paho = 0
+        client = bridge._client
+        inner_plain, inner_message = client.on_plain_publish, client.on_message
+        assert inner_plain is not None
+        assert inner_message is not None
+
+        def plain(mid: int, topic: bytes, payload: bytes) -> None:
+            self.plain += 1
+            inner_plain(mid, topic, payload)
+
+        def message(c: Any, userdata: Any, m: paho.MQTTMessage) -> None:
+            self.paho += 1
+            inner_message(c, userdata, m)
+
+        client.on_plain_publish = plain
+        client.on_message = message
+
+
+async def _until(holds: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not holds():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_real_broker_delivers_every_kind_of_publish_through_the_bridge(
+    protocol: str, broker: EmbeddedBroker
+) -> None:
+    """Through a real broker: QoS 1 without properties takes the plain path (MQTT 5 and
+    3.1.1), QoS 1 with properties and QoS 0 take paho's; each arrives once, whole."""
+    if protocol == "5" and not broker.supports_mqtt5:
+        pytest.skip("needs an MQTT 5 broker: install mosquitto (apt install mosquitto)")
+    backlog = Backlog(capacity=100, batch_size=100)
+    bridge = MqttBridge(
+        target=parse_mqtt_url(broker.url),
+        client_id="bridge-under-test",
+        topics=["pumps/+/+"],
+        backlog=backlog,
+        protocol="5" if protocol == "5" else "3.1.1",
+    )
+    counted = _Counted(bridge)
+    await bridge.start()
+    try:
+        await _until(lambda: bridge.subscribed)
+        v5 = protocol == "5"
+        publisher = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="publisher",
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        )
+        host, port = "127.0.0.1", broker.port
+        publisher.connect(host, port)
+        publisher.loop_start()
+        try:
+            sent = [
+                publisher.publish("pumps/NGP000001A/telemetry", PAYLOAD, qos=1),
+                publisher.publish("pumps/NGP000002B/events", b"", qos=1),
+                publisher.publish("pumps/NGP000003C/telemetry", b"qos0", qos=0),
+            ]
+            if v5:
+                props: Any = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.UserProperty = [("hub", "HUB-1")]
+                sent.append(
+                    publisher.publish(
+                        "pumps/NGP000004D/telemetry", b"with properties", qos=1, properties=props
+                    )
+                )
+            for info in sent:
+                info.wait_for_publish(timeout=30)
+            await _until(lambda: len(backlog) == len(sent))
+        finally:
+            publisher.loop_stop()
+            publisher.disconnect()
+        items = backlog.take_now()
+        by_topic = {item.topic: item for item in items}
+        expected = {
+            "pumps/NGP000001A/telemetry": (1, PAYLOAD),
+            "pumps/NGP000002B/events": (1, b""),
+            "pumps/NGP000003C/telemetry": (0, b"qos0"),
+        }
+        if v5:
+            expected["pumps/NGP000004D/telemetry"] = (1, b"with properties")
+        assert {t: (i.qos, i.payload) for t, i in by_topic.items()} == expected
+        assert all(i.mid > 0 for i in items if i.qos == 1)
+        assert all(i.generation == bridge.generation for i in items)
+        assert counted.plain == 2
+        assert counted.paho == (2 if v5 else 1)
+        assert bridge.ack(items) == len(expected) - 1
+    finally:
+        await bridge.stop()
