@@ -234,12 +234,82 @@ Kind = Literal["telemetry", "events"]
 
 _generic_decoder = msgspec.json.Decoder()
 _generic_encoder = msgspec.json.Encoder()
+_telemetry_decoder = msgspec.json.Decoder(Telemetry)
 _NOT_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
 _OVERFLOW_DIGITS = 309  # 2**1024 - 2**970, the least integer that overflows, has 309 digits
 
 
 def decode(kind: Kind, raw: bytes) -> Message:
-    """Decode one payload of the given topic kind, or raise :class:`Rejected`."""
+    """Decode one payload of the given topic kind, or raise :class:`Rejected`.
+
+    The common telemetry payload takes :func:`_decode_plain_telemetry`, which accepts only what
+    it proves :func:`_decode_slow` accepts with an equal message; anything else, every rejection
+    included, is judged by ``_decode_slow`` alone."""
+    if kind == "telemetry" and b"\\" not in raw and len(raw) <= MAX_PAYLOAD_BYTES:
+        message = _decode_plain_telemetry(raw)
+        if message is not None:
+            return message
+    return _decode_slow(kind, raw)
+
+
+def _decode_plain_telemetry(raw: bytes) -> Telemetry | None:
+    """Telemetry decoded straight into the struct, or None when that is not proven to be what
+    :func:`_decode_slow` gives (the caller then asks it).
+
+    Called only for a payload of at most ``MAX_PAYLOAD_BYTES`` without a backslash. Accepted
+    when the typed decode succeeds and two things hold on the raw text:
+
+    1. It holds ``"recorded_at":`` and the name ``recorded_at`` only once, and the string after
+       it matches ``_TIMESTAMP_RE``. Without a backslash every key is spelled literally, so
+       that one occurrence is the top-level key the typed decode read (it read one: the field
+       is required), and its value, which the datetime parser took (digits, ``-:.+TtZz ``
+       only), runs to the next quote: exactly the string the slow path checks.
+    2. Its colons, less one when that stamp's offset is ``±00:00``, are as many as in the
+       struct re-encoded. Without a backslash a colon in the raw text is either a member's
+       separator or a character of a string; in the re-encoded struct likewise (field names
+       and numbers hold none; every optional field defaults to UNSET, which is not written, so
+       each written member is one the payload had). Each string value is written back with
+       the colons it had, and the stamp too, bar ``±00:00``, which comes back as ``Z`` (the
+       regex of 1. admits only ``Z``/``z`` or ``±HH:MM`` after ``HH:MM:SS``; msgspec writes
+       ``Z`` for a zero offset, ``±HH:MM`` otherwise). So the raw text has exactly the extra
+       colons of the members the struct did not keep: a repeated key (msgspec keeps the last
+       silently) or an unknown field, each at least its separator. Equal counts prove there
+       were none.
+
+    Then the slow path agrees: the whole text was parsed into typed fields, so it is valid JSON
+    for the generic decoder too; its never-valid checks find nothing, by their counting
+    shortcut or by the walk: no string holds NUL or a lone surrogate (no ``\\u``), the typed
+    fields nest at most 4 deep, no integer overflows a double (each number sits in a float
+    field, whose decode refuses exactly those, or in the bounded ``v``/``seq``), no key
+    repeats; the stamp passes its regex; and ``convert`` of the tree runs the same parsers,
+    constraints and ``__post_init__`` as the typed decode, to an equal message (``-0`` is
+    ``0.0`` both ways, ``1.0`` stays a float). ``tests/test_decode_fast_path.py`` compares the
+    two paths on generated payloads; it fails without the colon comparison, the stamp's regex,
+    the zero-offset allowance or the backslash guard.
+
+    Events are left to the slow path: they are rare, and ``claim.expires_at`` is not held to
+    the regex, so an offset written without its colon (``+0100``, which comes back as
+    ``+01:00``) could hide a repeated key from the count.
+    """
+    try:
+        message = _telemetry_decoder.decode(raw)
+    except Exception:  # any doubt: the slow path gives the verdict and its detail
+        return None
+    at = raw.find(b'"recorded_at":')
+    if at < 0 or raw.count(b"recorded_at") != 1:
+        return None
+    start = raw.find(b'"', at + 14) + 1
+    stamp = raw[start : raw.find(b'"', start)].decode("ascii", "replace")
+    if not _TIMESTAMP_RE.search(stamp):
+        return None
+    zero_offset = stamp.endswith("00:00")  # "+00:00" or "-00:00": written back as "Z"
+    if raw.count(b":") - zero_offset != _generic_encoder.encode(message).count(b":"):
+        return None
+    return message
+
+
+def _decode_slow(kind: Kind, raw: bytes) -> Message:
+    """The reference decode: the generic tree, checked, then converted to the typed message."""
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise Rejected(Reason.TOO_LARGE, f"payload is {len(raw)} bytes, limit {MAX_PAYLOAD_BYTES}")
     try:
