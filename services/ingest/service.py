@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections import Counter
@@ -42,6 +43,26 @@ from services.storage.database import (
 )
 
 log = get(__name__)
+
+
+_YOUNG_OBJECTS_PER_COLLECTION = 50_000
+"""Allocations between the cyclic collector's young passes (Python's default is 700)."""
+
+
+def tune_collector() -> None:
+    """Fit the cyclic garbage collector to ingest's traffic (the ``pumpwatch ingest`` process).
+
+    Each message in flight holds about ten tracked objects (its arrival, its decoded message,
+    its row, …) until its batch commits: some 25,000 young objects at full speed. With the
+    default threshold the collector ran a pass every 70 messages and scanned them over and over
+    (perf: 10 % of ingest's CPU in the collector). With room for 50,000 allocations between
+    passes most objects are gone before any pass sees them; what start-up allocated (modules,
+    classes, settings) lives as long as the process and is frozen out of every pass. Ingest
+    makes no reference cycles in its steady state, so memory does not grow (the older
+    generations keep their thresholds)."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_YOUNG_OBJECTS_PER_COLLECTION, older, oldest)
 
 
 async def run(settings: IngestSettings, *, retire: bool = False) -> None:
