@@ -134,6 +134,39 @@ async def test_readings_partitions_exist_ahead_and_are_created_on_demand(
         await conn.close()
 
 
+async def test_two_writers_creating_the_same_partition_at_once_both_succeed(
+    database_url: str,
+) -> None:
+    """Two batches committing at once both find next month's partition missing: the second,
+    queued on the lock while the first creates it, must not fail (it did, with duplicate_table,
+    and its batch was retried)."""
+    first = await asyncpg.connect(database_url)
+    second = await asyncpg.connect(database_url)
+    try:
+        for year in (2041, 2042, 2043):
+            month = datetime(year, 1, 15, tzinfo=UTC)
+            creating = first.transaction()
+            await creating.start()
+            assert await first.fetchval("SELECT ensure_readings_partition($1)", month)
+            queued = asyncio.create_task(
+                second.fetchval("SELECT ensure_readings_partition($1)", month)
+            )
+            waiting = (
+                "SELECT count(*) = 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND pid = $1"
+            )
+            pid = second.get_server_pid()
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await fetchval(database_url, waiting, pid):
+                assert asyncio.get_running_loop().time() < deadline, "second never queued"
+                await asyncio.sleep(0.02)
+            await creating.commit()
+            assert await queued is False
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_a_window_query_touches_only_its_partitions(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
