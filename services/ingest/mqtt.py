@@ -99,8 +99,9 @@ class _BufferedClient(paho.Client):
         if length == 0 or len(packet) < start:
             return super()._handle_publish()
         (mid,) = _U16.unpack_from(packet, 2 + length)
-        view = memoryview(packet)
-        handler(mid, bytes(view[2 : 2 + length]), bytes(view[start:]))
+        with memoryview(packet) as view:  # one copy each, and released before paho reuses it
+            topic, payload = bytes(view[2 : 2 + length]), bytes(view[start:])
+        handler(mid, topic, payload)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     @property
