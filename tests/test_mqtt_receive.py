@@ -4,6 +4,7 @@ paho's does, and everything else still goes through paho."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import time
 from typing import Any
@@ -109,6 +110,110 @@ def test_the_plain_path_hands_on_what_pahos_path_does(name: str) -> None:
     assert _deliveries(command, protocol, packet, plain=True) == _deliveries(
         command, protocol, packet, plain=False
     )
+
+
+def _frame(command: int, body: bytes) -> bytes:
+    """A whole MQTT packet: the command byte, the remaining length (7 bits a byte), the body."""
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([command]) + bytes(encoded) + body
+
+
+def _stream() -> bytes:
+    """Packets as a broker sends them to ingest, plain PUBLISHes among others."""
+    big = b'{"pad": "' + b"x" * 20_000 + b'"}'  # a three-byte remaining length
+    packets = [
+        _frame(0x32, _packet(TOPIC, mid=1, properties=b"\x00")),
+        _frame(0x32, _packet(TOPIC, mid=2, properties=_properties(UserProperty=[("a", "b")]))),
+        _frame(0xD0, b""),  # PINGRESP
+        _frame(0x30, _packet(TOPIC, mid=None, properties=b"\x00")),
+        _frame(0x3A, _packet(b"pumps/NGP000124H/events", mid=3, properties=b"\x00")),
+        _frame(0x33, _packet(TOPIC, mid=4, properties=b"\x00")),  # RETAIN
+        _frame(0x32, _packet(TOPIC, mid=5, properties=b"\x00")[: -len(PAYLOAD)] + big),
+        _frame(0x32, _packet(b"pumps/\xff/x", mid=6, properties=b"\x00")),
+    ]
+    return b"".join(packets * 3)
+
+
+def _read(stream: bytes, piece: int, *, plain: bool) -> tuple[list[Incoming], int]:
+    """Feed ``stream`` to a client ``piece`` bytes per socket read; what it hands on, and how
+    many PUBLISHes took the plain path."""
+    paho_speedup.install()
+    client = _BufferedClient(
+        CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv5, manual_ack=True
+    )
+    got: list[Incoming] = []
+    plain_count = 0
+
+    def on_message(_client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = "<topic is not UTF-8>"
+        got.append(Incoming(message.mid, message.qos, topic, bytes(message.payload), 0.0, 0))
+
+    def on_plain(mid: int, topic: bytes, payload: bytes) -> None:
+        nonlocal plain_count
+        plain_count += 1
+        assert type(payload) is bytes
+        text = topic.decode("utf-8") if _utf8(topic) else "<topic is not UTF-8>"
+        got.append(Incoming(mid, 1, text, payload, 0.0, 0))
+
+    client.on_message = on_message
+    if plain:
+        client.on_plain_publish = on_plain
+    # An empty, non-blocking socket: when the piece is used up, paho's next read finds nothing
+    # more yet (as between two socket reads) and waits for the next piece.
+    ours, _peer = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours
+    try:
+        for start in range(0, len(stream), piece):
+            client._chunk, client._offset = stream[start : start + piece], 0
+            while client.buffered:
+                assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+    finally:
+        ours.close()
+        _peer.close()
+    assert client._in_packet["command"] == 0, "a packet was left half-read"
+    return got, plain_count
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 64, 599, 4096, 65536])
+def test_packets_split_anyhow_across_reads_are_handed_on_as_pahos_path_does(piece: int) -> None:
+    stream = _stream()
+    reference, none = _read(stream, piece, plain=False)
+    assert none == 0
+    assert [i.mid for i in reference] == [1, 2, 0, 3, 4, 5, 6] * 3
+    got, plain_count = _read(stream, piece, plain=True)
+    assert got == reference
+    assert plain_count == 5 * 3  # every plain QoS 1 PUBLISH, whole in memory or not
+
+
+def test_whole_packets_in_memory_skip_pahos_reader() -> None:
+    """Read at once, the plain PUBLISHes never reach paho's per-packet record."""
+    stream = _frame(0x32, _packet(TOPIC, mid=9, properties=b"\x00")) * 50
+    paho_speedup.install()
+    client = _BufferedClient(
+        CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv5, manual_ack=True
+    )
+    mids: list[int] = []
+    client.on_plain_publish = lambda mid, _topic, _payload: mids.append(mid)
+    ours, peer = socket.socketpair()
+    try:
+        client._sock = ours
+        client._chunk, client._offset = stream, 0
+        record = client._in_packet
+        while client.buffered:
+            assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+        assert mids == [9] * 50
+        assert client._in_packet is record  # paho's reader never started a packet
+    finally:
+        ours.close()
+        peer.close()
 
 
 class _Counted:

@@ -44,6 +44,7 @@ _MAX_PACKETS_PER_WAKEUP = 8
 _TOPIC_NOT_UTF8 = "<topic is not UTF-8>"
 _PUBACK = struct.Struct("!BBH")
 _U16 = struct.Struct("!H")
+_NOT_PLAIN = (0, 0, 0)
 
 
 class _NoTopicCallbacks:
@@ -66,9 +67,14 @@ class _BufferedClient(paho.Client):
     - For each PUBLISH paho builds format strings for ``struct``, an MQTT 5 ``Properties``
       object, an ``MQTTMessage``, a printable topic for a debug log, and calls ``on_message``
       under a lock: 5.8 µs per message. The common QoS 1 message without properties (every
-      device's, and all that ingest subscribes for) is taken apart here in 1.0 µs and handed to
-      ``on_plain_publish``; anything else (QoS 0 or 2, properties, an empty topic, a packet too
-      short) goes through paho's own code, as before."""
+      device's, and all that ingest subscribes for) is taken apart here and handed to
+      ``on_plain_publish``; anything else (QoS 0 or 2, properties, an empty topic, a malformed
+      packet) goes through paho's own code, as before.
+    - paho reads each packet through a state machine (a ``recv`` call for the command byte,
+      one per length byte, one for the body; a fresh packet record, a lock and a clock read per
+      packet): 3.3 µs per packet from memory. A plain PUBLISH that lies whole in the chunk
+      already read is taken straight from it (1.0 µs in all with the step above); a packet
+      split across reads, or any other, goes through paho's state machine."""
 
     _CHUNK = 65536
 
@@ -82,25 +88,69 @@ class _BufferedClient(paho.Client):
         (acknowledged by the caller, as with ``manual_ack``); when None, paho's ``on_message``
         gets every message."""
 
+    def _plain(self, data: bytes | bytearray, start: int, end: int) -> tuple[int, int, int]:
+        """(packet id, end of the topic, start of the payload) of the PUBLISH variable header
+        at ``data[start:end]`` when it is plain (a topic, a packet id and, in MQTT 5, no
+        properties: their length a single 0 byte); (0, 0, 0) otherwise."""
+        if end - start < 2:
+            return _NOT_PLAIN
+        (length,) = _U16.unpack_from(data, start)
+        topic_end = start + 2 + length
+        body = topic_end + 2
+        if self._protocol == paho.MQTTv5:
+            body += 1
+            if body > end or data[body - 1] != 0:
+                return _NOT_PLAIN
+        if length == 0 or body > end:
+            return _NOT_PLAIN
+        (mid,) = _U16.unpack_from(data, topic_end)
+        return mid, topic_end, body
+
+    def _packet_read(self) -> MQTTErrorCode:
+        handler = self.on_plain_publish
+        chunk, offset = self._chunk, self._offset
+        if (
+            handler is None
+            or self._in_packet["command"] != 0  # paho is half-way through a packet
+            or len(chunk) - offset < 2
+            or chunk[offset] & 0xF6 != 0x32  # PUBLISH, QoS 1 (any DUP or RETAIN flag)
+            or not self._manual_ack
+        ):
+            return super()._packet_read()
+        # The remaining length: up to four 7-bit groups, least significant first.
+        start, length, shift = offset + 1, 0, 0
+        while True:
+            if start >= len(chunk) or shift > 21:
+                return super()._packet_read()
+            byte = chunk[start]
+            start += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        end = start + length
+        if end > len(chunk):
+            return super()._packet_read()  # not all read yet
+        mid, topic_end, body = self._plain(chunk, start, end)
+        if not body:
+            return super()._packet_read()
+        self._offset = end
+        # What paho's keepalive reads (ingest drives paho on the event loop's thread only).
+        self._last_bytes_received = paho.time_func()
+        handler(mid, chunk[start + 2 : topic_end], chunk[body:end])
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _handle_publish(self) -> MQTTErrorCode:
         handler = self.on_plain_publish
         command: int = self._in_packet["command"]
         if handler is None or command & 0x06 != 0x02 or not self._manual_ack:
             return super()._handle_publish()
         packet = self._in_packet["packet"]  # a bytearray, reused by paho for the next packet
-        # Variable header: topic length and topic, packet id; MQTT 5 adds the properties'
-        # length, a single 0 byte when there are none.
-        (length,) = _U16.unpack_from(packet, 0) if len(packet) >= 2 else (0,)
-        start = 2 + length + 2
-        if self._protocol == paho.MQTTv5:
-            start += 1
-            if len(packet) < start or packet[start - 1] != 0:
-                return super()._handle_publish()
-        if length == 0 or len(packet) < start:
+        mid, topic_end, body = self._plain(packet, 0, len(packet))
+        if not body:
             return super()._handle_publish()
-        (mid,) = _U16.unpack_from(packet, 2 + length)
         with memoryview(packet) as view:  # one copy each, and released before paho reuses it
-            topic, payload = bytes(view[2 : 2 + length]), bytes(view[start:])
+            topic, payload = bytes(view[2:topic_end]), bytes(view[body:])
         handler(mid, topic, payload)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
