@@ -56,33 +56,64 @@ PACKETS = {
 }
 
 
-def _deliveries(command: int, protocol: int, packet: bytes, *, plain: bool) -> list[Incoming]:
-    """What a bridge-like receiver gets from paho's path, or from the plain path when it is
-    set (the bridge sets both)."""
-    paho_speedup.install()
-    client = _BufferedClient(
-        CallbackAPIVersion.VERSION2, client_id="t", protocol=protocol, manual_ack=True
-    )
-    got: list[Incoming] = []
+class _Recorder:
+    """A client set up as the bridge sets it up, recording what it hands on by either path:
+    paho's ``on_message`` always, the plain path when ``plain``."""
 
-    def on_message(_client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
+    def __init__(self, protocol: int, *, plain: bool) -> None:
+        paho_speedup.install()
+        self.client = _BufferedClient(
+            CallbackAPIVersion.VERSION2, client_id="t", protocol=protocol, manual_ack=True
+        )
+        self.got: list[Incoming] = []
+        self.plain = 0
+        """PUBLISHes handed on by the plain path."""
+        self.client.on_message = self._on_message
+        if plain:
+            self.client.on_plain_publish = self._on_plain
+
+    def _on_message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
         try:
             topic = message.topic
         except UnicodeDecodeError:
             topic = "<topic is not UTF-8>"
-        got.append(Incoming(message.mid, message.qos, topic, bytes(message.payload), 0.0, 0))
+        payload = bytes(message.payload)
+        self.got.append(Incoming(message.mid, message.qos, topic, payload, 0.0, 0))
 
-    def on_plain(mid: int, topic: bytes, payload: bytes) -> None:
-        text = topic.decode("utf-8", errors="strict") if _utf8(topic) else "<topic is not UTF-8>"
+    def _on_plain(self, mid: int, topic: bytes, payload: bytes) -> None:
         assert type(topic) is bytes
         assert type(payload) is bytes
-        got.append(Incoming(mid, 1, text, payload, 0.0, 0))
+        self.plain += 1
+        try:
+            text = topic.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "<topic is not UTF-8>"
+        self.got.append(Incoming(mid, 1, text, payload, 0.0, 0))
 
-    client.on_message = on_message
-    if plain:
-        client.on_plain_publish = on_plain
+    def feed(self, stream: bytes, piece: int) -> None:
+        """``stream`` through paho's read loop, ``piece`` bytes per socket read."""
+        client = self.client
+        # An empty, non-blocking socket: when the piece is used up, paho's next read finds
+        # nothing more yet (as between two socket reads) and waits for the next piece.
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        client._sock = ours
+        try:
+            for start in range(0, len(stream), piece):
+                client._chunk, client._offset = stream[start : start + piece], 0
+                while client.buffered:
+                    assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+        finally:
+            ours.close()
+            peer.close()
+        assert client._in_packet["command"] == 0, "a packet was left half-read"
+
+
+def _deliveries(command: int, protocol: int, packet: bytes, *, plain: bool) -> list[Incoming]:
+    """What the client hands on for one PUBLISH, from paho's path or the plain one."""
+    recorder = _Recorder(protocol, plain=plain)
     # As paho's reader leaves it for the handler (the packet as a bytearray, as paho reads it).
-    client._in_packet = {
+    recorder.client._in_packet = {
         "command": command,
         "have_remaining": 1,
         "remaining_count": [],
@@ -92,16 +123,8 @@ def _deliveries(command: int, protocol: int, packet: bytes, *, plain: bool) -> l
         "to_process": 0,
         "pos": 0,
     }
-    client._handle_publish()
-    return got
-
-
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    recorder.client._handle_publish()
+    return recorder.got
 
 
 @pytest.mark.parametrize("name", list(PACKETS))
@@ -138,82 +161,27 @@ def _stream() -> bytes:
     return b"".join(packets * 3)
 
 
-def _read(stream: bytes, piece: int, *, plain: bool) -> tuple[list[Incoming], int]:
-    """Feed ``stream`` to a client ``piece`` bytes per socket read; what it hands on, and how
-    many PUBLISHes took the plain path."""
-    paho_speedup.install()
-    client = _BufferedClient(
-        CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv5, manual_ack=True
-    )
-    got: list[Incoming] = []
-    plain_count = 0
-
-    def on_message(_client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            topic = "<topic is not UTF-8>"
-        got.append(Incoming(message.mid, message.qos, topic, bytes(message.payload), 0.0, 0))
-
-    def on_plain(mid: int, topic: bytes, payload: bytes) -> None:
-        nonlocal plain_count
-        plain_count += 1
-        assert type(payload) is bytes
-        text = topic.decode("utf-8") if _utf8(topic) else "<topic is not UTF-8>"
-        got.append(Incoming(mid, 1, text, payload, 0.0, 0))
-
-    client.on_message = on_message
-    if plain:
-        client.on_plain_publish = on_plain
-    # An empty, non-blocking socket: when the piece is used up, paho's next read finds nothing
-    # more yet (as between two socket reads) and waits for the next piece.
-    ours, _peer = socket.socketpair()
-    ours.setblocking(False)
-    client._sock = ours
-    try:
-        for start in range(0, len(stream), piece):
-            client._chunk, client._offset = stream[start : start + piece], 0
-            while client.buffered:
-                assert client.loop_read() == paho.MQTT_ERR_SUCCESS
-    finally:
-        ours.close()
-        _peer.close()
-    assert client._in_packet["command"] == 0, "a packet was left half-read"
-    return got, plain_count
-
-
 @pytest.mark.parametrize("piece", [1, 2, 3, 5, 64, 599, 4096, 65536])
 def test_packets_split_anyhow_across_reads_are_handed_on_as_pahos_path_does(piece: int) -> None:
     stream = _stream()
-    reference, none = _read(stream, piece, plain=False)
-    assert none == 0
-    assert [i.mid for i in reference] == [1, 2, 0, 3, 4, 5, 6] * 3
-    got, plain_count = _read(stream, piece, plain=True)
-    assert got == reference
-    assert plain_count == 5 * 3  # every plain QoS 1 PUBLISH, whole in memory or not
+    reference = _Recorder(paho.MQTTv5, plain=False)
+    reference.feed(stream, piece)
+    assert reference.plain == 0
+    assert [i.mid for i in reference.got] == [1, 2, 0, 3, 4, 5, 6] * 3
+    recorder = _Recorder(paho.MQTTv5, plain=True)
+    recorder.feed(stream, piece)
+    assert recorder.got == reference.got
+    assert recorder.plain == 5 * 3  # every plain QoS 1 PUBLISH, whole in memory or not
 
 
 def test_whole_packets_in_memory_skip_pahos_reader() -> None:
     """Read at once, the plain PUBLISHes never reach paho's per-packet record."""
     stream = _frame(0x32, _packet(TOPIC, mid=9, properties=b"\x00")) * 50
-    paho_speedup.install()
-    client = _BufferedClient(
-        CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv5, manual_ack=True
-    )
-    mids: list[int] = []
-    client.on_plain_publish = lambda mid, _topic, _payload: mids.append(mid)
-    ours, peer = socket.socketpair()
-    try:
-        client._sock = ours
-        client._chunk, client._offset = stream, 0
-        record = client._in_packet
-        while client.buffered:
-            assert client.loop_read() == paho.MQTT_ERR_SUCCESS
-        assert mids == [9] * 50
-        assert client._in_packet is record  # paho's reader never started a packet
-    finally:
-        ours.close()
-        peer.close()
+    recorder = _Recorder(paho.MQTTv5, plain=True)
+    record = recorder.client._in_packet
+    recorder.feed(stream, len(stream))
+    assert [i.mid for i in recorder.got] == [9] * 50
+    assert recorder.client._in_packet is record  # paho's reader never started a packet
 
 
 class _Counted:
