@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from services.storage import migrate
-from tests.support import fetch, fetchval
+from tests.support import fetch, fetchval, wait_for_count
 
 
 async def test_migrate_applies_everything_once_and_is_idempotent(empty_database_url: str) -> None:
@@ -151,15 +151,12 @@ async def test_two_writers_creating_the_same_partition_at_once_both_succeed(
             queued = asyncio.create_task(
                 second.fetchval("SELECT ensure_readings_partition($1)", month)
             )
+            # The second queued on the lock (the pid is the server's integer, not input).
             waiting = (
-                "SELECT count(*) = 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-                "AND pid = $1"
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                f"AND pid = {second.get_server_pid():d}"
             )
-            pid = second.get_server_pid()
-            deadline = asyncio.get_running_loop().time() + 30
-            while not await fetchval(database_url, waiting, pid):
-                assert asyncio.get_running_loop().time() < deadline, "second never queued"
-                await asyncio.sleep(0.02)
+            assert await wait_for_count(database_url, waiting, 1, timeout_s=30) == 1
             await creating.commit()
             assert await queued is False
     finally:

@@ -193,13 +193,13 @@ class PacedPublisher:
         self._thread = threading.Thread(target=self._run, name="faults-publisher", daemon=True)
         self.started_at = 0.0
         self.finished_at = 0.0
-        self.hold_at: int | None = None
-        """Publish no further than this many messages until it is raised (None: the whole
-        stream). A scenario that acts at a point of the stream holds the stream a little past
-        it, so that on a slow machine the stream cannot end before the act."""
+        self._hold_at: int | None = None
 
     def hold(self, count: int | None) -> None:
-        self.hold_at = count
+        """Publish no further than ``count`` messages until it is raised (None: the whole
+        stream). A scenario that acts at a point of the stream holds the stream a little past
+        it, so that on a slow machine the stream cannot end before the act."""
+        self._hold_at = count
 
     def start(self) -> PacedPublisher:
         self.started_at = time.monotonic()
@@ -224,7 +224,7 @@ class PacedPublisher:
         try:
             n = 0
             while self.acked < len(self.stream) and not self.stop.is_set():
-                limit = len(self.stream) if self.hold_at is None else self.hold_at
+                limit = len(self.stream) if self._hold_at is None else self._hold_at
                 if self.acked >= limit:
                     self.stop.wait(0.02)  # held: until the scenario raises the limit
                     continue
