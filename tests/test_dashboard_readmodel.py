@@ -1,6 +1,7 @@
-"""The patient dashboard from the alert engine's read model (pump_forecasts): the same answer as
-from the pump's snapshot on a varied set of pumps, and never from a stale row (a refill, a move,
-a reading the engine has not evaluated yet)."""
+"""The patient dashboard and the pump reads (`GET /v1/pumps`, `GET /v1/pumps/{serial}`) from the
+alert engine's read model (pump_forecasts): the same answer as from the pump's snapshot on a
+varied set of pumps, and never from a stale row (a refill, a move, a reading the engine has not
+evaluated yet)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,27 @@ async def varied(pool: asyncpg.Pool, clinic_a: str) -> dict[str, str]:
                 schedule,
             )
         out["NGPDASH03"] = p
+        # a flex schedule in another zone, its steps placed so that the hours since its reading
+        # run at 0.1 mL/day by UTC's clock and at 0.4 by New York's (the zone decides the volume)
+        p = await fx.patient(conn, ny)
+        await fx.pump(conn, "NGPDASH05", patient_id=p)
+        await fx.reading(conn, "NGPDASH05", now - timedelta(hours=6), volume_ml=15.0)
+
+        def clock(at: datetime) -> str:
+            return f"{at:%H:%M}"
+
+        steps = [
+            {"start": clock(now - timedelta(hours=7)), "rate_ml_per_day": 0.1},
+            {"start": clock(now + timedelta(hours=1)), "rate_ml_per_day": 0.4},
+        ]
+        steps.sort(key=lambda step: str(step["start"]))
+        for table in ("readings", "pump_state"):
+            await conn.execute(
+                f"UPDATE {table} SET infusion_mode = 'flex', schedule = $2 WHERE serial = $1",
+                "NGPDASH05",
+                steps,
+            )
+        out["NGPDASH05"] = p
         # at its low alarm, with its alarm on
         p = await fx.patient(conn, clinic_a)
         await fx.pump(conn, "NGPDASH04", patient_id=p)
@@ -222,3 +244,107 @@ async def test_a_stale_row_is_not_served(api: Api, w: World, pool: asyncpg.Pool)
     moved = await dashboard(api, w.a.clinician, other)
     assert moved["pump"]["serial"] == serial
     assert moved["pump"]["forecast"]["refill_deadline_reason"] != "battery"
+
+
+async def pump(api: Api, key: str, serial: str) -> dict[str, Any]:
+    found = await api.call("GET", f"/v1/pumps/{serial}", key)
+    assert found.status_code == 200, found.text
+    answer: dict[str, Any] = found.json()
+    return answer
+
+
+async def pumps_listed(api: Api, key: str) -> dict[str, dict[str, Any]]:
+    """Every page of `GET /v1/pumps` (three a page: fresh and stale rows share pages)."""
+    found: dict[str, dict[str, Any]] = {}
+    cursor: str | None = None
+    while True:
+        params = {"limit": 3} | ({} if cursor is None else {"cursor": cursor})
+        page = await api.call("GET", "/v1/pumps", key, params=params)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        found.update((item["serial"], item) for item in body["items"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return found
+
+
+async def test_the_pump_reads_from_fresh_rows_equal_those_from_the_snapshot(
+    api: Api, w: World, pool: asyncpg.Pool
+) -> None:
+    made = [*await varied(pool, w.a.id), w.a.serial, w.b.serial]
+    async with pool.acquire() as conn:  # messages lost for good: the gaps the row path reads
+        await conn.execute(
+            "INSERT INTO sequence_gaps (serial, source_id, first_missing, last_missing, state, "
+            "unrecoverable_at, before_at, after_at) VALUES ($1, '', 40, 44, 'unrecoverable', "
+            "now(), now() - interval '3 days', now() - interval '2 days')",
+            "NGPDASH02",
+        )
+    listed = await pumps_listed(api, w.admin)
+    serials = sorted(listed)  # the world's unassigned pump too
+    assert set(made) < set(serials)
+    computed = {s: await pump(api, w.admin, s) for s in serials}
+    await sweep(pool)
+    assert [s for s in serials if not (await row(pool, s))["fresh"]] == []
+    for serial in serials:
+        alike(computed[serial], await pump(api, w.admin, serial), serial)
+    for serial, item in (await pumps_listed(api, w.admin)).items():
+        alike(listed[serial], item, f"list {serial}")
+    assert computed["NGPDASH02"]["forecast"]["refill_deadline_reason"] == "battery"
+    assert computed["NGPDASH02"]["unrecovered_gaps"]["missing_messages"] == 5
+    assert computed["NGPDASH03"]["therapy"]["schedule"]
+    assert computed["NGPDASH03"]["volume_now_ml"] < computed["NGPDASH03"]["volume_ml"]
+    # The pump reads read the row: a row moved by hand moves both answers.
+    await pool.execute(
+        "UPDATE pump_forecasts SET deadline_at = deadline_at - interval '1 day' "
+        "WHERE serial = 'NGPDASH03'"
+    )
+    before = computed["NGPDASH03"]["forecast"]["days_to_refill_deadline"]
+    moved = (await pump(api, w.admin, "NGPDASH03"))["forecast"]
+    assert moved["days_to_refill_deadline"] == pytest.approx(before - 1, abs=0.011)
+    moved = (await pumps_listed(api, w.admin))["NGPDASH03"]["forecast"]
+    assert moved["days_to_refill_deadline"] == pytest.approx(before - 1, abs=0.011)
+
+
+async def test_the_pump_reads_never_serve_a_stale_row(
+    api: Api, w: World, pool: asyncpg.Pool
+) -> None:
+    serial = w.a.serial
+    # a reason no battery of these pumps gives: the mark of the row being served
+    mark = "UPDATE pump_forecasts SET deadline_reason = 'battery' WHERE serial = $1"
+
+    async def reasons() -> tuple[str, str]:
+        one = await pump(api, w.a.clinician, serial)
+        listed = (await pumps_listed(api, w.a.clinician))[serial]
+        return (
+            str(one["forecast"]["refill_deadline_reason"]),
+            str(listed["forecast"]["refill_deadline_reason"]),
+        )
+
+    await sweep(pool)
+    await pool.execute(mark, serial)
+    assert await reasons() == ("battery", "battery")  # fresh: served
+    # a reading the engine has not evaluated yet: the snapshot's, with that reading's volume
+    async with pool.acquire() as conn:
+        await fx.reading(conn, serial, datetime.now(UTC), volume_ml=30.0)
+    assert "battery" not in await reasons()
+    assert (await pump(api, w.a.clinician, serial))["volume_ml"] == 30.0
+    # evaluated and marked again; a refill over HTTP makes the row stale (its trigger)
+    await engine(pool).evaluate([serial])
+    await pool.execute(mark, serial)
+    assert await reasons() == ("battery", "battery")
+    refilled = await api.call(
+        "POST",
+        f"/v1/pumps/{serial}/refills",
+        w.a.clinician,
+        json={
+            "refill": {
+                "residual_ml": 2.6,
+                "added_ml": 38.0,
+                "drug": "baclofen",
+                "concentration_mcg_per_ml": 2000,
+            }
+        },
+    )
+    assert refilled.status_code == 201, refilled.text
+    assert "battery" not in await reasons()
+    assert (await pump(api, w.a.clinician, serial))["forecast"]["volume_ml"] == 38.0

@@ -19,8 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from services.api import models, sql_dashboard
-from services.domain import therapy
+from services.api import sql_dashboard
 from services.domain.alerting import Bolus, RuleSettings, Snapshot
 from services.storage import snapshots
 from services.storage.database import Connection
@@ -85,40 +84,6 @@ def partial_snapshot(row: asyncpg.Record, now: datetime) -> Snapshot | None:
         recent=tuple(before[at] for at in sorted(before)),
         refills=tuple(refills),
         boluses=tuple(boluses),
-    )
-
-
-def forecast(row: asyncpg.Record, now: datetime) -> models.Forecast | None:
-    """The forecast object from the fresh read-model row (as views.forecast of the snapshot)."""
-    if row["f_rate_ml_per_day"] is None:
-        return None
-    low_alarm_at, deadline_at = row["f_low_alarm_at"], row["f_deadline_at"]
-    return models.Forecast(
-        volume_ml=round(max(0.0, row["f_volume_ml"]), 3),
-        low_alarm_ml=row["f_low_alarm_ml"],
-        rate_ml_per_day=round(row["f_rate_ml_per_day"], 4),
-        low_alarm_at=low_alarm_at,
-        empty_at=row["f_empty_at"],
-        days_to_low_alarm=None
-        if low_alarm_at is None
-        else round(therapy.days_until(low_alarm_at, now), 2),
-        basis=row["f_basis"] or "calculated",
-        refill_deadline_at=deadline_at,
-        refill_deadline_reason=row["f_deadline_reason"],
-        days_to_refill_deadline=None
-        if deadline_at is None
-        else round(therapy.days_until(deadline_at, now), 2),
-        worst_case_empty_at=row["f_worst_case_empty_at"],
-    )
-
-
-def gaps(row: asyncpg.Record) -> models.UnrecoveredGaps | None:
-    if not row["missing"]:
-        return None
-    return models.UnrecoveredGaps(
-        missing_messages=int(row["missing"]),
-        missing_from=row["missing_from"],
-        missing_until=row["missing_until"],
     )
 
 

@@ -229,10 +229,38 @@ LEFT JOIN patients pt ON pt.id = p.patient_id
 LEFT JOIN pump_state s ON s.serial = p.serial
 """
 PUMP = f"{_PUMP}{_PUMP_JOINS} WHERE p.serial = $1"
+# A pump's row of the forecast read model (pump_forecasts, migration 0015) and its unrecoverable
+# gaps, beside _PUMP's columns; {now} is the request's time. The row is fresh when the engine
+# wrote it as of the pump's current version and from its newest reading (a reading it has not
+# evaluated yet leaves it behind) and that reading is not after {now}: the forecast is then the
+# row's (services/api/views.py pump_states; the dashboard's the same way).
+FORECAST_COLUMNS = """,
+       (f.evaluated_version = f.version AND f.last_contact_at IS NOT DISTINCT FROM s.recorded_at
+        AND s.recorded_at <= {now}) AS forecast_fresh,
+       f.volume_ml AS f_volume_ml, f.low_alarm_ml AS f_low_alarm_ml,
+       f.rate_ml_per_day AS f_rate_ml_per_day, f.basis AS f_basis, f.low_alarm_at AS f_low_alarm_at,
+       f.empty_at AS f_empty_at, f.worst_case_empty_at AS f_worst_case_empty_at,
+       f.deadline_at AS f_deadline_at, f.deadline_reason AS f_deadline_reason,
+       f.state_at AS f_state_at, f.therapy AS f_therapy, f.zone AS f_zone,
+       g.missing, g.missing_from, g.missing_until"""
+FORECAST_JOINS = """
+LEFT JOIN pump_forecasts f ON f.serial = p.serial
+LEFT JOIN LATERAL (
+    SELECT sum(last_missing - first_missing + 1) AS missing,
+           min(before_at) AS missing_from, max(after_at) AS missing_until
+    FROM sequence_gaps WHERE serial = p.serial AND state = 'unrecoverable'
+) g ON true"""
+# The pump $1 with its read-model row as of $2 (now).
+PUMP_STATE = f"""
+{_PUMP}{FORECAST_COLUMNS.format(now="$2")}
+{_PUMP_JOINS}{FORECAST_JOINS}
+WHERE p.serial = $1
+"""
 # The pumps a scope holds now ($1 NULL: every pump, unassigned ones included), by serial after
-# the cursor $2, of the patient $3 (NULL: any), $4 limit.
+# the cursor $2, of the patient $3 (NULL: any), $4 limit, with their read-model rows as of $5.
 LIST_PUMPS = f"""
-{_PUMP}{_PUMP_JOINS}
+{_PUMP}{FORECAST_COLUMNS.format(now="$5")}
+{_PUMP_JOINS}{FORECAST_JOINS}
 WHERE ($1::uuid IS NULL OR p.clinic_id = $1)
   AND ($2::text IS NULL OR p.serial > $2)
   AND ($3::uuid IS NULL OR p.patient_id = $3)

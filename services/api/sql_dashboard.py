@@ -5,7 +5,15 @@ round trip."""
 
 from __future__ import annotations
 
-from services.api.sql import _ALERT, _PATIENT, _PUMP, _PUMP_JOINS, _SERIES_JSON
+from services.api.sql import (
+    _ALERT,
+    _PATIENT,
+    _PUMP,
+    _PUMP_JOINS,
+    _SERIES_JSON,
+    FORECAST_COLUMNS,
+    FORECAST_JOINS,
+)
 
 _READING = """
 recorded_at, utc_offset_minutes, volume_ml, capacity_ml, low_alarm_ml, basis, drug_name,
@@ -28,15 +36,8 @@ ORDER BY recorded_at DESC LIMIT $4
 # yet leaves it behind); the pump's state is then the newest reading up to $3 (the snapshot's
 # latest: state moves only forward).
 _PUMP_ROW = f"""
-{_PUMP}, ({_SERIES_JSON}) AS series_json,
+{_PUMP}{FORECAST_COLUMNS.format(now="$3")}, ({_SERIES_JSON}) AS series_json,
        c.timezone AS clinic_timezone, c.alert_settings,
-       (f.evaluated_version = f.version AND f.last_contact_at IS NOT DISTINCT FROM s.recorded_at
-        AND s.recorded_at <= $3) AS forecast_fresh,
-       f.volume_ml AS f_volume_ml, f.low_alarm_ml AS f_low_alarm_ml,
-       f.rate_ml_per_day AS f_rate_ml_per_day, f.basis AS f_basis, f.low_alarm_at AS f_low_alarm_at,
-       f.empty_at AS f_empty_at, f.worst_case_empty_at AS f_worst_case_empty_at,
-       f.deadline_at AS f_deadline_at, f.deadline_reason AS f_deadline_reason,
-       g.missing, g.missing_from, g.missing_until,
        (SELECT jsonb_agg(jsonb_build_object('recorded_at', e.recorded_at, 'body', e.body))
         FROM ({_REFILLS}) e) AS refills_json,
        (SELECT jsonb_agg(to_jsonb(r)) FROM ({_REFILLS}) e
@@ -48,14 +49,8 @@ _PUMP_ROW = f"""
         FROM events b WHERE b.serial = p.serial AND b.type = 'bolus'
           AND b.recorded_at > bf.floor AND b.recorded_at <= $3) AS boluses_json,
        bf.floor AS bolus_floor
-{_PUMP_JOINS}
+{_PUMP_JOINS}{FORECAST_JOINS}
 LEFT JOIN clinics c ON c.id = p.clinic_id
-LEFT JOIN pump_forecasts f ON f.serial = p.serial
-LEFT JOIN LATERAL (
-    SELECT sum(last_missing - first_missing + 1) AS missing,
-           min(before_at) AS missing_from, max(after_at) AS missing_until
-    FROM sequence_gaps WHERE serial = p.serial AND state = 'unrecoverable'
-) g ON true
 CROSS JOIN LATERAL (
     SELECT least(coalesce((SELECT min(e.recorded_at) FROM ({_REFILLS}) e),
                           $3 - interval '200 days'), $5) AS floor

@@ -13,6 +13,7 @@ from services.api import models
 from services.api.auth import Principal
 from services.domain import rules, therapy
 from services.domain.alerting import RuleSettings, Snapshot
+from services.storage import forecasts
 from services.storage.database import Connection
 from services.storage.snapshots import load as load_snapshots
 
@@ -55,15 +56,77 @@ def forecast(snapshot: Snapshot) -> models.Forecast | None:
     )
 
 
+def row_forecast(row: asyncpg.Record, now: datetime) -> models.Forecast | None:
+    """The forecast object from a fresh read-model row (sql.FORECAST_COLUMNS), as
+    :func:`forecast` makes it of the pump's snapshot."""
+    if row["f_rate_ml_per_day"] is None:
+        return None
+    low_alarm_at, deadline_at = row["f_low_alarm_at"], row["f_deadline_at"]
+    return models.Forecast(
+        volume_ml=round(max(0.0, row["f_volume_ml"]), 3),
+        low_alarm_ml=row["f_low_alarm_ml"],
+        rate_ml_per_day=round(row["f_rate_ml_per_day"], 4),
+        low_alarm_at=low_alarm_at,
+        empty_at=row["f_empty_at"],
+        days_to_low_alarm=None
+        if low_alarm_at is None
+        else round(therapy.days_until(low_alarm_at, now), 2),
+        basis=row["f_basis"] or "calculated",
+        refill_deadline_at=deadline_at,
+        refill_deadline_reason=row["f_deadline_reason"],
+        days_to_refill_deadline=None
+        if deadline_at is None
+        else round(therapy.days_until(deadline_at, now), 2),
+        worst_case_empty_at=row["f_worst_case_empty_at"],
+    )
+
+
+def row_gaps(row: asyncpg.Record) -> models.UnrecoveredGaps | None:
+    """The unrecovered gaps of a row with sql.FORECAST_COLUMNS."""
+    if not row["missing"]:
+        return None
+    return models.UnrecoveredGaps(
+        missing_messages=int(row["missing"]),
+        missing_from=row["missing_from"],
+        missing_until=row["missing_until"],
+    )
+
+
+async def pump_states(
+    db: Connection, rows: list[asyncpg.Record], principal: Principal, now: datetime
+) -> list[models.PumpState]:
+    """Pumps' states (rows of sql.PUMP_STATE or sql.LIST_PUMPS as of ``now``), each forecast
+    from its read-model row when that is fresh, else from the pump's snapshot (one load for
+    all the stale ones), as the engine builds it."""
+    stale = [r["serial"] for r in rows if not r["forecast_fresh"]]
+    found = await snapshots(db, stale, now=now) if stale else {}
+    return [
+        pump_state(r, found.get(r["serial"]), principal)
+        if not r["forecast_fresh"]
+        else pump_state(
+            r,
+            None,
+            principal,
+            found=(row_forecast(r, now), row_gaps(r)),
+            volume_now=forecasts.volume_now_ml(
+                r["f_volume_ml"], r["f_state_at"], r["f_therapy"], r["f_zone"], now
+            ),
+        )
+        for r in rows
+    ]
+
+
 def pump_state(
     row: asyncpg.Record,
     snapshot: Snapshot | None,
     principal: Principal,
     *,
     found: tuple[models.Forecast | None, models.UnrecoveredGaps | None] | None = None,
+    volume_now: float | None = None,
 ) -> models.PumpState:
     """``found``: the forecast and the unrecovered gaps when known (the read model's), else
-    computed from ``snapshot``."""
+    computed from ``snapshot``; ``volume_now`` the reservoir now when known, else projected from
+    ``snapshot``."""
     has_state = row["recorded_at"] is not None
     if found is None:
         found = (
@@ -76,7 +139,8 @@ def pump_state(
                 missing_until=snapshot.missing_until,
             ),
         )
-    volume_now = None if snapshot is None else rules.volume_now_ml(snapshot)
+    if snapshot is not None:
+        volume_now = rules.volume_now_ml(snapshot)
     return models.PumpState(
         serial=row["serial"],
         model=row["model"] or row["registered_model"],

@@ -181,7 +181,7 @@ async def load_dashboard(
     snapshot = fast.partial_snapshot(row, now)
     if snapshot is not None:  # the read model's forecast, fresh
         pump = views.pump_state(
-            row, snapshot, principal, found=(fast.forecast(row, now), fast.gaps(row))
+            row, snapshot, principal, found=(views.row_forecast(row, now), views.row_gaps(row))
         )
     else:  # stale or missing: the whole snapshot, as the engine builds it
         snapshot = (await views.snapshots(db, [serial], now=now)).get(serial)

@@ -255,11 +255,11 @@ def _field_problem(field: str, message: str) -> Problem:
 
 
 async def _state(db: Connection, principal: Principal, serial: str) -> models.PumpState:
-    row = await db.fetchrow(sql.PUMP, serial)
+    now = datetime.now(UTC)
+    row = await db.fetchrow(sql.PUMP_STATE, serial, now)
     if row is None:
         raise not_found("pump")
-    snapshot = (await views.snapshots(db, [serial])).get(serial)
-    return views.pump_state(row, snapshot, principal)
+    return (await views.pump_states(db, [row], principal, now))[0]
 
 
 @router.get(
@@ -282,16 +282,16 @@ async def list_pumps(
     if patient_id is not None and not principal.identified:
         raise Problem(403, "the fleet role sees no patients", kind="forbidden")
     after = decode_cursor(cursor, 1)
+    now = datetime.now(UTC)
     rows = await db.fetch(
         sql.LIST_PUMPS,
         scope_of(principal),
         None if after is None else after[0],
         patient_id,
         limit + 1,
+        now,
     )
-    page = rows[:limit]
-    found = await views.snapshots(db, [r["serial"] for r in page])
-    items = [views.pump_state(r, found.get(r["serial"]), principal) for r in page]
+    items = await views.pump_states(db, rows[:limit], principal, now)
     more = len(rows) > limit
     return models.Page(items=items, next_cursor=encode_cursor(items[-1].serial) if more else None)
 
