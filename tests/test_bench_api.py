@@ -191,7 +191,13 @@ def test_the_fleet_size_sweep_measures_every_route_on_every_fleet(pg_admin_url: 
     assert len(added) == 2, text
     assert all(n >= 2 * 20 for n in added), added
     routes = [r.name for r in sweep.SWEEP_ROUTES]
-    assert {"patient", "dashboard", "worklist (clinic)", "alerts (clinic)"} <= set(routes)
+    assert {
+        "patient",
+        "dashboard",
+        "worklist (clinic)",
+        "alerts (clinic)",
+        "pumps (clinic)",
+    } <= set(routes)
     assert [(p.route, p.fleet_pumps) for p in report.sweep] == [
         (route, size) for size in (20, 40) for route in routes
     ]

@@ -100,12 +100,14 @@ class SweepRoute:
 SWEEP_ROUTES = (
     SweepRoute("patient", "/v1/patients/{patient_id}", "/v1/patients/{patient_id}"),
     SweepRoute("pump", "/v1/pumps/{serial}", "/v1/pumps/{serial}"),
+    SweepRoute("pumps (clinic)", "/v1/pumps", "/v1/pumps"),
     SweepRoute(
         "dashboard", "/v1/patients/{patient_id}/dashboard", "/v1/patients/{patient_id}/dashboard"
     ),
     SweepRoute("worklist (clinic)", "/v1/refills/due", "/v1/refills/due"),
     SweepRoute("alerts (clinic)", "/v1/alerts", "/v1/alerts"),
     SweepRoute("worklist (all, admin)", "/v1/refills/due", "/v1/refills/due", admin=True),
+    SweepRoute("pumps (all, admin)", "/v1/pumps", "/v1/pumps", admin=True),
 )
 
 
