@@ -243,30 +243,54 @@ FORECAST_COLUMNS = """,
        f.deadline_at AS f_deadline_at, f.deadline_reason AS f_deadline_reason,
        f.state_at AS f_state_at, f.therapy AS f_therapy, f.zone AS f_zone,
        g.missing, g.missing_from, g.missing_until"""
-FORECAST_JOINS = """
-LEFT JOIN pump_forecasts f ON f.serial = p.serial
+_GAPS_JOIN = """
 LEFT JOIN LATERAL (
     SELECT sum(last_missing - first_missing + 1) AS missing,
            min(before_at) AS missing_from, max(after_at) AS missing_until
     FROM sequence_gaps WHERE serial = p.serial AND state = 'unrecoverable'
 ) g ON true"""
+FORECAST_JOINS = f"""
+LEFT JOIN pump_forecasts f ON f.serial = p.serial{_GAPS_JOIN}"""
 # The pump $1 with its read-model row as of $2 (now).
 PUMP_STATE = f"""
 {_PUMP}{FORECAST_COLUMNS.format(now="$2")}
 {_PUMP_JOINS}{FORECAST_JOINS}
 WHERE p.serial = $1
 """
-# The pumps a scope holds now ($1 NULL: every pump, unassigned ones included), by serial after
-# the cursor $2, of the patient $3 (NULL: any), $4 limit, with their read-model rows as of $5.
-LIST_PUMPS = f"""
-{_PUMP}{FORECAST_COLUMNS.format(now="$5")}
-{_PUMP_JOINS}{FORECAST_JOINS}
-WHERE ($1::uuid IS NULL OR p.clinic_id = $1)
-  AND ($2::text IS NULL OR p.serial > $2)
-  AND ($3::uuid IS NULL OR p.patient_id = $3)
+
+
+def _pump_page(where: str, order: str, limit: str, now: str) -> str:
+    """A page of pumps (``where``, in the order of an index on ``order``, ``limit``) with their
+    state and read-model rows, read by key for the page's pumps only (LATERAL ... LIMIT 1: the
+    generic plan, which cannot know the page is small, would otherwise merge or hash-join whole
+    tables), so a page costs the same whatever the fleet's size or the cursor's place. (One
+    statement for every case, with "$1 IS NULL OR", read, joined and sorted every pump.)"""
+    return f"""
+{_PUMP}{FORECAST_COLUMNS.format(now=now)}
+FROM (SELECT * FROM pumps p WHERE {where} ORDER BY {order} LIMIT {limit}) p
+LEFT JOIN LATERAL (SELECT * FROM pump_state WHERE serial = p.serial LIMIT 1) s ON true
+LEFT JOIN LATERAL (SELECT * FROM pump_forecasts WHERE serial = p.serial LIMIT 1) f ON true
+{_GAPS_JOIN}
 ORDER BY p.serial
-LIMIT $4
 """
+
+
+# Every pump (admin, fleet; unassigned ones included) after the cursor $1 ('': from the first),
+# $2 limit, read-model rows as of $3.
+LIST_ALL_PUMPS = _pump_page("p.serial > $1", "p.serial", "$2", "$3")
+# The pumps the clinic $1 holds now, after the cursor $2, $3 limit, as of $4 (by the index
+# pumps_clinic_serial, migration 0021).
+LIST_CLINIC_PUMPS = _pump_page(
+    "p.clinic_id = $1 AND (p.clinic_id, p.serial) > ($1, $2)", "p.clinic_id, p.serial", "$3", "$4"
+)
+# The pumps of the patient $1 (of the clinic $2; NULL: any), after the cursor $3, $4 limit, as of
+# $5 (a patient has a pump or two: by the patient's index).
+LIST_PATIENT_PUMPS = _pump_page(
+    "p.patient_id = $1 AND ($2::uuid IS NULL OR p.clinic_id = $2) AND p.serial > $3",
+    "p.serial",
+    "$4",
+    "$5",
+)
 PUMP_CLINIC = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1"
 HELD_EVER = "SELECT true FROM pump_assignments WHERE serial = $1 AND clinic_id = $2 LIMIT 1"
 PUMP_FOR_CUSTODY = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1 FOR UPDATE"

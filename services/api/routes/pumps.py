@@ -282,15 +282,14 @@ async def list_pumps(
     if patient_id is not None and not principal.identified:
         raise Problem(403, "the fleet role sees no patients", kind="forbidden")
     after = decode_cursor(cursor, 1)
-    now = datetime.now(UTC)
-    rows = await db.fetch(
-        sql.LIST_PUMPS,
-        scope_of(principal),
-        None if after is None else after[0],
-        patient_id,
-        limit + 1,
-        now,
-    )
+    serial = (after or [None])[0] or ""
+    scope, now = scope_of(principal), datetime.now(UTC)
+    if patient_id is not None:
+        rows = await db.fetch(sql.LIST_PATIENT_PUMPS, patient_id, scope, serial, limit + 1, now)
+    elif scope is not None:
+        rows = await db.fetch(sql.LIST_CLINIC_PUMPS, scope, serial, limit + 1, now)
+    else:
+        rows = await db.fetch(sql.LIST_ALL_PUMPS, serial, limit + 1, now)
     items = await views.pump_states(db, rows[:limit], principal, now)
     more = len(rows) > limit
     return models.Page(items=items, next_cursor=encode_cursor(items[-1].serial) if more else None)
