@@ -77,6 +77,29 @@ async def test_message_published_three_times_is_stored_once(
     assert json.loads(stored) == json.loads(payload)
 
 
+async def test_messages_sent_again_after_they_were_stored_are_the_ledgers_duplicates(
+    ingest: IngestProcess, broker: EmbeddedBroker, database_url: str
+) -> None:
+    """Duplicates across batches are found by the ledger (in one batch, by the judge): counted
+    as duplicates, never stored or counted as stored again."""
+    ingest.start()
+    reading = encode(telemetry(seq=1))
+    event = encode(refill_event(serial="NGP204519H"))
+    first = [(TOPIC, reading), ("pumps/NGP204519H/events", event)]
+    publish(broker, first)
+    ingest.wait_metric("pumpwatch_ingest_messages_stored_total", 1, kind="telemetry")
+    ingest.wait_metric("pumpwatch_ingest_messages_stored_total", 1, kind="events")
+    publish(broker, first)
+    ingest.wait_metric("pumpwatch_ingest_messages_duplicate_total", 2)
+    publish(broker, [(TOPIC, encode(telemetry(seq=2)))])  # a new one after them
+    ingest.wait_metric("pumpwatch_ingest_messages_stored_total", 2, kind="telemetry")
+    assert ingest.metric("pumpwatch_ingest_messages_duplicate_total") == 2
+    assert ingest.metric("pumpwatch_ingest_messages_stored_total", kind="telemetry") == 2
+    assert ingest.metric("pumpwatch_ingest_messages_stored_total", kind="events") == 1
+    assert await fetchval(database_url, "SELECT count(*) FROM readings") == 2
+    assert await fetchval(database_url, "SELECT count(*) FROM events") == 1
+
+
 async def test_out_of_order_readings_keep_the_newest_state(
     ingest: IngestProcess, broker: EmbeddedBroker, database_url: str
 ) -> None:

@@ -87,7 +87,8 @@ _STATE_UPDATES = ", ".join(f"{c} = EXCLUDED.{c}" for c in STATE_COLUMNS if c != 
 # taken in key order so that concurrent writers lock them in the same order. Each new reading is
 # added to its hour's rollup (readings_hourly) in the same statement; the hour's last volume is
 # that of the greatest (recorded_at as epoch seconds, volume) pair, which needs no sort per hour
-# as an ordered array_agg did. Returns the new ids.
+# as an ordered array_agg did. Returns the ids already in the ledger (duplicates: few, where
+# the new ones are the whole batch, each an id to decode).
 STORE_READINGS = f"""
 WITH new AS (
     INSERT INTO ingested_messages (msg_id)
@@ -126,7 +127,7 @@ WITH new AS (
         flow_ml_per_day_sum = h.flow_ml_per_day_sum + EXCLUDED.flow_ml_per_day_sum,
         rate_ml_per_day_sum = h.rate_ml_per_day_sum + EXCLUDED.rate_ml_per_day_sum
 )
-SELECT msg_id FROM new
+SELECT s.msg_id FROM stage_readings s WHERE NOT EXISTS (SELECT FROM new WHERE new.msg_id = s.msg_id)
 """
 
 _EVENT_LIST = ", ".join(EVENT_COLUMNS)
@@ -141,30 +142,38 @@ WITH new AS (
     SELECT {_EVENT_LIST} FROM stage_events JOIN new USING (msg_id)
     ORDER BY serial
 )
-SELECT msg_id FROM new
+SELECT s.msg_id FROM stage_events s WHERE NOT EXISTS (SELECT FROM new WHERE new.msg_id = s.msg_id)
 """
 
 # Each stream of the batch moves forward in one upsert, rows in key order so that concurrent
 # writers lock them in the same order (a new stream is inserted: no maximum before it). The row
-# keeps the maximum it had before (and when the message holding it was recorded), which the
-# statement returns; the caller works out the gaps from it. The row lock also serialises gap
-# filling per stream: a batch that fills part of a gap waits here until a concurrent batch that
-# split the same gap has committed its pieces.
+# keeps the maximum it had before (and when the message holding it was recorded). Returned are
+# only the streams whose batch does not just continue them ($5 the lowest number arrived, $6 how
+# many distinct: the next numbers after that maximum, any consecutive run for a new stream;
+# sequence.continues), with that maximum; the caller works out their gaps and late arrivals.
+# (Most batches continue every stream: nothing comes back to decode.) The row lock also
+# serialises gap filling per stream: a batch that fills part of a gap waits here until a
+# concurrent batch that split the same gap has committed its pieces.
 ADVANCE_SEQUENCE_STREAMS = """
-INSERT INTO sequence_state AS st (serial, source_id, max_seq, max_recorded_at)
-SELECT b.serial, b.source_id, b.top, b.top_at
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[])
-    AS b(serial, source_id, top, top_at)
-ORDER BY b.serial, b.source_id
-ON CONFLICT (serial, source_id) DO UPDATE SET
-    previous_max_seq = st.max_seq,
-    previous_max_recorded_at = st.max_recorded_at,
-    max_seq = GREATEST(st.max_seq, EXCLUDED.max_seq),
-    max_recorded_at = CASE WHEN st.max_seq IS NULL OR EXCLUDED.max_seq > st.max_seq
-                           THEN EXCLUDED.max_recorded_at ELSE st.max_recorded_at END,
-    updated_at = now()
-RETURNING st.serial, st.source_id, st.previous_max_seq AS previous_max,
-          st.previous_max_recorded_at AS previous_max_at
+WITH b AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::bigint[],
+                         $6::bigint[]) AS b(serial, source_id, top, top_at, low, n)
+), moved AS (
+    INSERT INTO sequence_state AS st (serial, source_id, max_seq, max_recorded_at)
+    SELECT b.serial, b.source_id, b.top, b.top_at FROM b
+    ORDER BY b.serial, b.source_id
+    ON CONFLICT (serial, source_id) DO UPDATE SET
+        previous_max_seq = st.max_seq,
+        previous_max_recorded_at = st.max_recorded_at,
+        max_seq = GREATEST(st.max_seq, EXCLUDED.max_seq),
+        max_recorded_at = CASE WHEN st.max_seq IS NULL OR EXCLUDED.max_seq > st.max_seq
+                               THEN EXCLUDED.max_recorded_at ELSE st.max_recorded_at END,
+        updated_at = now()
+    RETURNING st.serial, st.source_id, st.previous_max_seq AS previous_max,
+              st.previous_max_recorded_at AS previous_max_at
+)
+SELECT m.* FROM moved m JOIN b USING (serial, source_id)
+WHERE NOT (b.top - b.low + 1 = b.n AND (m.previous_max IS NULL OR b.low = m.previous_max + 1))
 """
 LOCK_GAPS_HIT = """
 SELECT g.id, coalesce(g.root_id, g.id) AS root, g.serial, g.source_id, g.first_missing,

@@ -224,19 +224,19 @@ class BatchWriter:
         async with self.pool.acquire() as conn, conn.transaction():
             if new_pumps:
                 await conn.execute(sql.INSERT_PUMPS, list(new_pumps), list(new_pumps.values()))
-            new: set[str] = set()
+            stored_before: set[str] = set()  # the ledger's duplicates
             if readings:
                 await conn.copy_records_to_table(
                     "stage_readings", records=[a.row for a in readings], columns=sql.READING_COLUMNS
                 )
-                new.update(str(r[0]) for r in await conn.fetch(sql.STORE_READINGS))
+                stored_before.update(str(r[0]) for r in await conn.fetch(sql.STORE_READINGS))
             if events:
                 await conn.copy_records_to_table(
                     "stage_events", records=[a.row for a in events], columns=sql.EVENT_COLUMNS
                 )
-                new.update(str(r[0]) for r in await conn.fetch(sql.STORE_EVENTS))
+                stored_before.update(str(r[0]) for r in await conn.fetch(sql.STORE_EVENTS))
             if judged.accepted:
-                fresh = [a for a in judged.accepted if a.msg_id in new]
+                fresh = [a for a in judged.accepted if a.msg_id not in stored_before]
                 for a in fresh:
                     part.stored["telemetry" if a.is_telemetry else "events"] += 1
                 part.duplicates = len(judged.accepted) - len(fresh)
@@ -299,12 +299,15 @@ class BatchWriter:
             return
         keys = sorted(streams)
         tops = [max(streams[k]) for k in keys]
+        # Only the streams the batch does not just continue come back (the statement's note).
         rows = await conn.fetch(
             sql.ADVANCE_SEQUENCE_STREAMS,
             [k[0] for k in keys],
             [k[1] for k in keys],
             tops,
             [streams[k][top] for k, top in zip(keys, tops, strict=True)],
+            [min(streams[k]) for k in keys],
+            [len(streams[k]) for k in keys],
         )
         new_gaps: list[tuple[str, str, int, int, datetime | None, datetime | None]] = []
         late: dict[tuple[str, str], list[int]] = {}
@@ -312,8 +315,6 @@ class BatchWriter:
             key = (row["serial"], row["source_id"])
             arrived = streams[key]
             previous_max = row["previous_max"]
-            if sequence.continues(previous_max, arrived):
-                continue  # the usual batch: the next numbers, none missing, none late
             step = sequence.advance(previous_max, arrived)
             # When the messages around each new gap were recorded: its missing period.
             seen = dict(arrived)
