@@ -15,7 +15,7 @@ import pytest
 from services.storage.database import Connection
 from tests import alert_fixtures as fx
 from tests.api_support import Api, World
-from tests.test_readmodel import engine, row, sweep
+from tests.test_readmodel import engine, refill_over_http, row, sweep
 
 MOVING = {"days_to_low_alarm", "days_to_refill_deadline", "volume_now_ml"}
 """What the clock moves between two answers."""
@@ -67,6 +67,16 @@ async def _bolus(conn: Connection, serial: str, at: datetime, dose_mcg: float) -
         at,
         {"dose_mcg": dose_mcg},
     )
+
+
+async def _flex(conn: Connection, serial: str, schedule: list[dict[str, Any]]) -> None:
+    """The pump's readings and state on a flex schedule of these steps."""
+    for table in ("readings", "pump_state"):
+        await conn.execute(
+            f"UPDATE {table} SET infusion_mode = 'flex', schedule = $2 WHERE serial = $1",
+            serial,
+            schedule,
+        )
 
 
 async def varied(pool: asyncpg.Pool, clinic_a: str) -> dict[str, str]:
@@ -123,12 +133,7 @@ async def varied(pool: asyncpg.Pool, clinic_a: str) -> dict[str, str]:
             {"start": "00:00", "rate_ml_per_day": 0.1},
             {"start": "08:30", "rate_ml_per_day": 0.4},
         ]
-        for table in ("readings", "pump_state"):
-            await conn.execute(
-                f"UPDATE {table} SET infusion_mode = 'flex', schedule = $2 WHERE serial = $1",
-                "NGPDASH03",
-                schedule,
-            )
+        await _flex(conn, "NGPDASH03", schedule)
         out["NGPDASH03"] = p
         # a flex schedule in another zone, its steps placed so that the hours since its reading
         # run at 0.1 mL/day by UTC's clock and at 0.4 by New York's (the zone decides the volume)
@@ -144,12 +149,7 @@ async def varied(pool: asyncpg.Pool, clinic_a: str) -> dict[str, str]:
             {"start": clock(now + timedelta(hours=1)), "rate_ml_per_day": 0.4},
         ]
         steps.sort(key=lambda step: str(step["start"]))
-        for table in ("readings", "pump_state"):
-            await conn.execute(
-                f"UPDATE {table} SET infusion_mode = 'flex', schedule = $2 WHERE serial = $1",
-                "NGPDASH05",
-                steps,
-            )
+        await _flex(conn, "NGPDASH05", steps)
         out["NGPDASH05"] = p
         # at its low alarm, with its alarm on
         p = await fx.patient(conn, clinic_a)
@@ -208,20 +208,7 @@ async def test_a_stale_row_is_not_served(api: Api, w: World, pool: asyncpg.Pool)
     await pool.execute(mark, serial)
     assert await reason() == "battery"  # fresh: served
     # a refill over HTTP: the trigger makes the row stale, the answer is the snapshot's
-    refilled = await api.call(
-        "POST",
-        f"/v1/pumps/{serial}/refills",
-        w.a.clinician,
-        json={
-            "refill": {
-                "residual_ml": 2.6,
-                "added_ml": 38.0,
-                "drug": "baclofen",
-                "concentration_mcg_per_ml": 2000,
-            }
-        },
-    )
-    assert refilled.status_code == 201, refilled.text
+    await refill_over_http(api, w.a.clinician, serial)
     assert await reason() != "battery"
     found = await dashboard(api, w.a.clinician, patient_id)
     assert found["last_refill"]["added_ml"] == 38.0
@@ -332,19 +319,6 @@ async def test_the_pump_reads_never_serve_a_stale_row(
     await engine(pool).evaluate([serial])
     await pool.execute(mark, serial)
     assert await reasons() == ("battery", "battery")
-    refilled = await api.call(
-        "POST",
-        f"/v1/pumps/{serial}/refills",
-        w.a.clinician,
-        json={
-            "refill": {
-                "residual_ml": 2.6,
-                "added_ml": 38.0,
-                "drug": "baclofen",
-                "concentration_mcg_per_ml": 2000,
-            }
-        },
-    )
-    assert refilled.status_code == 201, refilled.text
+    await refill_over_http(api, w.a.clinician, serial)
     assert "battery" not in await reasons()
     assert (await pump(api, w.a.clinician, serial))["forecast"]["volume_ml"] == 38.0

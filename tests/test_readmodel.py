@@ -65,6 +65,24 @@ async def row(pool: asyncpg.Pool, serial: str) -> asyncpg.Record:
     return found
 
 
+async def refill_over_http(api: Api, key: str, serial: str) -> None:
+    """A refill of 38 mL recorded through the API (the refill's trigger makes the row stale)."""
+    refilled = await api.call(
+        "POST",
+        f"/v1/pumps/{serial}/refills",
+        key,
+        json={
+            "refill": {
+                "residual_ml": 2.6,
+                "added_ml": 38.0,
+                "drug": "baclofen",
+                "concentration_mcg_per_ml": 2000,
+            }
+        },
+    )
+    assert refilled.status_code == 201, refilled.text
+
+
 async def due(api: Api, key: str, **params: Any) -> list[dict[str, Any]]:
     found = await api.call("GET", DUE, key, params={"within_days": 100, **params})
     assert found.status_code == 200, found.text
@@ -171,20 +189,7 @@ async def test_a_refill_over_http_shows_at_once_and_the_engine_then_writes_it(
     await pump_due_in(pool, w.a.id, "NGPRM0004", 3)
     await sweep(pool)
     assert (await due(api, w.a.clinician))[0]["serial"] == "NGPRM0004"
-    refilled = await api.call(
-        "POST",
-        "/v1/pumps/NGPRM0004/refills",
-        w.a.clinician,
-        json={
-            "refill": {
-                "residual_ml": 2.6,
-                "added_ml": 38.0,
-                "drug": "baclofen",
-                "concentration_mcg_per_ml": 2000,
-            }
-        },
-    )
-    assert refilled.status_code == 201, refilled.text
+    await refill_over_http(api, w.a.clinician, "NGPRM0004")
     assert not (await row(pool, "NGPRM0004"))["fresh"]  # the refill's trigger
     computed = next(
         i for i in await due(api, w.a.clinician, within_days=400) if i["serial"] == "NGPRM0004"
