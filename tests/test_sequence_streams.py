@@ -86,3 +86,50 @@ async def test_only_the_streams_a_batch_does_not_continue_come_back(database_url
                 assert state[key] == (before, BASE + timedelta(minutes=before)), key
     finally:
         await conn.close()
+
+
+TOP = 2**63 - 1
+"""The largest sequence number the contract allows."""
+
+
+async def test_numbers_at_the_ends_of_their_range_never_overflow(database_url: str) -> None:
+    """A stream at the largest number that then starts again at 0, a batch holding both ends,
+    and the next number after a maximum of 0: the statement answers as continues() does (an
+    overflow would refuse the batch, and every later message of the stream with it)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        serials = ["NGPSEQEND1", "NGPSEQEND2", "NGPSEQEND3", "NGPSEQEND4"]
+        await conn.execute(sql.INSERT_PUMPS, serials, [None] * len(serials))
+        await conn.execute(
+            "INSERT INTO sequence_state (serial, source_id, max_seq, max_recorded_at) "
+            "VALUES ('NGPSEQEND1', '', $1, $3), ('NGPSEQEND3', '', 0, $3), "
+            "('NGPSEQEND4', '', $2, $3)",
+            TOP,
+            TOP - 1,
+            BASE,
+        )
+        previous = {"NGPSEQEND1": TOP, "NGPSEQEND2": None, "NGPSEQEND3": 0, "NGPSEQEND4": TOP - 1}
+        arrived = {
+            "NGPSEQEND1": {0},
+            "NGPSEQEND2": {0, TOP},
+            "NGPSEQEND3": {1},
+            "NGPSEQEND4": {TOP},
+        }
+        rows = await conn.fetch(
+            sql.ADVANCE_SEQUENCE_STREAMS,
+            serials,
+            [""] * len(serials),
+            [max(arrived[s]) for s in serials],
+            [BASE + timedelta(minutes=1)] * len(serials),
+            [min(arrived[s]) for s in serials],
+            [len(arrived[s]) for s in serials],
+        )
+        back = {r["serial"]: r["previous_max"] for r in rows}
+        assert back == {"NGPSEQEND1": TOP, "NGPSEQEND2": None}
+        assert {s for s in serials if not continues(previous[s], arrived[s])} == set(back)
+        assert (
+            await conn.fetchval("SELECT max_seq FROM sequence_state WHERE serial = 'NGPSEQEND4'")
+            == TOP
+        )
+    finally:
+        await conn.close()

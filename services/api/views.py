@@ -95,9 +95,9 @@ def row_gaps(row: asyncpg.Record) -> models.UnrecoveredGaps | None:
 async def pump_states(
     db: Connection, rows: list[asyncpg.Record], principal: Principal, now: datetime
 ) -> list[models.PumpState]:
-    """Pumps' states (rows of sql.PUMP_STATE or sql.LIST_PUMPS as of ``now``), each forecast
-    from its read-model row when that is fresh, else from the pump's snapshot (one load for
-    all the stale ones), as the engine builds it."""
+    """Pumps' states (rows of sql.PUMP_STATE or a LIST_*_PUMPS statement as of ``now``), each
+    forecast from its read-model row when that is fresh, else from the pump's snapshot (one
+    load for all the stale ones), as the engine builds it."""
     stale = [r["serial"] for r in rows if not r["forecast_fresh"]]
     found = await snapshots(db, stale, now=now) if stale else {}
     return [

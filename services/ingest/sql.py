@@ -151,7 +151,8 @@ SELECT s.msg_id FROM stage_events s WHERE NOT EXISTS (SELECT FROM new WHERE new.
 # only the streams whose batch does not just continue them ($5 the lowest number arrived, $6 how
 # many distinct: the next numbers after that maximum, any consecutive run for a new stream;
 # sequence.continues), with that maximum; the caller works out their gaps and late arrivals.
-# (Most batches continue every stream: nothing comes back to decode.) The row lock also
+# (Most batches continue every stream: nothing comes back to decode.) Written so that no sum
+# overflows bigint: numbers run from 0 to 2^63 - 1. The row lock also
 # serialises gap filling per stream: a batch that fills part of a gap waits here until a
 # concurrent batch that split the same gap has committed its pieces.
 ADVANCE_SEQUENCE_STREAMS = """
@@ -173,7 +174,7 @@ WITH b AS (
               st.previous_max_recorded_at AS previous_max_at
 )
 SELECT m.* FROM moved m JOIN b USING (serial, source_id)
-WHERE NOT (b.top - b.low + 1 = b.n AND (m.previous_max IS NULL OR b.low = m.previous_max + 1))
+WHERE NOT (b.top - b.low = b.n - 1 AND (m.previous_max IS NULL OR b.low - 1 = m.previous_max))
 """
 LOCK_GAPS_HIT = """
 SELECT g.id, coalesce(g.root_id, g.id) AS root, g.serial, g.source_id, g.first_missing,
