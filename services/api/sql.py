@@ -291,6 +291,10 @@ LIST_PATIENT_PUMPS = _pump_page(
     "$4",
     "$5",
 )
+# The web claim/assign form's list: the clinic $1's pumps, those without a patient first.
+CLINIC_PUMPS_FOR_FORM = """
+SELECT serial, patient_id FROM pumps WHERE clinic_id = $1 ORDER BY patient_id IS NOT NULL, serial
+"""
 PUMP_CLINIC = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1"
 HELD_EVER = "SELECT true FROM pump_assignments WHERE serial = $1 AND clinic_id = $2 LIMIT 1"
 PUMP_FOR_CUSTODY = "SELECT clinic_id, patient_id FROM pumps WHERE serial = $1 FOR UPDATE"

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
-from services.api import models
+from services.api import models, sql
 from services.api.common import Db
 from services.api.problems import Problem
 from services.api.routes import patients as patient_routes
@@ -64,17 +64,8 @@ async def _form(
         if cursor is None:
             break
     names = {p.id: p for p in patients}
-    held = []
-    cursor = None
-    while True:
-        pumps = await pump_routes.list_pumps(
-            principal, db, patient_id=None, limit=500, cursor=cursor
-        )
-        held.extend(pumps.items)
-        cursor = pumps.next_cursor
-        if cursor is None:
-            break
-    held.sort(key=lambda p: (p.patient_id is not None, p.serial))
+    # The clinic's pumps, unassigned first: serials and patients are all the form shows.
+    held = await db.fetch(sql.CLINIC_PUMPS_FOR_FORM, principal.clinic_id)
     return _page(
         "assign.html",
         status=status,
