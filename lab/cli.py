@@ -208,6 +208,28 @@ def bench_ingest(
     )
 
 
+@bench.command("writer")
+def bench_writer(
+    messages: Annotated[int, typer.Option(min=1000, help="Messages in the stream.")] = 60_000,
+    pumps: Annotated[int, typer.Option(min=1, help="Pumps publishing them.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+) -> None:
+    """Ingest's batch writer alone: CPU µs per message of judging, storing and PostgreSQL.
+
+    The stream of `bench ingest`, judged and stored batch by batch by ingest's BatchWriter in
+    this process on a scratch database, with no broker or publisher sharing the cores."""
+    _require_lab()
+    from rich.console import Console
+
+    from lab.bench.writer import WriterBenchOptions
+    from lab.bench.writer import run as run_bench
+
+    settings = _settings(CommonSettings)
+    level = "warning" if settings.log_level == "info" else settings.log_level
+    logs.configure(level, settings.log_format)
+    run_bench(WriterBenchOptions(messages, pumps, seed), Console())
+
+
 @bench.command("alerts")
 def bench_alerts(
     pumps: Annotated[int, typer.Option(min=1, help="Pumps in the simulated fleet.")] = 1000,
