@@ -10,7 +10,7 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Path, Query, Request
 
-from services.api import sql
+from services.api import sql, sql_fhir
 from services.api.auth import Principal
 from services.api.common import Auth, Db, cursor_uuid, decode_cursor, encode_cursor, scope_of
 from services.api.fhir import resources as fhir
@@ -183,9 +183,9 @@ async def search_patients(
     after = decode_cursor(cursor, 2)
     scope = scope_of(principal)
     filters = (scope, mrn, clinic, name)
-    total = await db.fetchval(sql.FHIR_PATIENTS_TOTAL, *filters)
+    total = await db.fetchval(sql_fhir.FHIR_PATIENTS_TOTAL, *filters)
     rows = await db.fetch(
-        sql.FHIR_PATIENTS,
+        sql_fhir.FHIR_PATIENTS,
         *filters,
         None if after is None else after[0],
         None if after is None else cursor_uuid(after[1]),

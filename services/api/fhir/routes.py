@@ -21,7 +21,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from services.api import sql
+from services.api import sql, sql_fhir
 from services.api.auth import Principal
 from services.api.common import (
     Auth,
@@ -243,7 +243,7 @@ async def search_observations(
     codes = {m.code for m in wanted}
     # A panel is one per reading, so it counts as the volume does ($4 counts each reading 0-2 x).
     total = await db.fetchval(
-        sql.FHIR_OBSERVATIONS_TOTAL,
+        sql_fhir.FHIR_OBSERVATIONS_TOTAL,
         serial,
         low,
         high,
@@ -256,7 +256,7 @@ async def search_observations(
     patient_at = await patients_at(db, principal, serial)
     base = base_url(request)
     rows = await db.fetch(
-        sql.FHIR_READINGS,
+        sql_fhir.FHIR_READINGS,
         serial,
         low,
         high,
@@ -303,7 +303,7 @@ async def patients_at(
     """Who the pump was assigned to at a time (None: nobody; always None for the fleet)."""
     if not principal.identified:
         return lambda _: None
-    periods = await db.fetch(sql.PUMP_PERIODS, serial)
+    periods = await db.fetch(sql_fhir.PUMP_PERIODS, serial)
 
     def at(when: datetime) -> UUID | None:
         for period in periods:
@@ -360,7 +360,7 @@ async def read_observation(
         raise not_found("observation")
     serial, at, reading, measure = parsed
     await pump_clinic(db, principal, serial, history=True)
-    row = await db.fetchrow(sql.FHIR_READING, serial, at, reading, scope_of(principal))
+    row = await db.fetchrow(sql_fhir.FHIR_READING, serial, at, reading, scope_of(principal))
     if row is None or (measure is not None and row[measure.column] is None):
         raise not_found("observation")
     patient_at = await patients_at(db, principal, serial)
@@ -466,7 +466,7 @@ async def search_flags(
         await pump_clinic(db, principal, serial)
     after = decode_cursor(cursor, 2)
     rows = await db.fetch(
-        sql.FHIR_UNRESOLVED_ALERTS,
+        sql_fhir.FHIR_UNRESOLVED_ALERTS,
         scope_of(principal),
         serial,
         patient_id,
@@ -475,7 +475,7 @@ async def search_flags(
         count + 1,
     )
     total = await db.fetchval(
-        sql.FHIR_UNRESOLVED_ALERTS_TOTAL, scope_of(principal), serial, patient_id
+        sql_fhir.FHIR_UNRESOLVED_ALERTS_TOTAL, scope_of(principal), serial, patient_id
     )
     base = base_url(request)
     entries = [search_entry(flag(r, principal), f"{base}/Flag/{r['id']}") for r in rows[:count]]
