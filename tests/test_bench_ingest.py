@@ -1,6 +1,8 @@
 """``pumpwatch bench ingest`` as a command: both publishers (the simulator's paho client and
 ``mosquitto_pub``) deliver the whole stream to the bare subscriber and to the real ingest, and the
-command prints its figures. It asserts counts, never a rate or a time."""
+command prints its figures; ``pumpwatch bench writer``: ingest's batch writer alone stores the
+same stream and prints CPU per message of each part. They assert counts, never a rate or a
+time."""
 
 from __future__ import annotations
 
@@ -16,31 +18,29 @@ import pytest
 MESSAGES = 2_000
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("publisher", ["paho", "mosquitto_pub"])
-def test_bench_ingest_stores_the_whole_stream(publisher: str, pg_admin_url: str) -> None:
-    for binary in ("mosquitto", "mosquitto_sub", "mosquitto_pub"):
-        if shutil.which(binary) is None and not Path(f"/usr/sbin/{binary}").exists():
-            pytest.skip(f"needs {binary} (apt install mosquitto mosquitto-clients)")
-    env = {**os.environ, "PUMPWATCH_DATABASE_URL": pg_admin_url, "COLUMNS": "160"}
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("pumpwatch")),
-            "bench",
-            "ingest",
-            "--messages",
-            str(MESSAGES),
-            "--pumps",
-            "20",
-            "--publisher",
-            publisher,
-        ],
+def _bench(database_url: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pumpwatch bench ARGS`` as a new process (on this PostgreSQL when given)."""
+    env = {**os.environ, "COLUMNS": "160"}
+    if database_url is not None:
+        env["PUMPWATCH_DATABASE_URL"] = database_url
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("pumpwatch")), "bench", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("publisher", ["paho", "mosquitto_pub"])
+def test_bench_ingest_stores_the_whole_stream(publisher: str, pg_admin_url: str) -> None:
+    for binary in ("mosquitto", "mosquitto_sub", "mosquitto_pub"):
+        if shutil.which(binary) is None and not Path(f"/usr/sbin/{binary}").exists():
+            pytest.skip(f"needs {binary} (apt install mosquitto mosquitto-clients)")
+    args = ("--messages", str(MESSAGES), "--pumps", "20", "--publisher", publisher)
+    done = _bench(pg_admin_url, "ingest", *args)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert re.search(rf"publisher\s+{publisher}\b", output), output
@@ -51,12 +51,19 @@ def test_bench_ingest_stores_the_whole_stream(publisher: str, pg_admin_url: str)
 
 
 def test_bench_ingest_refuses_an_unknown_publisher() -> None:
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("pumpwatch")), "bench", "ingest", "--publisher", "x"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _bench(None, "ingest", "--publisher", "x")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--publisher" in done.stderr, done.stderr
+
+
+def test_bench_writer_stores_the_whole_stream_and_prints_its_figures(pg_admin_url: str) -> None:
+    done = _bench(pg_admin_url, "writer", "--messages", str(MESSAGES), "--pumps", "20")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    stored = re.search(r"messages stored \(readings \+ events\)\s*│\s*([\d,]+)", output)
+    assert stored is not None, output
+    assert int(stored.group(1).replace(",", "")) == MESSAGES, output
+    for part in ("judging", "storing", "PostgreSQL"):
+        figure = re.search(rf"CPU µs/msg: {part}\s*│\s*([\d.]+)", output)
+        assert figure is not None, (part, output)
+        assert float(figure.group(1)) > 0, (part, output)

@@ -81,6 +81,18 @@ class BenchOptions:
     """``mosquitto_pub`` processes publishing at once."""
 
 
+def bench_stream(messages: int, pumps: int, seed: int) -> list[Outgoing]:
+    """The stream the ingest benchmarks replay: ``pumps`` reporting every 15 minutes from 400
+    days ago, interleaved (each batch holds one message of most pumps)."""
+    fleet = Fleet(
+        pumps=pumps,
+        seed=seed,
+        start=datetime.now(UTC) - timedelta(days=400),
+        interval=timedelta(minutes=15),
+    )
+    return fleet.take(messages)
+
+
 def run(options: BenchOptions, console: Console) -> None:
     with contextlib.ExitStack() as stack:
         scratch = Path(tempfile.mkdtemp(prefix="pumpwatch-bench-"))
@@ -92,13 +104,7 @@ def run(options: BenchOptions, console: Console) -> None:
         stack.callback(lambda: asyncio.run(_drop_database(admin_url, database_url)))
 
         started = time.perf_counter()
-        fleet = Fleet(
-            pumps=options.pumps,
-            seed=options.seed,
-            start=datetime.now(UTC) - timedelta(days=400),
-            interval=timedelta(minutes=15),
-        )
-        stream = fleet.take(options.messages)
+        stream = bench_stream(options.messages, options.pumps, options.seed)
         generated_s = time.perf_counter() - started
         size = sum(len(m.payload) for m in stream) / len(stream)
         console.print(

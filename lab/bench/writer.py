@@ -17,7 +17,6 @@ import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -26,8 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lab.bench.ingest import _drop_database, _fresh_database, _postgres
-from lab.sim.fleet import Fleet
+from lab.bench.ingest import _cpu, _drop_database, _fresh_database, _postgres, bench_stream
 from services.ingest.backlog import Incoming
 from services.ingest.metrics import IngestMetrics
 from services.ingest.service import tune_collector
@@ -65,12 +63,7 @@ def run(options: WriterBenchOptions, console: Console) -> WriterResult:
         admin_url = _postgres(scratch, stack)
         url = asyncio.run(_fresh_database(admin_url))
         stack.callback(lambda: asyncio.run(_drop_database(admin_url, url)))
-        stream = Fleet(
-            pumps=options.pumps,
-            seed=options.seed,
-            start=datetime.now(UTC) - timedelta(days=400),
-            interval=timedelta(minutes=15),
-        ).take(options.messages)
+        stream = bench_stream(options.messages, options.pumps, options.seed)
         now = time.time()
         incoming = [Incoming(i + 1, 1, m.topic, m.payload, now, 0) for i, m in enumerate(stream)]
         result = asyncio.run(_measure(url, incoming, console))
@@ -115,11 +108,6 @@ async def _measure(url: str, incoming: list[Incoming], console: Console) -> Writ
     finally:
         await pool.close()
     return WriterResult(counted, judge_s, store_s, postgres_s, int(total))
-
-
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 def _table(options: WriterBenchOptions, result: WriterResult) -> Table:
