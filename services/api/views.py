@@ -139,7 +139,7 @@ def pump_state(
                 missing_until=snapshot.missing_until,
             ),
         )
-    if snapshot is not None:
+    if volume_now is None and snapshot is not None:
         volume_now = rules.volume_now_ml(snapshot)
     return models.PumpState(
         serial=row["serial"],

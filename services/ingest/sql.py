@@ -152,9 +152,9 @@ SELECT s.msg_id FROM stage_events s WHERE NOT EXISTS (SELECT FROM new WHERE new.
 # many distinct: the next numbers after that maximum, any consecutive run for a new stream;
 # sequence.continues), with that maximum; the caller works out their gaps and late arrivals.
 # (Most batches continue every stream: nothing comes back to decode.) Written so that no sum
-# overflows bigint: numbers run from 0 to 2^63 - 1. The row lock also
-# serialises gap filling per stream: a batch that fills part of a gap waits here until a
-# concurrent batch that split the same gap has committed its pieces.
+# overflows bigint: numbers run from 0 to 2^63 - 1. The row lock also serialises gap filling per
+# stream: a batch that fills part of a gap waits here until a concurrent batch that split the
+# same gap has committed its pieces.
 ADVANCE_SEQUENCE_STREAMS = """
 WITH b AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::bigint[],
