@@ -15,6 +15,7 @@ import pytest
 from lab.embedded import EmbeddedBroker
 from lab.sim.fleet import Outgoing
 from lab.sim.publisher import publish_all
+from services.api.sql import FLEET
 from services.settings import parse_mqtt_url
 from tests.support import (
     IngestProcess,
@@ -115,6 +116,38 @@ async def test_out_of_order_readings_keep_the_newest_state(
     state = (await fetch(database_url, "SELECT msg_id, volume_ml FROM pump_state"))[0]
     assert str(state["msg_id"]) == newest["msg_id"]
     assert state["volume_ml"] == 10.0
+
+
+async def test_the_pumps_firmware_is_that_of_its_newest_readings_source(
+    ingest: IngestProcess, broker: EmbeddedBroker, database_url: str
+) -> None:
+    """pump_state keeps the firmware its newest reading came through: the fleet page and
+    Grafana's pump_status read it there (a late reading does not change it)."""
+    ingest.start()
+    now = datetime.now(UTC)
+
+    def reading(seq: int, minutes_ago: int, firmware: str | None) -> tuple[str, bytes]:
+        message = telemetry(seq=seq, recorded_at=now - timedelta(minutes=minutes_ago))
+        if firmware is None:
+            del message["source"]["firmware"]
+        else:
+            message["source"]["firmware"] = firmware
+        return TOPIC, encode(message)
+
+    async def shown() -> list[object]:
+        state = await fetchval(database_url, "SELECT source_firmware FROM pump_state")
+        fleet = await fetch(database_url, FLEET)
+        grafana = await fetchval(database_url, "SELECT firmware FROM grafana.pump_status")
+        return [state, *((r["firmware"], r["pumps"]) for r in fleet), grafana]
+
+    publish(broker, [reading(5, 10, "2.5.0")])
+    await wait_for_count(database_url, "SELECT count(*) FROM readings", 1)
+    publish(broker, [reading(4, 30, "2.4.1")])  # late: recorded before the newest
+    await wait_for_count(database_url, "SELECT count(*) FROM readings", 2)
+    assert await shown() == ["2.5.0", ("2.5.0", 1), "2.5.0"]
+    publish(broker, [reading(6, 1, None)])  # newer, its source naming no firmware
+    await wait_for_count(database_url, "SELECT count(*) FROM readings", 3)
+    assert await shown() == [None, ("unknown", 1), "unknown"]
 
 
 async def test_unknown_serial_is_stored_and_the_pump_appears_unassigned(

@@ -208,3 +208,69 @@ async def test_retention_drops_whole_partitions_only(database_url: str) -> None:
         assert await conn.fetchval("SELECT to_regclass('readings_2021_03') IS NOT NULL")
     finally:
         await conn.close()
+
+
+async def test_the_firmware_of_each_pumps_newest_reading_is_filled_in_once(
+    empty_database_url: str,
+) -> None:
+    """Migration 0022 gives pump_state the firmware of the source that sent each pump's newest
+    reading (ingest keeps it from then on), from that reading's stored payload."""
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await migrate.apply(conn, through=21)
+        newest = datetime(2026, 11, 30, 8, tzinfo=UTC)
+        older = datetime(2026, 11, 30, 7, tzinfo=UTC)
+        await conn.execute("SELECT ensure_readings_partition($1)", newest)
+        readings = [
+            # Its newest reading came through a hub with 2.4.9; an older one with 2.4.1.
+            ("NGPMIG0001", older, '{"source": {"kind": "home_hub", "firmware": "2.4.1"}}'),
+            ("NGPMIG0001", newest, '{"source": {"kind": "home_hub", "firmware": "2.4.9"}}'),
+            # A source that named no firmware; no source at all.
+            ("NGPMIG0002", newest, '{"source": {"kind": "home_hub", "id": "HUB-2"}}'),
+            ("NGPMIG0003", newest, "{}"),
+        ]
+        state: dict[str, tuple[uuid.UUID, datetime]] = {}
+        for serial, at, payload in readings:
+            msg_id = uuid.uuid4()
+            state[serial] = (msg_id, at) if at == newest else state.get(serial, (msg_id, at))
+            await conn.execute(
+                "INSERT INTO pumps (serial) VALUES ($1) ON CONFLICT DO NOTHING", serial
+            )
+            await conn.execute(
+                """INSERT INTO readings (msg_id, serial, recorded_at, utc_offset_minutes,
+                       received_at, volume_ml, capacity_ml, drug_name, concentration_mcg_per_ml,
+                       infusion_mode, rate_ml_per_day, payload)
+                   VALUES ($1, $2, $3, 0, $3, 10, 20, 'baclofen', 2000, 'continuous', 0.25,
+                       $4)""",
+                msg_id,
+                serial,
+                at,
+                payload,
+            )
+        # NGPMIG0004: its newest reading is no longer stored (a dropped partition).
+        state["NGPMIG0004"] = (uuid.uuid4(), newest)
+        await conn.execute("INSERT INTO pumps (serial) VALUES ('NGPMIG0004')")
+        for serial, (msg_id, at) in state.items():
+            await conn.execute(
+                """INSERT INTO pump_state (serial, msg_id, recorded_at, utc_offset_minutes,
+                       received_at, volume_ml, capacity_ml, drug_name, concentration_mcg_per_ml,
+                       infusion_mode, rate_ml_per_day)
+                   VALUES ($1, $2, $3, 0, $3, 10, 20, 'baclofen', 2000, 'continuous', 0.25)""",
+                serial,
+                msg_id,
+                at,
+            )
+        assert [m.version for m in await migrate.apply(conn)] == [
+            m.version for m in migrate.available() if m.version > 21
+        ]
+        rows = await conn.fetch("SELECT serial, source_firmware FROM pump_state ORDER BY serial")
+        assert [(r["serial"], r["source_firmware"]) for r in rows] == [
+            ("NGPMIG0001", "2.4.9"),
+            ("NGPMIG0002", None),
+            ("NGPMIG0003", None),
+            ("NGPMIG0004", None),
+        ]
+        shown = await conn.fetch("SELECT serial, firmware FROM grafana.pump_status ORDER BY 1")
+        assert [r["firmware"] for r in shown] == ["2.4.9", "unknown", "unknown", "unknown"]
+    finally:
+        await conn.close()

@@ -598,23 +598,31 @@ DELETE_EXPIRED_SESSIONS = "DELETE FROM web_sessions WHERE expires_at <= $1"
 # --- fleet overview (de-identified) --------------------------------------------------------------
 
 FLEET = """
-SELECT coalesce(s.model, p.model, 'unknown') AS model,
-       coalesce(r.payload::jsonb -> 'source' ->> 'firmware', 'unknown') AS firmware,
-       count(DISTINCT p.serial) AS pumps,
-       count(DISTINCT p.serial) FILTER (WHERE s.recorded_at > now() - interval '24 hours')
-           AS reporting,
-       count(DISTINCT p.serial) FILTER (
-           WHERE s.recorded_at IS NULL OR s.recorded_at <= now() - interval '24 hours') AS silent,
-       count(DISTINCT p.serial) FILTER (WHERE cardinality(s.alarms) > 0) AS with_alarms,
-       coalesce(array_agg(DISTINCT a.alarm) FILTER (WHERE a.alarm IS NOT NULL), '{}') AS alarms
-FROM pumps p
-LEFT JOIN pump_state s ON s.serial = p.serial
-LEFT JOIN LATERAL (
-    SELECT payload FROM readings
-    WHERE serial = p.serial AND recorded_at = s.recorded_at LIMIT 1
-) r ON true
-LEFT JOIN LATERAL unnest(s.alarms) AS a(alarm) ON true
-GROUP BY 1, 2
+SELECT g.model, g.firmware, g.pumps, g.reporting, g.silent, g.with_alarms,
+       coalesce(a.alarms, '{}') AS alarms
+FROM (
+    SELECT coalesce(s.model, p.model, 'unknown') AS model,
+           coalesce(s.source_firmware, 'unknown') AS firmware,
+           count(*) AS pumps,
+           count(*) FILTER (WHERE s.recorded_at > now() - interval '24 hours') AS reporting,
+           count(*) FILTER (
+               WHERE s.recorded_at IS NULL OR s.recorded_at <= now() - interval '24 hours')
+               AS silent,
+           count(*) FILTER (WHERE cardinality(s.alarms) > 0) AS with_alarms
+    FROM pumps p
+    LEFT JOIN pump_state s ON s.serial = p.serial
+    GROUP BY 1, 2
+) g
+LEFT JOIN (
+    SELECT coalesce(s.model, p.model, 'unknown') AS model,
+           coalesce(s.source_firmware, 'unknown') AS firmware,
+           array_agg(DISTINCT a.alarm) AS alarms
+    FROM pump_state s
+    JOIN pumps p ON p.serial = s.serial
+    CROSS JOIN LATERAL unnest(s.alarms) AS a(alarm)
+    WHERE cardinality(s.alarms) > 0
+    GROUP BY 1, 2
+) a ON a.model = g.model AND a.firmware = g.firmware
 ORDER BY 1, 2
 """
 

@@ -171,6 +171,12 @@ class _Common(_Body, kw_only=True, frozen=True):
             return None
         return self.source.id
 
+    @property
+    def source_firmware(self) -> str | None:
+        if isinstance(self.source, UnsetType) or isinstance(self.source.firmware, UnsetType):
+            return None
+        return self.source.firmware
+
 
 class Telemetry(_Common, kw_only=True, frozen=True):
     reservoir: Reservoir

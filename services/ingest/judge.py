@@ -187,6 +187,7 @@ def _reading_row(m: Telemetry, msg_id: str, received_at: datetime, payload: str)
         None if battery is None else _opt(battery.status),
         [] if isinstance(m.alarms, UnsetType) else m.alarms,
         payload,
+        m.source_firmware,
     )
 
 

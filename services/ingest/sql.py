@@ -26,6 +26,9 @@ READING_COLUMNS = (
     "alarms",
     "payload",
 )
+# The staged reading: the stored one and its source's firmware, which only pump_state keeps (the
+# fleet's firmware without a look into each pump's newest payload).
+STAGE_READING_COLUMNS = (*READING_COLUMNS, "source_firmware")
 EVENT_COLUMNS = (
     "msg_id",
     "serial",
@@ -59,12 +62,13 @@ STATE_COLUMNS = (
     "battery_pct",
     "battery_status",
     "alarms",
+    "source_firmware",
 )
 
 # Created once per connection; rows vanish at each commit.
 CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_readings
-    (LIKE readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+    (LIKE readings INCLUDING DEFAULTS, source_firmware text) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_events
     (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 """

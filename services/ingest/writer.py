@@ -227,7 +227,9 @@ class BatchWriter:
             stored_before: set[str] = set()  # the ledger's duplicates
             if readings:
                 await conn.copy_records_to_table(
-                    "stage_readings", records=[a.row for a in readings], columns=sql.READING_COLUMNS
+                    "stage_readings",
+                    records=[a.row for a in readings],
+                    columns=sql.STAGE_READING_COLUMNS,
                 )
                 stored_before.update(str(r[0]) for r in await conn.fetch(sql.STORE_READINGS))
             if events:

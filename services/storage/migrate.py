@@ -79,12 +79,13 @@ async def pending(conn: Connection) -> list[Migration]:
     return [m for m in available() if m.version not in applied]
 
 
-async def apply(conn: Connection) -> list[Migration]:
-    """Apply every pending migration; safe when several processes do it at once."""
+async def apply(conn: Connection, *, through: int | None = None) -> list[Migration]:
+    """Apply every pending migration (up to version ``through``, when given: a database as an
+    older release left it); safe when several processes do it at once."""
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(_CREATE_TABLE)
-        todo = await pending(conn)
+        todo = [m for m in await pending(conn) if through is None or m.version <= through]
         for migration in todo:
             await _apply_one(conn, migration)
             log.info("migration_applied", version=migration.version, name=migration.name)

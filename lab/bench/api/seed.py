@@ -291,6 +291,7 @@ def _state_row(pump: _Pump) -> tuple[object, ...]:
         float(battery),
         status,
         ["low_reservoir"] if low else [],
+        "2.4.1",  # the source firmware of every reading the fleet generates
     )
 
 
