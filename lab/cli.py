@@ -213,20 +213,40 @@ def bench_writer(
     messages: Annotated[int, typer.Option(min=1000, help="Messages in the stream.")] = 60_000,
     pumps: Annotated[int, typer.Option(min=1, help="Pumps publishing them.")] = 1000,
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="LABEL=STATEMENTS.py[,SETUP.sql] (repeatable): a copy of "
+            "services/ingest/sql.py, edited, stored alongside the current statements batch by "
+            "batch (SETUP.sql runs on its database after the migrations); prints PostgreSQL's "
+            "CPU per message of each.",
+        ),
+    ] = None,
 ) -> None:
     """Ingest's batch writer alone: CPU µs per message of judging, storing and PostgreSQL.
 
     The stream of `bench ingest`, judged and stored batch by batch by ingest's BatchWriter in
-    this process on a scratch database, with no broker or publisher sharing the cores."""
+    this process on a scratch database, with no broker or publisher sharing the cores. With
+    --variant, every batch is stored by the current statements and by each variant in turn."""
     _require_lab()
     from rich.console import Console
-
-    from lab.bench.writer import WriterBenchOptions
-    from lab.bench.writer import run as run_bench
 
     settings = _settings(CommonSettings)
     level = "warning" if settings.log_level == "info" else settings.log_level
     logs.configure(level, settings.log_format)
+    if variant:
+        from lab.bench import writer_compare
+
+        try:
+            variants = [writer_compare.Variant.parse(v) for v in variant]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--variant") from exc
+        writer_compare.run(messages, pumps, seed, variants, Console())
+        return
+
+    from lab.bench.writer import WriterBenchOptions
+    from lab.bench.writer import run as run_bench
+
     run_bench(WriterBenchOptions(messages, pumps, seed), Console())
 
 
