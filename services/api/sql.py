@@ -620,7 +620,7 @@ LEFT JOIN (
     FROM pump_state s
     JOIN pumps p ON p.serial = s.serial
     CROSS JOIN LATERAL unnest(s.alarms) AS a(alarm)
-    WHERE cardinality(s.alarms) > 0
+    WHERE cardinality(s.alarms) > 0 AND a.alarm IS NOT NULL
     GROUP BY 1, 2
 ) a ON a.model = g.model AND a.firmware = g.firmware
 ORDER BY 1, 2
