@@ -30,10 +30,30 @@ from services.ingest.backlog import Incoming
 from services.ingest.metrics import IngestMetrics
 from services.ingest.service import tune_collector
 from services.ingest.writer import BatchWriter, WriterConfig, prepare_connection
-from services.storage import migrate
 
 BATCH = 500
 """Messages per batch: ingest's batch size under load (``bench ingest``'s mean is 499-500)."""
+STORED = "SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM events)"
+"""Readings and events in a database at the end of a run."""
+
+
+def progress(console: Console) -> Progress:
+    """A bar of batches, gone when done."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    return Progress(*columns, TimeElapsedColumn(), console=console, transient=True)
+
+
+def incoming(messages: int, pumps: int, seed: int) -> list[Incoming]:
+    """``bench ingest``'s stream as ingest receives it."""
+    now = time.time()
+    stream = bench_stream(messages, pumps, seed)
+    return [Incoming(i + 1, 1, m.topic, m.payload, now, 0) for i, m in enumerate(stream)]
+
+
+def batches(received: list[Incoming]) -> tuple[list[list[Incoming]], int]:
+    """The stream in batches of ``BATCH``, and how many of them warm up (a fifth, not counted)."""
+    split = [received[i : i + BATCH] for i in range(0, len(received), BATCH)]
+    return split, len(split) // 5
 
 
 @dataclass(frozen=True)
@@ -63,33 +83,24 @@ def run(options: WriterBenchOptions, console: Console) -> WriterResult:
         admin_url = _postgres(scratch, stack)
         url = asyncio.run(_fresh_database(admin_url))
         stack.callback(lambda: asyncio.run(_drop_database(admin_url, url)))
-        stream = bench_stream(options.messages, options.pumps, options.seed)
-        now = time.time()
-        incoming = [Incoming(i + 1, 1, m.topic, m.payload, now, 0) for i, m in enumerate(stream)]
-        result = asyncio.run(_measure(url, incoming, console))
+        received = incoming(options.messages, options.pumps, options.seed)
+        result = asyncio.run(_measure(url, received, console))
     console.print(_table(options, result))
     return result
 
 
-async def _measure(url: str, incoming: list[Incoming], console: Console) -> WriterResult:
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate.apply(conn)
-    finally:
-        await conn.close()
+async def _measure(url: str, received: list[Incoming], console: Console) -> WriterResult:
     tune_collector()  # as the `pumpwatch ingest` process does
     pool = await asyncpg.create_pool(url, min_size=1, max_size=1, init=prepare_connection)
     try:
         backend = psutil.Process(await pool.fetchval("SELECT pg_backend_pid()"))
         writer = BatchWriter(pool, WriterConfig(), IngestMetrics())
-        batches = [incoming[i : i + BATCH] for i in range(0, len(incoming), BATCH)]
-        warm = len(batches) // 5
+        split, warm = batches(received)
         counted = 0
         judge_s = store_s = postgres_s = 0.0
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("batches judged and stored", total=len(batches))
-            for index, batch in enumerate(batches):
+        with progress(console) as bar:
+            task = bar.add_task("batches judged and stored", total=len(split))
+            for index, batch in enumerate(split):
                 pg_before = _cpu(backend)
                 started = time.process_time()
                 prepared = await writer.prepare(batch)
@@ -102,9 +113,7 @@ async def _measure(url: str, incoming: list[Incoming], console: Console) -> Writ
                     store_s += stored - judged
                     postgres_s += _cpu(backend) - pg_before
                 bar.advance(task)
-        total = await pool.fetchval(
-            "SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM events)"
-        )
+        total = await pool.fetchval(STORED)
     finally:
         await pool.close()
     return WriterResult(counted, judge_s, store_s, postgres_s, int(total))
@@ -127,4 +136,13 @@ def _table(options: WriterBenchOptions, result: WriterResult) -> Table:
     return table
 
 
-__all__ = ["WriterBenchOptions", "WriterResult", "run"]
+__all__ = [
+    "BATCH",
+    "STORED",
+    "WriterBenchOptions",
+    "WriterResult",
+    "batches",
+    "incoming",
+    "progress",
+    "run",
+]

@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import re
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,10 @@ from types import ModuleType
 import asyncpg
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lab.bench.ingest import _cpu, _drop_database, _fresh_database, _postgres, bench_stream
-from lab.bench.writer import BATCH
+from lab.bench.ingest import _cpu, _drop_database, _fresh_database, _postgres
+from lab.bench.writer import BATCH, STORED, batches, incoming, progress
 from services.ingest import sql as current_statements
 from services.ingest import writer as writer_module
 from services.ingest.backlog import Incoming
@@ -93,10 +91,8 @@ def run(
             url = asyncio.run(_fresh_database(admin_url))
             stack.callback(_drop, admin_url, url)
             urls.append(url)
-        stream = bench_stream(messages, pumps, seed)
-        now = time.time()
-        incoming = [Incoming(i + 1, 1, m.topic, m.payload, now, 0) for i, m in enumerate(stream)]
-        result = asyncio.run(_measure(urls, incoming, variants, console))
+        received = incoming(messages, pumps, seed)
+        result = asyncio.run(_measure(urls, received, variants, console))
     console.print(_table(messages, pumps, seed, result))
     return result
 
@@ -129,7 +125,7 @@ def _statements(module: ModuleType) -> Iterator[None]:
 
 
 async def _measure(
-    urls: list[str], incoming: list[Incoming], variants: list[Variant], console: Console
+    urls: list[str], received: list[Incoming], variants: list[Variant], console: Console
 ) -> CompareResult:
     tune_collector()
     modules = [current_statements, *(_load(v) for v in variants)]
@@ -153,13 +149,11 @@ async def _measure(
             backend = psutil.Process(await pool.fetchval("SELECT pg_backend_pid()"))
             writer = BatchWriter(pool, WriterConfig(), IngestMetrics())
             contenders.append(_Contender(label, module, writer, backend))
-        batches = [incoming[i : i + BATCH] for i in range(0, len(incoming), BATCH)]
-        warm = len(batches) // 5
-        counted = sum(len(b) for b in batches[warm:])
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task(f"batches stored by each of {len(contenders)}", total=len(batches))
-            for index, batch in enumerate(batches):
+        split, warm = batches(received)
+        counted = sum(len(b) for b in split[warm:])
+        with progress(console) as bar:
+            task = bar.add_task(f"batches stored by each of {len(contenders)}", total=len(split))
+            for index, batch in enumerate(split):
                 first = index % len(contenders)
                 for contender in contenders[first:] + contenders[:first]:
                     with _statements(contender.statements):
@@ -170,9 +164,7 @@ async def _measure(
                             contender.postgres_s += _cpu(contender.backend) - before
                 bar.advance(task)
         for contender, pool in zip(contenders, pools, strict=True):
-            contender.stored = await pool.fetchval(
-                "SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM events)"
-            )
+            contender.stored = await pool.fetchval(STORED)
     finally:
         for pool in pools:
             await pool.close()
