@@ -7,7 +7,7 @@ scratch database of its own: every batch is stored by each in turn, the order ro
 takes every place in turn), so whatever the machine does falls on all of them alike. Printed:
 the PostgreSQL backend's CPU microseconds per message of each, and its ratio to the current
 statements'. A variant may come with an SQL file run on its database after the migrations (a
-schema it needs). Two contenders agree within about 1 % (A/A runs); with more, within about 5 %.
+schema it needs). Two contenders agree within about 1.5 % (A/A runs); more, within about 5 %.
 """
 
 from __future__ import annotations
